@@ -1,0 +1,127 @@
+"""Checks shared by the reader and the writer: what a tensor entry must look like.
+
+The writer runs them before it emits anything (it never writes what the spec does not define);
+the reader runs them before it hands out a view (it never trusts a file).
+"""
+from __future__ import annotations
+
+import math
+
+from .constants import DTYPES, KIND_LAYOUTS
+from .schemes import KINDS, QUANT_KINDS, GroupQuantKind, Tensor
+
+
+def check_tensor(name: str, meta: dict, arrays: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Raise ValueError naming the problem if a tensor entry breaks the spec.
+
+    meta: the entry's layout fields (kind, layout, shape, ...); arrays: role -> (dtype, shape).
+    """
+    kind_name = meta.get("kind")
+    if kind_name not in KINDS:
+        raise ValueError(f"tensor {name!r} has unknown kind {kind_name!r} (this reader knows "
+                         f"{', '.join(KINDS)}); upgrade qformat to read it")
+    layout = meta.get("layout", KIND_LAYOUTS[kind_name])
+    if layout != KIND_LAYOUTS[kind_name]:
+        raise ValueError(f"tensor {name!r}: kind {kind_name} layout version {layout!r} is not "
+                         f"supported (this reader knows {KIND_LAYOUTS[kind_name]}); upgrade qformat")
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    t = tensor_stub(name, meta)
+    kind = KINDS[kind_name]
+    if isinstance(kind, GroupQuantKind):
+        _check_quant_meta(name, t)
+    expected = kind.expected_arrays(t)
+    for role, (dtype, ashape) in arrays.items():
+        if role not in expected:
+            raise ValueError(f"tensor {name!r}: array role {role!r} is not defined for kind {kind_name}")
+        dtypes, want = expected[role]
+        if dtype not in dtypes:
+            raise ValueError(f"tensor {name!r}.{role}: dtype {dtype} (expected {' or '.join(dtypes)})")
+        if want is not None and tuple(ashape) != tuple(want):
+            raise ValueError(f"tensor {name!r}.{role}: shape {list(ashape)} (expected {list(want)})")
+    missing = kind.required(t) - set(arrays)
+    if missing:
+        raise ValueError(f"tensor {name!r}: missing array(s) {', '.join(sorted(missing))}")
+    if isinstance(kind, GroupQuantKind):
+        _check_sidecars(name, t, arrays)
+
+
+def tensor_stub(name: str, meta: dict) -> Tensor:
+    """A Tensor carrying only the layout fields of `meta` (no arrays)."""
+    sparsity = meta.get("sparsity")
+    return Tensor(
+        name=name,
+        kind=meta["kind"],
+        shape=tuple(meta["shape"]),
+        arrays={},
+        group_size=meta.get("group_size", 0),
+        symmetric=meta.get("symmetric", False),
+        sparsity=tuple(sparsity) if sparsity is not None else None,
+        activation=meta.get("activation"),
+    )
+
+
+def _check_quant_meta(name: str, t: Tensor) -> None:
+    if len(t.shape) != 2:
+        raise ValueError(f"tensor {name!r}: quantized tensors are 2-D (out, in), got shape {list(t.shape)}")
+    if not isinstance(t.group_size, int) or t.group_size <= 0:
+        raise ValueError(f"tensor {name!r}: group_size {t.group_size!r} must be a positive integer")
+    if not isinstance(t.symmetric, bool):
+        raise ValueError(f"tensor {name!r}: symmetric must be true or false")
+    if t.sparsity is not None:
+        n, m = t.sparsity
+        if (n, m) not in ((2, 4), (4, 8)) or t.shape[1] % m or t.group_size % m:
+            raise ValueError(f"tensor {name!r}: sparsity {n}:{m} needs n:m in 2:4, 4:8 and "
+                             f"in_features and group_size divisible by {m}")
+    if t.activation is not None:
+        act = t.activation
+        if act.get("bits") != 8 or act.get("mode") not in ("dynamic", "static"):
+            raise ValueError(f"tensor {name!r}: activation {act!r} must be 8 bits, dynamic or static")
+
+
+def _check_sidecars(name: str, t: Tensor, arrays: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    rows, k = t.shape
+    outlier = {"outlier_rowptr", "outlier_cols", "outlier_values"}
+    present = outlier & set(arrays)
+    if present and present != outlier:
+        raise ValueError(f"tensor {name!r}: outlier sidecar needs all of {', '.join(sorted(outlier))}")
+    if present:
+        nnz_c, nnz_v = arrays["outlier_cols"][1], arrays["outlier_values"][1]
+        if len(nnz_c) != 1 or tuple(nnz_c) != tuple(nnz_v):
+            raise ValueError(f"tensor {name!r}: outlier_cols and outlier_values must be 1-D of equal length")
+    fp = {"fp_cols", "fp_weight"} & set(arrays)
+    if fp and len(fp) != 2:
+        raise ValueError(f"tensor {name!r}: 16-bit columns need both fp_cols and fp_weight")
+    if fp:
+        (c,) = arrays["fp_cols"][1] if len(arrays["fp_cols"][1]) == 1 else (None,)
+        if c is None or tuple(arrays["fp_weight"][1]) != (rows, c):
+            raise ValueError(f"tensor {name!r}: fp_cols must be (C,) and fp_weight (rows, C)")
+    if "act_scale" in arrays and (t.activation or {}).get("mode") != "static":
+        raise ValueError(f"tensor {name!r}: act_scale is only defined for static activation quantization")
+    if (t.activation or {}).get("mode") == "static" and "act_scale" not in arrays:
+        raise ValueError(f"tensor {name!r}: static activation quantization needs act_scale")
+
+
+def check_array_entry(name: str, role: str, entry: object) -> tuple[str, tuple[int, ...], int, int, str]:
+    """Validate one array's directory entry; return (dtype, shape, offset, nbytes, xxh3)."""
+    where = f"tensor {name!r}.{role}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: entry is not an object")
+    dtype, shape, offset, nbytes, digest = (entry.get(k) for k in ("dtype", "shape", "offset", "nbytes", "xxh3"))
+    if dtype not in DTYPES:
+        raise ValueError(f"{where}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    for label, value in (("offset", offset), ("nbytes", nbytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{where}: {label} {value!r} is not a non-negative integer")
+    want = math.prod(shape) * DTYPES[dtype].itemsize
+    if nbytes != want:
+        raise ValueError(f"{where}: nbytes {nbytes} but dtype {dtype} and shape {shape} need {want}")
+    if not (isinstance(digest, str) and len(digest) == 16 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError(f"{where}: xxh3 {digest!r} is not 16 lowercase hex digits")
+    return dtype, tuple(shape), offset, nbytes, digest
+
+
+__all__ = ["check_tensor", "check_array_entry", "tensor_stub", "QUANT_KINDS"]

@@ -1,0 +1,389 @@
+"""Tensor kinds and quantization schemes: the NumPy reference of every stored layout.
+
+A *kind* (f16, q4, nf4, ...) says how a tensor's arrays are laid out; a *scheme* (int4-g64,
+nf4-g64, ...) is what the converter's CLI names: a kind plus a group size and symmetry.
+KINDS maps a kind name to the class that validates and dequantizes it; kernels register their
+fast versions against the same names in qformat.kernels.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .constants import NF4_LEVELS
+from .packing import pack_codes, row_nbytes, unpack_codes
+
+
+# ---------------------------------------------------------------------------- float helpers
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Widen bf16 stored as uint16 to float32 (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bf16 (nearest, ties to even), returned as uint16 bits."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    nan = np.isnan(x)
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    out[nan] = 0x7FC0
+    return out
+
+
+# ---------------------------------------------------------------------------- tensors
+
+@dataclass
+class Tensor:
+    """One logical tensor: its kind, logical shape, layout parameters and named arrays.
+
+    For quantized kinds `shape` is (out_features, in_features) and arrays hold at least
+    "codes" and "scales"; see spec/qbin.md for every optional sidecar.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    arrays: dict[str, np.ndarray]
+    group_size: int = 0
+    symmetric: bool = False
+    sparsity: tuple[int, int] | None = None  # (n, m): n kept of every m input columns
+    activation: dict | None = None  # {"bits": 8, "mode": "dynamic" | "static"} for W8A8
+
+    def meta(self) -> dict:
+        """Layout parameters as stored in the header (arrays excluded)."""
+        out: dict = {"kind": self.kind, "shape": list(self.shape)}
+        if self.kind in QUANT_KINDS:
+            out["group_size"] = self.group_size
+            out["symmetric"] = self.symmetric
+            if self.sparsity is not None:
+                out["sparsity"] = list(self.sparsity)
+            if self.activation is not None:
+                out["activation"] = dict(self.activation)
+        return out
+
+    def dequantize(self) -> np.ndarray:
+        """The tensor as float32, through the NumPy reference of its kind."""
+        return KINDS[self.kind].dequantize(self)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+# ---------------------------------------------------------------------------- kinds
+
+class Kind:
+    """A stored layout: which arrays a tensor of this kind has, and how to read them back."""
+
+    name: str
+
+    def expected_arrays(self, t: Tensor) -> dict[str, tuple[tuple[str, ...], tuple[int, ...] | None]]:
+        """role -> (allowed dtypes, exact shape or None when checked elsewhere)."""
+        raise NotImplementedError
+
+    def required(self, t: Tensor) -> set[str]:
+        raise NotImplementedError
+
+    def dequantize(self, t: Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+
+class FloatKind(Kind):
+    def __init__(self, name: str):
+        self.name = name
+
+    def expected_arrays(self, t):
+        return {"data": ((self.name,), tuple(t.shape))}
+
+    def required(self, t):
+        return {"data"}
+
+    def dequantize(self, t):
+        data = t.arrays["data"]
+        if self.name == "bf16":
+            return bf16_to_f32(data).reshape(t.shape)
+        return np.asarray(data, dtype=np.float32).reshape(t.shape)
+
+
+class BytesKind(Kind):
+    name = "bytes"
+
+    def expected_arrays(self, t):
+        return {"data": (("u8",), tuple(t.shape))}
+
+    def required(self, t):
+        return {"data"}
+
+    def dequantize(self, t):
+        raise TypeError(f"tensor {t.name} holds bytes, not numbers")
+
+
+class GroupQuantKind(Kind):
+    """Codes packed per group, a float16 scale per group, and optional sidecars.
+
+    x̂ = s·(q − z) for affine kinds (z stored per group, or 2**(bits-1) when symmetric);
+    x̂ = s·NF4[q] for nf4. Outliers and 16-bit columns are added on top (spec/qbin.md).
+    """
+
+    def __init__(self, name: str, bits: int, nf4: bool = False):
+        self.name = name
+        self.bits = bits
+        self.nf4 = nf4
+
+    # geometry ------------------------------------------------------------
+    @staticmethod
+    def stored_columns(t: Tensor) -> tuple[int, int]:
+        """(stored columns per row, stored group size): n:m sparsity keeps n of every m."""
+        k = t.shape[1]
+        if t.sparsity is None:
+            return k, t.group_size
+        n, m = t.sparsity
+        return k * n // m, t.group_size * n // m
+
+    def n_groups(self, t: Tensor) -> int:
+        return -(-t.shape[1] // t.group_size)
+
+    def expected_arrays(self, t):
+        rows, k = t.shape
+        kc, gc = self.stored_columns(t)
+        g = self.n_groups(t)
+        out = {
+            "codes": (("u8",), (rows, row_nbytes(kc, gc, self.bits))),
+            "scales": (("f16",), (rows, g)),
+            "zeros": (("u8",), (rows, g)),
+            "perm": (("i32",), (k,)),
+            "outlier_rowptr": (("i32",), (rows + 1,)),
+            "outlier_cols": (("u16", "i32"), None),
+            "outlier_values": (("f16",), None),
+            "fp_cols": (("i32",), None),
+            "fp_weight": (("f16",), None),
+            "input_scale": (("f32",), (k,)),
+            "act_scale": (("f32",), (1,)),
+        }
+        if t.sparsity is not None:
+            n, m = t.sparsity
+            out["sparse_index"] = (("u8",), (rows, -(-kc * _index_bits(m) // 8)))
+        return out
+
+    def required(self, t):
+        req = {"codes", "scales"}
+        if not t.symmetric and not self.nf4:
+            req.add("zeros")
+        if t.sparsity is not None:
+            req.add("sparse_index")
+        return req
+
+    # reference -----------------------------------------------------------
+    def dequantize_dense(self, t: Tensor) -> np.ndarray:
+        """The quantized part alone, in stored column order, as float32 (rows, stored cols)."""
+        rows, _ = t.shape
+        kc, gc = self.stored_columns(t)
+        q = unpack_codes(t.arrays["codes"], kc, gc, self.bits)
+        s = np.repeat(t.arrays["scales"].astype(np.float32), gc, axis=1)[:, :kc]
+        if self.nf4:
+            return NF4_LEVELS[q] * s
+        if "zeros" in t.arrays:
+            z = np.repeat(t.arrays["zeros"].astype(np.float32), gc, axis=1)[:, :kc]
+        else:
+            z = np.float32(1 << (self.bits - 1))
+        return (q.astype(np.float32) - z) * s
+
+    def dequantize(self, t):
+        rows, k = t.shape
+        w = self.dequantize_dense(t)
+        if t.sparsity is not None:
+            w = scatter_nm(w, t.arrays["sparse_index"], k, *t.sparsity)
+        if "perm" in t.arrays:
+            out = np.empty_like(w)
+            out[:, t.arrays["perm"]] = w
+            w = out
+        if "outlier_rowptr" in t.arrays:
+            ptr = t.arrays["outlier_rowptr"]
+            row_of = np.repeat(np.arange(rows), np.diff(ptr))
+            np.add.at(w, (row_of, t.arrays["outlier_cols"].astype(np.int64)),
+                      t.arrays["outlier_values"].astype(np.float32))
+        if "fp_cols" in t.arrays:
+            w[:, t.arrays["fp_cols"]] += t.arrays["fp_weight"].astype(np.float32)
+        return w
+
+
+def _index_bits(m: int) -> int:
+    """Bits per kept-position index of n:m sparsity: 2 for m=4, 4 for m=8 (one nibble)."""
+    return 2 if m <= 4 else 4
+
+
+def pack_nm_index(positions: np.ndarray, m: int) -> np.ndarray:
+    """positions (rows, kept) in [0, m) -> (rows, bytes), little end of each byte first."""
+    bits = _index_bits(m)
+    per_byte = 8 // bits
+    rows, kept = positions.shape
+    pad = (-kept) % per_byte
+    p = np.concatenate([positions.astype(np.uint8), np.zeros((rows, pad), np.uint8)], axis=1)
+    p = p.reshape(rows, -1, per_byte)
+    out = np.zeros(p.shape[:2], np.uint8)
+    for i in range(per_byte):
+        out |= p[:, :, i] << np.uint8(i * bits)
+    return out
+
+
+def unpack_nm_index(packed: np.ndarray, kept: int, m: int) -> np.ndarray:
+    bits = _index_bits(m)
+    per_byte = 8 // bits
+    mask = np.uint8((1 << bits) - 1)
+    parts = [(packed >> np.uint8(i * bits)) & mask for i in range(per_byte)]
+    return np.stack(parts, axis=-1).reshape(packed.shape[0], -1)[:, :kept]
+
+
+def scatter_nm(values: np.ndarray, packed_index: np.ndarray, k: int, n: int, m: int) -> np.ndarray:
+    """Densify n:m compressed rows: value j of block b goes to column b*m + index."""
+    rows, kept = values.shape
+    pos = unpack_nm_index(packed_index, kept, m).astype(np.int64)
+    cols = (np.arange(kept) // n) * m + pos
+    out = np.zeros((rows, k), np.float32)
+    np.put_along_axis(out, cols, values, axis=1)
+    return out
+
+
+KINDS: dict[str, Kind] = {
+    "f32": FloatKind("f32"),
+    "f16": FloatKind("f16"),
+    "bf16": FloatKind("bf16"),
+    "bytes": BytesKind(),
+    "q8": GroupQuantKind("q8", 8),
+    "q4": GroupQuantKind("q4", 4),
+    "q3": GroupQuantKind("q3", 3),
+    "q2": GroupQuantKind("q2", 2),
+    "nf4": GroupQuantKind("nf4", 4, nf4=True),
+}
+QUANT_KINDS = frozenset(k for k, v in KINDS.items() if isinstance(v, GroupQuantKind))
+
+
+# ---------------------------------------------------------------------------- schemes
+
+_SCHEME_RE = re.compile(r"^(?:(?P<float>f16|bf16|f32)|(?P<q>int[2348]|nf4)(?:-g(?P<g>\d+))?(?P<sym>-sym|-asym)?)$")
+_INT_KIND = {"int8": "q8", "int4": "q4", "int3": "q3", "int2": "q2", "nf4": "nf4"}
+SCHEME_NAMES = (
+    "f16", "bf16", "int8", "int8-g128", "int4-g128", "int4-g64", "int4-g32",
+    "int3-g128", "int3-g64", "int2-g64", "nf4-g64",
+)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A quantization scheme as the CLI names it. group_size 0 means one group per row."""
+
+    name: str
+    kind: str
+    group_size: int = 0
+    symmetric: bool = False
+
+    @property
+    def bits(self) -> int:
+        k = KINDS[self.kind]
+        return k.bits if isinstance(k, GroupQuantKind) else {"f32": 32, "f16": 16, "bf16": 16}[self.kind]
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind in QUANT_KINDS
+
+    def group_for(self, in_features: int) -> int:
+        """The group size used for a layer with `in_features` columns."""
+        return in_features if self.group_size == 0 else self.group_size
+
+    def quantize(self, name: str, w: np.ndarray, clip: np.ndarray | float = 1.0) -> Tensor:
+        """Round-to-nearest of a float (rows, cols) weight; `clip` shrinks each group's range.
+
+        clip is a scalar or an array of shape (rows, n_groups) of ratios in (0, 1].
+        Codes are computed against the float16-rounded scale, so dequantization reproduces
+        exactly what the quantizer measured.
+        """
+        w = np.asarray(w, dtype=np.float32)
+        if not self.quantized:
+            return float_tensor(name, w, self.kind)
+        return quantize_rtn(name, w, KINDS[self.kind], self.group_for(w.shape[1]), self.symmetric, clip)
+
+
+def parse_scheme(name: str) -> Scheme:
+    """Parse a scheme name such as "int4-g64", "int4-g64-sym", "nf4-g64", "int8", "f16"."""
+    m = _SCHEME_RE.match(name.strip().lower())
+    if m is None:
+        raise ValueError(f"unknown scheme {name!r}; known: {', '.join(SCHEME_NAMES)} "
+                         "(any intN-gG with N in 2,3,4,8, optional -sym/-asym)")
+    if m["float"]:
+        return Scheme(m["float"], m["float"])
+    base = m["q"]
+    group = int(m["g"]) if m["g"] else 0
+    if m["g"] and (group <= 0 or group % 8):
+        raise ValueError(f"group size in {name!r} must be a positive multiple of 8")
+    if base == "nf4":
+        if m["sym"]:
+            raise ValueError(f"{name!r}: nf4 is symmetric by construction; drop the suffix")
+        return Scheme(name, "nf4", group, True)
+    # int8 defaults to symmetric (per channel, as the CLI documents); narrower widths to affine.
+    symmetric = m["sym"] == "-sym" if m["sym"] else base == "int8"
+    return Scheme(name, _INT_KIND[base], group, symmetric)
+
+
+def float_tensor(name: str, w: np.ndarray, kind: str) -> Tensor:
+    """Store a float array as f32, f16 or bf16."""
+    if kind == "bf16":
+        data = f32_to_bf16(w)
+    else:
+        data = np.asarray(w, dtype={"f32": np.float32, "f16": np.float16}[kind])
+    return Tensor(name, kind, tuple(w.shape), {"data": np.ascontiguousarray(data)})
+
+
+def _grouped(w: np.ndarray, group: int) -> np.ndarray:
+    """(rows, k) -> (rows, n_groups, group) padded with NaN past the end of the row."""
+    rows, k = w.shape
+    n_groups = -(-k // group)
+    padded = np.full((rows, n_groups * group), np.nan, np.float32)
+    padded[:, :k] = w
+    return padded.reshape(rows, n_groups, group)
+
+
+def quantize_rtn(name: str, w: np.ndarray, kind: GroupQuantKind, group: int, symmetric: bool,
+                 clip: np.ndarray | float = 1.0) -> Tensor:
+    """Round-to-nearest quantization of w (rows, k) into `kind` with the given group size."""
+    rows, k = w.shape
+    g = _grouped(w, group)
+    clip = np.asarray(clip, dtype=np.float32)
+    arrays: dict[str, np.ndarray] = {}
+    if kind.nf4:
+        amax = np.nanmax(np.abs(g), axis=2) * clip
+        scale = _f16_scale(amax)
+        x = g / scale[:, :, None]
+        codes = np.abs(x[..., None] - NF4_LEVELS).argmin(axis=-1).astype(np.uint8)
+    else:
+        qmax = (1 << kind.bits) - 1
+        if symmetric:
+            amax = np.nanmax(np.abs(g), axis=2) * clip
+            scale = _f16_scale(2.0 * amax / qmax)
+            zero = np.full(scale.shape, 1 << (kind.bits - 1), np.float32)
+        else:
+            lo = np.minimum(np.nanmin(g, axis=2), 0.0) * clip
+            hi = np.maximum(np.nanmax(g, axis=2), 0.0) * clip
+            scale = _f16_scale((hi - lo) / qmax)
+            zero = np.clip(np.round(-lo / scale.astype(np.float32)), 0, qmax)
+            arrays["zeros"] = zero.astype(np.uint8)
+        x = np.round(g / scale.astype(np.float32)[:, :, None]) + zero[:, :, None]
+        codes = np.clip(np.nan_to_num(x), 0, qmax).astype(np.uint8)
+    codes = codes.reshape(rows, -1)[:, :k]
+    arrays["codes"] = pack_codes(codes, group, kind.bits)
+    arrays["scales"] = scale.astype(np.float16)
+    return Tensor(name, kind.name, (rows, k), _ordered(arrays), group, symmetric or kind.nf4)
+
+
+def _f16_scale(scale: np.ndarray) -> np.ndarray:
+    """Scales as float16, never zero (an all-zero group gets the smallest normal scale)."""
+    s = np.asarray(scale, dtype=np.float32)
+    s = np.where(s > 0, s, np.float32(6.1035e-05))
+    return np.clip(s, 6.1035e-05, 65504.0).astype(np.float16)
+
+
+def _ordered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    order = ("codes", "scales", "zeros")
+    return {k: arrays[k] for k in order if k in arrays}
