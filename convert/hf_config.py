@@ -1,0 +1,151 @@
+"""Read a Hugging Face config.json / generation_config.json into qformat's dataclasses.
+
+Both transformers 4 (rope_theta + rope_scaling) and transformers 5 (rope_parameters) styles
+are accepted. Every refusal is a ValueError with one line naming the key and the fix.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from qformat.config import GenerationDefaults, ModelArgs, RopeScaling
+
+from .architectures import Architecture, lookup
+
+# transformers' class defaults for keys a config.json may omit (identical for the four classes).
+_DEFAULT_ROPE_THETA = 10000.0
+_DEFAULT_TIE = False  # LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config all default to False
+_DEFAULT_NORM_EPS = 1e-6
+
+
+def architecture_of(config: dict[str, Any]) -> Architecture:
+    """The supported Architecture named by config.json's "architectures" list."""
+    names = config.get("architectures") or []
+    if not names:
+        model_type = config.get("model_type", "?")
+        raise ValueError(f"config.json has no 'architectures' entry (model_type {model_type!r}); "
+                         "add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
+    return lookup(names[0])
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _first_id(value: Any) -> int | None:
+    ids = _as_id_list(value)
+    return ids[0] if ids else None
+
+
+def _either(config: dict[str, Any], generation: dict[str, Any], key: str) -> Any:
+    """config.json's value for key, else generation_config.json's (None counts as absent)."""
+    value = config.get(key)
+    return generation.get(key) if value is None else value
+
+
+def rope_settings(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, rope_scaling) from either config style."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_type" not in params and "rope_theta" not in params:
+        raise ValueError("config.json rope_parameters are per layer type "
+                         f"({', '.join(params)}); these architectures use one RoPE for all layers")
+    if isinstance(params, dict):  # transformers 5: everything in one dict
+        theta = params.get("rope_theta", config.get("rope_theta", _DEFAULT_ROPE_THETA))
+        scaling = params
+    else:  # transformers 4
+        theta = config.get("rope_theta", _DEFAULT_ROPE_THETA)
+        scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    max_pos = int(config.get("max_position_embeddings", 2048))
+    if kind == "default":
+        return float(theta), None
+    if kind == "linear":
+        return float(theta), RopeScaling("linear", float(scaling["factor"]))
+    if kind == "llama3":
+        return float(theta), RopeScaling(
+            "llama3",
+            float(scaling["factor"]),
+            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            original_max_position=int(scaling.get("original_max_position_embeddings", max_pos)),
+        )
+    raise ValueError(f"RoPE scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _sliding_window(arch: Architecture, config: dict[str, Any]) -> int | None:
+    if arch.sliding_window_key is None:
+        return None
+    if arch.sliding_window_switch is not None and not config.get(arch.sliding_window_switch, False):
+        return None
+    if arch.sliding_window_switch is not None:
+        # Qwen2/3 apply the window only to some layers (max_window_layers): not representable.
+        raise ValueError(f"config.json sets {arch.sliding_window_switch}=true; per-layer sliding "
+                         f"windows of {arch.hf_name} are not supported")
+    window = config.get(arch.sliding_window_key)
+    return int(window) if window is not None else None
+
+
+def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None, *,
+               has_lm_head: bool = True) -> ModelArgs:
+    """ModelArgs from config.json (and generation_config.json for extra EOS ids).
+
+    A checkpoint without lm_head.weight is tied whatever the config says.
+    """
+    arch = architecture_of(config)
+    generation = generation or {}
+    try:
+        dim = int(config["hidden_size"])
+        n_heads = int(config["num_attention_heads"])
+        n_layers = int(config["num_hidden_layers"])
+        ffn_dim = int(config["intermediate_size"])
+        vocab = int(config["vocab_size"])
+    except KeyError as e:
+        raise ValueError(f"config.json lacks required key {e.args[0]!r}") from None
+    act = config.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"config.json hidden_act {act!r} is not supported (only silu)")
+    head_dim = config.get("head_dim") or dim // n_heads
+    theta, scaling = rope_settings(config)
+    eos = _as_id_list(config.get("eos_token_id"))
+    eos += [i for i in _as_id_list(generation.get("eos_token_id")) if i not in eos]
+    tie = config.get("tie_word_embeddings", _DEFAULT_TIE) or not has_lm_head
+    return ModelArgs(
+        arch=arch.arch,
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+        head_dim=int(head_dim),
+        ffn_dim=ffn_dim,
+        norm_eps=float(config.get("rms_norm_eps", _DEFAULT_NORM_EPS)),
+        rope_theta=theta,
+        max_seq_len=int(config.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(tie),
+        rope_scaling=scaling,
+        qkv_bias=arch.qkv_bias,
+        qk_norm=arch.qk_norm,
+        sliding_window=_sliding_window(arch, config),
+        bos_token_id=_first_id(_either(config, generation, "bos_token_id")),
+        eos_token_ids=eos,
+        pad_token_id=_first_id(_either(config, generation, "pad_token_id")),
+    )
+
+
+def generation_defaults(generation: dict[str, Any] | None) -> GenerationDefaults:
+    """Sampling defaults from generation_config.json; do_sample=false means greedy (temperature 0)."""
+    g = generation or {}
+    temperature = g.get("temperature")
+    if g.get("do_sample") is False:
+        temperature = 0.0
+    return GenerationDefaults(
+        temperature=None if temperature is None else float(temperature),
+        top_k=None if g.get("top_k") is None else int(g["top_k"]),
+        top_p=None if g.get("top_p") is None else float(g["top_p"]),
+        min_p=None if g.get("min_p") is None else float(g["min_p"]),
+        repetition_penalty=None if g.get("repetition_penalty") is None else float(g["repetition_penalty"]),
+        max_new_tokens=None if g.get("max_new_tokens") is None else int(g["max_new_tokens"]),
+    )
