@@ -6,9 +6,12 @@ the reader runs them before it hands out a view (it never trusts a file).
 from __future__ import annotations
 
 import math
+import re
+
+import numpy as np
 
 from .constants import DTYPES, KIND_LAYOUTS
-from .schemes import KINDS, QUANT_KINDS, GroupQuantKind, Tensor
+from .schemes import KINDS, QUANT_KINDS, GroupQuantKind, Tensor, unpack_nm_index
 
 
 def check_tensor(name: str, meta: dict, arrays: dict[str, tuple[str, tuple[int, ...]]]) -> None:
@@ -17,19 +20,25 @@ def check_tensor(name: str, meta: dict, arrays: dict[str, tuple[str, tuple[int, 
     meta: the entry's layout fields (kind, layout, shape, ...); arrays: role -> (dtype, shape).
     """
     kind_name = meta.get("kind")
-    if kind_name not in KINDS:
+    if not isinstance(kind_name, str) or kind_name not in KINDS:
         raise ValueError(f"tensor {name!r} has unknown kind {kind_name!r} (this reader knows "
                          f"{', '.join(KINDS)}); upgrade qformat to read it")
-    layout = meta.get("layout", KIND_LAYOUTS[kind_name])
-    if layout != KIND_LAYOUTS[kind_name]:
+    layout = meta.get("layout")
+    if not _is_count(layout) or layout != KIND_LAYOUTS[kind_name]:
         raise ValueError(f"tensor {name!r}: kind {kind_name} layout version {layout!r} is not "
                          f"supported (this reader knows {KIND_LAYOUTS[kind_name]}); upgrade qformat")
     shape = meta.get("shape")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
         raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    sparsity = meta.get("sparsity")
+    if sparsity is not None and not (isinstance(sparsity, list) and len(sparsity) == 2
+                                     and all(_is_count(d) for d in sparsity)):
+        raise ValueError(f"tensor {name!r}: sparsity {sparsity!r} is not a list [n, m]")
     t = tensor_stub(name, meta)
     kind = KINDS[kind_name]
     if isinstance(kind, GroupQuantKind):
+        if "symmetric" not in meta:  # a default would silently change what zeros mean
+            raise ValueError(f"tensor {name!r}: grouped kind {kind_name} needs a 'symmetric' field")
         _check_quant_meta(name, t)
     expected = kind.expected_arrays(t)
     for role, (dtype, ashape) in arrays.items():
@@ -45,6 +54,14 @@ def check_tensor(name: str, meta: dict, arrays: dict[str, tuple[str, tuple[int, 
         raise ValueError(f"tensor {name!r}: missing array(s) {', '.join(sorted(missing))}")
     if isinstance(kind, GroupQuantKind):
         _check_sidecars(name, t, arrays)
+
+
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def _is_count(value: object) -> bool:
+    """A JSON integer >= 0 (JSON true/false parse as bool, a subclass of int: refused)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def tensor_stub(name: str, meta: dict) -> Tensor:
@@ -65,7 +82,7 @@ def tensor_stub(name: str, meta: dict) -> Tensor:
 def _check_quant_meta(name: str, t: Tensor) -> None:
     if len(t.shape) != 2:
         raise ValueError(f"tensor {name!r}: quantized tensors are 2-D (out, in), got shape {list(t.shape)}")
-    if not isinstance(t.group_size, int) or t.group_size <= 0:
+    if not _is_count(t.group_size) or t.group_size == 0:
         raise ValueError(f"tensor {name!r}: group_size {t.group_size!r} must be a positive integer")
     if not isinstance(t.symmetric, bool):
         raise ValueError(f"tensor {name!r}: symmetric must be true or false")
@@ -76,7 +93,7 @@ def _check_quant_meta(name: str, t: Tensor) -> None:
                              f"in_features and group_size divisible by {m}")
     if t.activation is not None:
         act = t.activation
-        if act.get("bits") != 8 or act.get("mode") not in ("dynamic", "static"):
+        if not isinstance(act, dict) or act.get("bits") != 8 or act.get("mode") not in ("dynamic", "static"):
             raise ValueError(f"tensor {name!r}: activation {act!r} must be 8 bits, dynamic or static")
 
 
@@ -103,25 +120,54 @@ def _check_sidecars(name: str, t: Tensor, arrays: dict[str, tuple[str, tuple[int
         raise ValueError(f"tensor {name!r}: static activation quantization needs act_scale")
 
 
+def check_sidecar_values(t: Tensor) -> None:
+    """Check the contents of a tensor's index sidecars (the spec's MUSTs that shapes cannot show).
+
+    Reads only the small index arrays (perm, CSR pointers and columns, 16-bit column ids, n:m
+    positions), never the codes.
+    """
+    rows, k = t.shape if len(t.shape) == 2 else (0, 0)
+    a = t.arrays
+    if "perm" in a and not np.array_equal(np.sort(a["perm"]), np.arange(k)):
+        raise ValueError(f"tensor {t.name!r}: perm is not a permutation of 0..{k - 1}")
+    if "outlier_rowptr" in a:
+        ptr = a["outlier_rowptr"]
+        if ptr[0] != 0 or ptr[-1] != a["outlier_cols"].shape[0] or np.any(np.diff(ptr) < 0):
+            raise ValueError(f"tensor {t.name!r}: outlier_rowptr must rise from 0 to the number of outliers")
+        if a["outlier_cols"].size and int(a["outlier_cols"].max()) >= k:
+            raise ValueError(f"tensor {t.name!r}: an outlier column is >= in_features {k}")
+    if "fp_cols" in a and a["fp_cols"].size and (int(a["fp_cols"].min()) < 0 or int(a["fp_cols"].max()) >= k):
+        raise ValueError(f"tensor {t.name!r}: fp_cols must lie in 0..{k - 1}")
+    if t.sparsity is not None and "sparse_index" in a:
+        n, m = t.sparsity
+        kept = k * n // m
+        pos = unpack_nm_index(a["sparse_index"], kept, m).reshape(rows, -1, n).astype(np.int16)
+        if pos.size and (pos.max() >= m or np.any(np.diff(pos, axis=-1) <= 0)):
+            raise ValueError(f"tensor {t.name!r}: n:m positions must be < {m} and increase within a block")
+
+
 def check_array_entry(name: str, role: str, entry: object) -> tuple[str, tuple[int, ...], int, int, str]:
     """Validate one array's directory entry; return (dtype, shape, offset, nbytes, xxh3)."""
     where = f"tensor {name!r}.{role}"
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: entry is not an object")
     dtype, shape, offset, nbytes, digest = (entry.get(k) for k in ("dtype", "shape", "offset", "nbytes", "xxh3"))
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"{where}: unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
         raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     for label, value in (("offset", offset), ("nbytes", nbytes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{where}: {label} {value!r} is not a non-negative integer")
+    if math.prod(max(d, 1) for d in shape) * DTYPES[dtype].itemsize >= 1 << 62:
+        # numpy cannot even describe such an array, empty or not
+        raise ValueError(f"{where}: shape {shape} is too large")
     want = math.prod(shape) * DTYPES[dtype].itemsize
     if nbytes != want:
         raise ValueError(f"{where}: nbytes {nbytes} but dtype {dtype} and shape {shape} need {want}")
-    if not (isinstance(digest, str) and len(digest) == 16 and all(c in "0123456789abcdef" for c in digest)):
+    if not (isinstance(digest, str) and _HEX16.fullmatch(digest)):
         raise ValueError(f"{where}: xxh3 {digest!r} is not 16 lowercase hex digits")
     return dtype, tuple(shape), offset, nbytes, digest
 
 
-__all__ = ["check_tensor", "check_array_entry", "tensor_stub", "QUANT_KINDS"]
+__all__ = ["check_tensor", "check_array_entry", "check_sidecar_values", "tensor_stub", "QUANT_KINDS"]

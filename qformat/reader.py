@@ -13,7 +13,7 @@ import xxhash
 from .config import GenerationDefaults, ModelArgs, Provenance, TokenizerInfo, from_dict
 from .constants import ALIGNMENT, DTYPES, MAGIC, MAX_HEADER_BYTES, PREAMBLE, PREAMBLE_SIZE, VERSION_MAJOR
 from .errors import QbinError
-from .layout import check_array_entry, check_tensor, tensor_stub
+from .layout import check_array_entry, check_sidecar_values, check_tensor, tensor_stub
 from .schemes import Tensor
 
 
@@ -51,22 +51,28 @@ class QbinReader:
             self._fail("header checksum mismatch: the header is corrupted; re-copy or re-convert the file")
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self._fail(f"malformed header JSON ({e})")
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            # ValueError covers JSONDecodeError and integers past Python's digit limit;
+            # RecursionError a pathologically nested document.
+            self._fail(f"malformed header JSON ({type(e).__name__}: {e})")
         if not isinstance(header, dict):
             self._fail("malformed header: not a JSON object")
         self.version = (major, minor)
         self.header: dict = header
         self.file_size = size
-        self.data_offset = -(-(PREAMBLE_SIZE + header_len) // ALIGNMENT) * ALIGNMENT
+        self.header_end = PREAMBLE_SIZE + header_len
+        self.data_offset = -(-self.header_end // ALIGNMENT) * ALIGNMENT
         self._entries = self._check_directory()
         self.model: ModelArgs = self._parse(ModelArgs, "model", required=True)
         self.tokenizer: TokenizerInfo | None = self._parse(TokenizerInfo, "tokenizer")
-        if self.tokenizer is not None and self.tokenizer.tensor not in self._entries:
+        if self.tokenizer is not None and (not isinstance(self.tokenizer.tensor, str)
+                                           or self.tokenizer.tensor not in self._entries):
             self._fail(f"tokenizer tensor {self.tokenizer.tensor!r} is missing from the directory")
         self.generation: GenerationDefaults = self._parse(GenerationDefaults, "generation") or GenerationDefaults()
         self.provenance: Provenance = self._parse(Provenance, "provenance") or Provenance()
         self.chat_template: str | None = header.get("chat_template")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            self._fail("header field 'chat_template' is not a string or null")
         if size > 0:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -98,7 +104,7 @@ class QbinReader:
             self._fail(f"header section {key!r} is not an object")
         try:
             return from_dict(cls, value)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, AttributeError) as e:
             self._fail(f"header section {key!r} is invalid: {e}")
 
     def _check_directory(self) -> dict[str, dict]:
@@ -124,10 +130,16 @@ class QbinReader:
                 check_tensor(name, {k: v for k, v in entry.items() if k != "arrays"}, specs)
             except ValueError as e:
                 self._fail(str(e))
+        # Compare each array with the furthest-reaching one before it, not only its neighbour:
+        # an empty array between two others must not hide their overlap.
         spans.sort()
-        for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:]):
-            if s1 < e0 and e1 > s1:
-                self._fail(f"arrays {a} and {b} overlap (bytes {s1}..{min(e0, e1)}); the file is corrupted")
+        reach, owner = 0, None
+        for start, end, label in spans:
+            if start < reach and end > start:
+                self._fail(f"arrays {owner} and {label} overlap (bytes {start}..{min(reach, end)}); "
+                           "the file is corrupted")
+            if end > reach:
+                reach, owner = end, label
         return tensors
 
     # -- access ------------------------------------------------------------
@@ -151,6 +163,10 @@ class QbinReader:
             entry = self._entries[name]
             t = tensor_stub(name, {k: v for k, v in entry.items() if k != "arrays"})
             t.arrays = {role: self._view(a) for role, a in entry["arrays"].items()}
+            try:
+                check_sidecar_values(t)
+            except ValueError as e:
+                self._fail(str(e))
             self._tensors[name] = t
         return t
 
@@ -161,7 +177,9 @@ class QbinReader:
         dtype = DTYPES[a["dtype"]]
         count = a["nbytes"] // dtype.itemsize
         if count == 0:
-            return np.zeros(a["shape"], dtype)
+            empty = np.zeros(a["shape"], dtype)
+            empty.flags.writeable = False  # like every other view of the file
+            return empty
         arr = np.frombuffer(self._map, dtype=dtype, count=count, offset=self.data_offset + a["offset"])
         return arr.reshape(a["shape"])
 
@@ -175,7 +193,11 @@ class QbinReader:
 
     # -- integrity ---------------------------------------------------------
     def verify(self) -> int:
-        """Check every array against its xxh3 checksum. Returns the number of arrays checked."""
+        """Check every array against its xxh3 checksum and every padding byte for zero.
+
+        Returns the number of arrays checked.
+        """
+        self._verify_padding()
         n = 0
         for name, entry in self._entries.items():
             for role, a in entry["arrays"].items():
@@ -186,6 +208,20 @@ class QbinReader:
                                f"(stored {a['xxh3']}, computed {digest}): the data is corrupted")
                 n += 1
         return n
+
+    def _verify_padding(self) -> None:
+        """The bytes that belong to no array (header padding, gaps, tail) must be zero (spec §1)."""
+        spans = sorted((self.data_offset + a["offset"], self.data_offset + a["offset"] + a["nbytes"])
+                       for entry in self._entries.values() for a in entry["arrays"].values())
+        cursor = self.header_end
+        for start, end in spans + [(self.file_size, self.file_size)]:
+            if start > cursor:
+                gap = np.frombuffer(self._map, np.uint8, count=start - cursor, offset=cursor)
+                if gap.any():
+                    where = cursor + int(np.flatnonzero(gap)[0])
+                    self._fail(f"non-zero padding byte at file offset {where} (outside every array): "
+                               "the file is corrupted")
+            cursor = max(cursor, end)
 
     def close(self) -> None:
         """Release the map. Views handed out earlier keep it alive until they are gone."""

@@ -163,6 +163,8 @@ class GroupQuantKind(Kind):
             "input_scale": (("f32",), (k,)),
             "act_scale": (("f32",), (1,)),
         }
+        if t.symmetric or self.nf4:
+            del out["zeros"]  # the zero-point is implied (2**(bits-1)) or unused (nf4)
         if t.sparsity is not None:
             n, m = t.sparsity
             out["sparse_index"] = (("u8",), (rows, -(-kc * _index_bits(m) // 8)))
@@ -355,8 +357,9 @@ def quantize_rtn(name: str, w: np.ndarray, kind: GroupQuantKind, group: int, sym
     if kind.nf4:
         amax = np.nanmax(np.abs(g), axis=2) * clip
         scale = _f16_scale(amax)
-        x = g / scale[:, :, None]
-        codes = np.abs(x[..., None] - NF4_LEVELS).argmin(axis=-1).astype(np.uint8)
+        x = g / scale.astype(np.float32)[:, :, None]
+        # nearest level: the levels are sorted, so compare against the midpoints between them
+        codes = np.searchsorted(_NF4_MIDPOINTS, np.nan_to_num(x)).astype(np.uint8)
     else:
         qmax = (1 << kind.bits) - 1
         if symmetric:
@@ -377,11 +380,14 @@ def quantize_rtn(name: str, w: np.ndarray, kind: GroupQuantKind, group: int, sym
     return Tensor(name, kind.name, (rows, k), _ordered(arrays), group, symmetric or kind.nf4)
 
 
+_NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+_F16_TINY = np.float32(2.0**-24)  # smallest positive float16 (subnormal)
+
+
 def _f16_scale(scale: np.ndarray) -> np.ndarray:
-    """Scales as float16, never zero (an all-zero group gets the smallest normal scale)."""
-    s = np.asarray(scale, dtype=np.float32)
-    s = np.where(s > 0, s, np.float32(6.1035e-05))
-    return np.clip(s, 6.1035e-05, 65504.0).astype(np.float16)
+    """Scales as float16, never zero: a zero or tiny range gets the smallest positive scale."""
+    s = np.nan_to_num(np.asarray(scale, dtype=np.float32))
+    return np.clip(s, _F16_TINY, 65504.0).astype(np.float16)
 
 
 def _ordered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

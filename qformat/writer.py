@@ -21,7 +21,7 @@ import xxhash
 
 from .constants import ALIGNMENT, DTYPES, KIND_LAYOUTS, MAGIC, PREAMBLE, PREAMBLE_SIZE, VERSION_MAJOR, VERSION_MINOR
 from .config import GenerationDefaults, ModelArgs, Provenance, TokenizerInfo
-from .layout import check_tensor
+from .layout import check_sidecar_values, check_tensor
 from .schemes import Tensor
 
 _DTYPE_NAMES = {"float32": "f32", "float16": "f16", "int8": "i8", "uint8": "u8", "int16": "i16",
@@ -71,6 +71,7 @@ class QbinWriter:
         meta = t.meta()
         meta["layout"] = KIND_LAYOUTS[t.kind]
         check_tensor(t.name, meta, specs)
+        check_sidecar_values(t)
         entry = dict(meta)
         entry["arrays"] = {role: self._write_array(np.asarray(arr), specs[role][0]) for role, arr in t.arrays.items()}
         self._tensors[t.name] = entry

@@ -1,0 +1,103 @@
+"""qconvert: the command line over qformat.convert.convert(). It parses, validates and calls."""
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from qformat.schemes import SCHEME_NAMES, parse_scheme
+
+from .converter import SPECIAL_CHOICES, convert
+
+
+class OneLineCommand(click.Command):
+    """A click command whose every error is one line on stderr with exit code 2, never a usage
+    block or a traceback (library errors are turned into ClickException by the callback)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(args) if args is not None else sys.argv[1:]
+        extra.setdefault("obj", {"argv": ["qconvert", *argv]})  # as a user would retype it
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            message = " ".join(e.format_message().split("\n"))
+            click.echo(f"Error: {message}", err=True)
+            if standalone_mode:
+                sys.exit(2)
+            raise
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            if standalone_mode:
+                sys.exit(1)
+            raise
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+class InputError(click.ClickException):
+    """Bad input found by the library (missing folder, unsupported architecture, ...)."""
+
+    exit_code = 2
+
+
+def _check_scheme(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        parse_scheme(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    return value
+
+
+SPECIAL_HELP = (
+    "auto: the main scheme when it has 8 bits or more, else int8 per channel (measured on SmolLM2-135M: "
+    "a 4-bit or narrower embedding/head costs more perplexity than all blocks at int4, int8 costs "
+    "nothing measurable); f16; int8; scheme: the main scheme."
+)
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", metavar="MODEL_DIR", type=click.Path(path_type=str))
+@click.argument("dst", metavar="OUT.qbin", type=click.Path(path_type=str))
+@click.option("--scheme", "-s", required=True, callback=_check_scheme,
+              help=f"Quantization scheme: {', '.join(SCHEME_NAMES)}; int2/3/4 are asymmetric unless "
+                   "suffixed -sym; groups run along the input dimension and need not divide it.")
+@click.option("--head", type=click.Choice(SPECIAL_CHOICES), default="auto", show_default=True,
+              help="Format of the LM head. " + SPECIAL_HELP)
+@click.option("--embed", type=click.Choice(SPECIAL_CHOICES), default="auto", show_default=True,
+              help="Format of the token embeddings (same choices). A tied head follows the "
+                   "embeddings unless --head differs, then it is stored separately.")
+@click.option("--skip", multiple=True, metavar="PATTERN",
+              help="Keep tensors whose qbin or HF name matches this glob in f16 (repeatable), "
+                   "e.g. 'layers.0.*' or '*.ffn.w2'.")
+@click.option("--clip-search/--no-clip-search", default=True, show_default=True,
+              help="Search a clipping ratio per group minimizing the weight MSE (else plain min/max).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the resulting size; write nothing.")
+@click.option("--force", is_flag=True, help="Replace OUT.qbin if it exists.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept a pytorch_model.bin-only checkpoint (loaded with torch.load(weights_only=True)).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def main(ctx: click.Context, src: str, dst: str, scheme: str, head: str, embed: str, skip: tuple[str, ...],
+         clip_search: bool, dry_run: bool, force: bool, allow_pickle: bool, quiet: bool) -> None:
+    """Convert the Hugging Face checkpoint in MODEL_DIR to OUT.qbin.
+
+    Reads Llama, Mistral, Qwen2 and Qwen3 checkpoints (safetensors, bf16/fp16/fp32, sharded or
+    not) with their tokenizer and chat template; streams one tensor at a time.
+    """
+    command = shlex.join((ctx.obj or {}).get("argv", ["qconvert"]))
+    try:
+        report = convert(src, dst, scheme, head=head, embed=embed, skip=skip, clip_search=clip_search,
+                         force=force, dry_run=dry_run, allow_pickle=allow_pickle,
+                         progress=not quiet and not dry_run, command=command)
+    except (ValueError, OSError) as e:  # ConvertError, CheckpointError, QbinError, missing files
+        raise InputError(str(e)) from None
+    if dry_run:
+        for line in report.plan_lines():
+            click.echo(line)
+    click.echo(report.summary())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""CPU linear ops: a qbin Tensor wrapped once at load time, then called per token.
+
+`prepare` does all per-tensor work up front (dtype views, sidecar index arrays) so that a decode
+step's `gemv` is one compiled call. Weights stay views of the memory map: nothing here copies the
+codes or the 16-bit data (the only copies are the small f16 sidecars widened to f32).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qformat.packing import padded_len
+from qformat.schemes import KINDS, Tensor
+
+from . import dense, quant
+from ..registry import register
+
+H2F = quant.half_table()
+# Rows dequantized per BLAS call on the prefill path: ~8 MiB of float32 per block keeps the block
+# in L2/L3 while numpy's matmul consumes it.
+GEMM_BLOCK_BYTES = 8 << 20
+# Below this many tokens the GEMV loop beats dequantize-then-BLAS (measured on SmolLM2 shapes).
+GEMM_MIN_TOKENS = 3
+
+_GEMV_BY_KIND = {"q8": quant.gemv_q8, "q4": quant.gemv_q4, "q3": quant.gemv_q3,
+                 "q2": quant.gemv_q2, "nf4": quant.gemv_nf4}
+
+
+class _Sidecars:
+    """Permutation, sparse outliers and 16-bit columns of a quantized tensor (all optional)."""
+
+    def __init__(self, t: Tensor):
+        a = t.arrays
+        rows = t.shape[0]
+        self.perm = np.asarray(a["perm"], np.int64) if "perm" in a else None
+        self.outliers = None
+        if "outlier_rowptr" in a:
+            row_of = np.repeat(np.arange(rows), np.diff(a["outlier_rowptr"]))
+            self.outliers = (row_of, np.asarray(a["outlier_cols"], np.int64),
+                             np.asarray(a["outlier_values"], np.float32))
+        self.fp = None
+        if "fp_cols" in a:
+            self.fp = (np.asarray(a["fp_cols"], np.int64), np.asarray(a["fp_weight"], np.float32))
+        self.any = self.perm is not None or self.outliers is not None or self.fp is not None
+
+    def stored_x(self, x: np.ndarray) -> np.ndarray:
+        """Input in stored column order (x[..., perm])."""
+        return x if self.perm is None else np.ascontiguousarray(x[..., self.perm])
+
+    def add_gemv(self, x: np.ndarray, out: np.ndarray) -> None:
+        if self.outliers is not None:
+            row_of, cols, vals = self.outliers
+            out += np.bincount(row_of, weights=vals * x[cols], minlength=out.shape[0]).astype(np.float32)
+        if self.fp is not None:
+            cols, w = self.fp
+            out += w @ x[cols]
+
+    def add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:
+        if self.outliers is not None:
+            row_of, cols, vals = self.outliers
+            np.add.at(out.T, row_of, (x[:, cols] * vals).T)
+        if self.fp is not None:
+            cols, w = self.fp
+            out += x[:, cols] @ w.T
+
+    def fix_rows(self, ids: np.ndarray, stored: np.ndarray) -> np.ndarray:
+        """Stored-order dequantized rows -> logical rows with the sidecars added."""
+        out = stored
+        if self.perm is not None:
+            out = np.empty_like(stored)
+            out[:, self.perm] = stored
+        if self.outliers is not None:
+            row_of, cols, vals = self.outliers
+            for i, r in enumerate(ids):
+                sel = row_of == r
+                np.add.at(out[i], cols[sel], vals[sel])
+        if self.fp is not None:
+            cols, w = self.fp
+            out[:, cols] += w[ids]
+        return out
+
+
+class _Base:
+    def __init__(self, t: Tensor):
+        if len(t.shape) != 2:
+            raise ValueError(f"tensor {t.name}: a linear weight is 2-D, got shape {list(t.shape)}")
+        self.name = t.name
+        self.out_features, self.in_features = t.shape
+        self._block = max(1, GEMM_BLOCK_BYTES // (4 * max(1, self.in_features)))
+
+    def _rows_stored(self, ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def gemm(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        n = x.shape[0]
+        out = np.empty((n, self.out_features), np.float32)
+        if n < GEMM_MIN_TOKENS:
+            for i in range(n):
+                self.gemv(x[i], out[i])
+            return out
+        xs = self._stored_x(x)
+        for r0 in range(0, self.out_features, self._block):
+            ids = np.arange(r0, min(self.out_features, r0 + self._block), dtype=np.int64)
+            np.matmul(xs, self._rows_stored(ids).T, out=out[:, r0:ids[-1] + 1])
+        self._add_gemm(x, out)
+        return out
+
+    def _stored_x(self, x):
+        return x
+
+    def _add_gemm(self, x, out):
+        pass
+
+
+class DenseOp(_Base):
+    """f32, f16 or bf16 weights."""
+
+    def __init__(self, t: Tensor):
+        super().__init__(t)
+        data = t.arrays["data"]
+        self.kind = t.kind
+        self.w = data.view(np.uint16) if t.kind in ("f16", "bf16") else data
+        self._gemv = {"f32": dense.gemv_f32, "f16": dense.gemv_f16, "bf16": dense.gemv_bf16}[t.kind]
+
+    def gemv(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        self._gemv(self.w, x, out)
+        return out
+
+    def _rows_stored(self, ids: np.ndarray) -> np.ndarray:
+        if self.kind == "f32":
+            return self.w[ids]
+        out = np.empty((ids.size, self.in_features), np.float32)
+        dense.widen16_rows(self.w, self.kind == "bf16", ids, out)
+        return out
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self._rows_stored(np.asarray(ids, np.int64))
+
+
+class GroupQuantOp(_Base):
+    """q8, q4, q3, q2 and nf4 weights, symmetric or affine, any group size."""
+
+    def __init__(self, t: Tensor):
+        super().__init__(t)
+        if t.sparsity is not None:
+            raise NotImplementedError(f"tensor {t.name}: n:m sparse {t.kind} has no CPU kernel yet")
+        if t.activation is not None:
+            raise NotImplementedError(f"tensor {t.name}: {t.kind} with 8-bit activations has no CPU kernel yet")
+        a = t.arrays
+        kind = KINDS[t.kind]
+        self.codes = a["codes"]
+        self.scales = a["scales"].view(np.uint16)
+        self.has_zeros = "zeros" in a
+        self.zeros = a["zeros"] if self.has_zeros else np.zeros((1, 1), np.uint8)
+        self.group = t.group_size
+        self.padded = padded_len(min(t.group_size, self.in_features))
+        self.bits = kind.bits
+        self.nf4 = kind.nf4
+        self._gemv = _GEMV_BY_KIND[t.kind]
+        self.side = _Sidecars(t)
+
+    def gemv(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        xs_in = self.side.stored_x(x) if self.side.any else x
+        xp, xs = quant.pad_x(xs_in, self.in_features, self.group, self.padded)
+        self._gemv(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xp, xs,
+                   self.in_features, self.group, out)
+        if self.side.any:
+            self.side.add_gemv(x, out)
+        return out
+
+    def _stored_x(self, x):
+        return self.side.stored_x(x)
+
+    def _add_gemm(self, x, out):
+        self.side.add_gemm(x, out)
+
+    def _rows_stored(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((ids.size, self.in_features), np.float32)
+        quant.dequant_rows(self.codes, self.scales, self.zeros, self.has_zeros, self.nf4, self.bits,
+                           H2F, self.in_features, self.group, ids, out)
+        return out
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        stored = self._rows_stored(ids)
+        return self.side.fix_rows(ids, stored) if self.side.any else stored
+
+
+def register_all() -> None:
+    """Fill the (cpu, kind) table."""
+    for kind in ("f32", "f16", "bf16"):
+        register("cpu", kind, DenseOp)
+    for kind in _GEMV_BY_KIND:
+        register("cpu", kind, GroupQuantOp)

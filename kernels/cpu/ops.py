@@ -1,0 +1,125 @@
+"""Numba kernels for the small per-token operations: RMSNorm, RoPE, SiLU gate, decode attention.
+
+Each one is a single compiled call per layer and token (NumPy would take several ufunc calls of a
+few microseconds each, which adds up over 30 layers). References: qformat.kernels.reference.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+from numba import njit, prange
+
+from .quant import FAST
+
+
+@njit(cache=True, fastmath=FAST)
+def rmsnorm(x, weight, eps, out):
+    """out[i] = x[i] / sqrt(mean(x[i]**2) + eps) * weight, for x (n, d) or (n, heads, d) viewed 2-D."""
+    n, d = x.shape
+    for i in range(n):
+        ss = np.float32(0.0)
+        for j in range(d):
+            ss += x[i, j] * x[i, j]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(d) + np.float32(eps))
+        for j in range(d):
+            out[i, j] = x[i, j] * inv * weight[j]
+
+
+@njit(cache=True, fastmath=FAST)
+def rope(x, cos, sin):
+    """Rotate-half RoPE in place. x (n, heads, head_dim); cos, sin (n, head_dim // 2)."""
+    n, heads, hd = x.shape
+    half = hd // 2
+    for i in range(n):
+        for h in range(heads):
+            for j in range(half):
+                a = x[i, h, j]
+                b = x[i, h, half + j]
+                x[i, h, j] = a * cos[i, j] - b * sin[i, j]
+                x[i, h, half + j] = b * cos[i, j] + a * sin[i, j]
+
+
+@njit(cache=True, fastmath=FAST)
+def silu_mul(gate, up):
+    """gate <- silu(gate) * up, in place; (n, ffn_dim)."""
+    n, d = gate.shape
+    for i in range(n):
+        for j in range(d):
+            g = gate[i, j]
+            gate[i, j] = g / (np.float32(1.0) + np.exp(-g)) * up[i, j]
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def attention_decode(q, k_cache, v_cache, start, stop, scale, out):
+    """One query token against cached keys [start, stop).
+
+    q (n_heads, head_dim); k_cache, v_cache (max_seq, n_kv_heads, head_dim) of one layer;
+    out (n_heads, head_dim). Query head h reads KV head h // (n_heads // n_kv_heads) (GQA).
+    """
+    n_heads, hd = q.shape
+    group = n_heads // k_cache.shape[1]
+    n = stop - start
+    for h in prange(n_heads):
+        kvh = h // group
+        scores = np.empty(n, np.float32)
+        best = -np.inf
+        for t in range(n):
+            s = np.float32(0.0)
+            for j in range(hd):
+                s += q[h, j] * k_cache[start + t, kvh, j]
+            s *= scale
+            scores[t] = s
+            best = max(best, s)
+        total = np.float32(0.0)
+        for t in range(n):
+            e = np.exp(scores[t] - best)
+            scores[t] = e
+            total += e
+        for j in range(hd):
+            out[h, j] = 0.0
+        for t in range(n):
+            p = scores[t] / total
+            for j in range(hd):
+                out[h, j] += p * v_cache[start + t, kvh, j]
+
+
+def attention_prefill(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
+                      window: int | None, scale: float) -> np.ndarray:
+    """Causal attention of n new queries over all keys so far, through BLAS.
+
+    q (n, n_heads, hd) at positions start_pos..start_pos+n-1; k, v (start_pos+n, n_kv, hd).
+    Queries are processed in blocks so the score matrix stays small for long prompts.
+    """
+    n, n_heads, hd = q.shape
+    total, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    out = np.empty((n, n_heads, hd), np.float32)
+    block = 256
+    key_pos = np.arange(total)
+    for b0 in range(0, n, block):
+        b1 = min(n, b0 + block)
+        qpos = start_pos + np.arange(b0, b1)
+        mask = key_pos[None, :] > qpos[:, None]
+        if window is not None:
+            mask |= key_pos[None, :] <= qpos[:, None] - window
+        hi = start_pos + b1  # keys past the block's last query are all masked
+        for kvh in range(n_kv):
+            kh = k[:hi, kvh]  # (hi, hd)
+            vh = v[:hi, kvh]
+            qg = q[b0:b1, kvh * group:(kvh + 1) * group].transpose(1, 0, 2)  # (group, b, hd)
+            s = np.matmul(qg, kh.T) * np.float32(scale)  # (group, b, hi)
+            s[:, mask[:, :hi]] = -np.inf
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+            out[b0:b1, kvh * group:(kvh + 1) * group] = np.matmul(s, vh).transpose(1, 0, 2)
+    return out
+
+
+def rope_tables(inv_freq: np.ndarray, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin tables (n_positions, head_dim // 2) in float32, as transformers computes them."""
+    pos = np.arange(n_positions, dtype=np.float32)
+    freqs = pos[:, None] * inv_freq[None, :].astype(np.float32)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+

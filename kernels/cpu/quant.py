@@ -1,0 +1,287 @@
+"""Numba kernels for the grouped quantized kinds (q8, q4, q3, q2, nf4): GEMV and row dequantization.
+
+Layout (qformat/packing.py): a row is cut into groups of G input columns (the last may be
+partial), each padded to P = round_up(len, 8) codes and packed planar: for b-bit codes byte j of a
+group holds element j of each of the 8/b slices of S = P*b/8 elements. The GEMV therefore reads x
+"per slice": x is first copied into a zero-padded (n_groups, P) buffer `xp` so that slice i of
+group g is the contiguous run xp[g, i*S:(i+1)*S], and the inner loop is one shift, one mask and one
+multiply-add over S contiguous bytes, which LLVM vectorizes.
+
+Affine groups are folded as  s * (sum_j q_j x_j - z * sum_j x_j): the per-group sums of x are
+computed once per call, so the inner loop never subtracts the zero point.
+
+Scales are float16 in the file; the kernels take them as their uint16 bits and widen them through
+a 65536-entry table (`h2f`, 256 KiB, stays in L2) rather than copying the scales at load time.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from qformat.constants import NF4_LEVELS
+
+# fastmath lets LLVM reassociate the float reductions (that is what vectorizes the inner loops);
+# it is restricted to the flags that only change summation order, not NaN/inf handling.
+FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+def half_table() -> np.ndarray:
+    """float32 value of every float16 bit pattern, indexed by the pattern."""
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+NF4_TABLE = NF4_LEVELS.astype(np.float32)
+
+
+@njit(cache=True, fastmath=FAST)
+def pad_x(x, k, group, padded):
+    """x (k,) -> (xp (n_groups, padded) zero-padded per group, per-group sums of x)."""
+    n_groups = (k + group - 1) // group
+    xp = np.zeros((n_groups, padded), np.float32)
+    xs = np.zeros(n_groups, np.float32)
+    for g in range(n_groups):
+        start = g * group
+        stop = min(k, start + group)
+        s = np.float32(0.0)
+        for e in range(stop - start):
+            v = x[start + e]
+            xp[g, e] = v
+            s += v
+        xs[g] = s
+    return xp, xs
+
+
+@njit(cache=True, inline="always")
+def _group_geometry(g, n_full, padded, tail_padded, bits_num, bits_den):
+    """(padded length, byte offset) of group g; bytes per group = padded * bits_num / bits_den."""
+    plen = padded if g < n_full else tail_padded
+    return plen, g * (padded * bits_num // bits_den)
+
+
+# Per-group dot products sum_j code_j * x_j over one padded group (S = bytes per slice).
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _dot8(cg, xg, plen):
+    d = np.float32(0.0)
+    for j in range(plen):
+        d += np.float32(cg[j]) * xg[j]
+    return d
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _dot4(cg, xg, plen):
+    s = plen // 2
+    d = np.float32(0.0)
+    for j in range(s):
+        c = np.int32(cg[j])
+        d += np.float32(c & 15) * xg[j] + np.float32(c >> 4) * xg[s + j]
+    return d
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _dot_nf4(cg, xg, plen, levels):
+    s = plen // 2
+    d = np.float32(0.0)
+    for j in range(s):
+        c = np.int32(cg[j])
+        d += levels[c & 15] * xg[j] + levels[c >> 4] * xg[s + j]
+    return d
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _dot2(cg, xg, plen):
+    s = plen // 4
+    d = np.float32(0.0)
+    for j in range(s):
+        c = np.int32(cg[j])
+        d += (np.float32(c & 3) * xg[j] + np.float32((c >> 2) & 3) * xg[s + j]
+              + np.float32((c >> 4) & 3) * xg[2 * s + j] + np.float32(c >> 6) * xg[3 * s + j])
+    return d
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _dot3(cg, xg, plen):
+    # low two bits: a 2-bit plane of plen/4 bytes; high bit: a 1-bit plane of plen/8 bytes after it
+    d = _dot2(cg, xg, plen)
+    s1 = plen // 8
+    hi = plen // 4
+    h = np.float32(0.0)
+    for j in range(s1):
+        c = np.int32(cg[hi + j])
+        for i in range(8):
+            h += np.float32((c >> i) & 1) * xg[i * s1 + j]
+    return d + np.float32(4.0) * h
+
+
+def _make_gemv(dot, bits, doc):
+    """A parallel GEMV over rows for one code width; full groups and the partial tail group are
+    separate loops so that the full-group trip count is loop-invariant (that is what vectorizes)."""
+    mid = float(1 << (bits - 1))
+    group_bytes_num = bits
+
+    def gemv(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
+        rows, n_groups = scales.shape
+        padded = xp.shape[1]
+        n_full = k // group
+        tail_padded = ((k - n_full * group) + 7) // 8 * 8
+        gbytes = padded * group_bytes_num // 8
+        for r in prange(rows):
+            crow = codes[r]
+            acc = np.float32(0.0)
+            for g in range(n_full):
+                d = dot(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+                z = np.float32(zeros[r, g]) if has_zeros else np.float32(mid)
+                acc += h2f[scales[r, g]] * (d - z * xs[g])
+            if n_full < n_groups:
+                g = n_full
+                d = dot(crow[g * gbytes:], xp[g], tail_padded)
+                z = np.float32(zeros[r, g]) if has_zeros else np.float32(mid)
+                acc += h2f[scales[r, g]] * (d - z * xs[g])
+            out[r] = acc
+
+    gemv.__doc__ = doc
+    return njit(cache=True, parallel=True, fastmath=FAST)(gemv)
+
+
+gemv_q8 = _make_gemv(_dot8, 8, "out = W @ x for 8-bit codes (one byte per element).")
+gemv_q4 = _make_gemv(_dot4, 4, "out = W @ x for 4-bit codes: byte j = element j | element S+j << 4.")
+gemv_q2 = _make_gemv(_dot2, 2, "out = W @ x for 2-bit codes: byte j holds element j of four slices.")
+gemv_q3 = _make_gemv(_dot3, 3, "out = W @ x for 3-bit codes: a 2-bit plane then a 1-bit plane.")
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def gemv_nf4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
+    """out = W @ x for NF4 codes (4-bit layout, value = scale * NF4_LEVELS[code]); zeros unused."""
+    rows, n_groups = scales.shape
+    padded = xp.shape[1]
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded // 2
+    levels = NF4_TABLE
+    for r in prange(rows):
+        crow = codes[r]
+        acc = np.float32(0.0)
+        for g in range(n_full):
+            acc += h2f[scales[r, g]] * _dot_nf4(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded, levels)
+        if n_full < n_groups:
+            acc += h2f[scales[r, n_full]] * _dot_nf4(crow[n_full * gbytes:], xp[n_full], tail_padded, levels)
+        out[r] = acc
+
+
+# Per-group unpacking into a float row segment `og` (plen padded elements): value = s * (q - z).
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _deq8(cg, og, plen, s, z):
+    for j in range(plen):
+        og[j] = s * (np.float32(cg[j]) - z)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _deq4(cg, og, plen, s, z):
+    h = plen // 2
+    for j in range(h):
+        c = np.int32(cg[j])
+        og[j] = s * (np.float32(c & 15) - z)
+        og[h + j] = s * (np.float32(c >> 4) - z)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _deq2(cg, og, plen, s, z):
+    q = plen // 4
+    for j in range(q):
+        c = np.int32(cg[j])
+        og[j] = s * (np.float32(c & 3) - z)
+        og[q + j] = s * (np.float32((c >> 2) & 3) - z)
+        og[2 * q + j] = s * (np.float32((c >> 4) & 3) - z)
+        og[3 * q + j] = s * (np.float32(c >> 6) - z)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _deq3(cg, og, plen, s, z):
+    # the 2-bit plane with z, then add 4*s for every set bit of the 1-bit plane
+    _deq2(cg, og, plen, s, z)
+    e = plen // 8
+    hi = plen // 4
+    four_s = np.float32(4.0) * s
+    for j in range(e):
+        c = np.int32(cg[hi + j])
+        for i in range(8):
+            og[i * e + j] += four_s * np.float32((c >> i) & 1)
+
+
+def _make_dequant(deq, bits, doc):
+    """Dequantize whole rows into the padded layout: group g occupies columns [g*P, g*P + P) of
+    `out` (P = padded group length); columns past a group's real length hold s * (0 - z) and must
+    meet zeros in the activations (see pad_rows)."""
+    mid = float(1 << (bits - 1))
+
+    def dequant(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
+        n_groups = scales.shape[1]
+        padded = (group + 7) // 8 * 8
+        n_full = k // group
+        tail_padded = ((k - n_full * group) + 7) // 8 * 8
+        gbytes = padded * bits // 8
+        for i in prange(rows.size):
+            r = rows[i]
+            crow = codes[r]
+            orow = out[i]
+            for g in range(n_groups):
+                plen = padded if g < n_full else tail_padded
+                z = np.float32(zeros[r, g]) if has_zeros else np.float32(mid)
+                deq(crow[g * gbytes:g * gbytes + plen * bits // 8], orow[g * padded:g * padded + plen],
+                    plen, h2f[scales[r, g]], z)
+
+    dequant.__doc__ = doc
+    return njit(cache=True, parallel=True, fastmath=FAST)(dequant)
+
+
+dequant_q8 = _make_dequant(_deq8, 8, "Rows of 8-bit codes to float32, padded layout.")
+dequant_q4 = _make_dequant(_deq4, 4, "Rows of 4-bit codes to float32, padded layout.")
+dequant_q2 = _make_dequant(_deq2, 2, "Rows of 2-bit codes to float32, padded layout.")
+dequant_q3 = _make_dequant(_deq3, 3, "Rows of 3-bit codes to float32, padded layout.")
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def dequant_nf4(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
+    """Rows of NF4 codes to float32, padded layout (padding columns hold s * NF4[0])."""
+    n_groups = scales.shape[1]
+    padded = (group + 7) // 8 * 8
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded // 2
+    levels = NF4_TABLE
+    for i in prange(rows.size):
+        r = rows[i]
+        crow = codes[r]
+        for g in range(n_groups):
+            plen = padded if g < n_full else tail_padded
+            s = h2f[scales[r, g]]
+            h = plen // 2
+            base = g * padded
+            for j in range(h):
+                c = np.int32(crow[g * gbytes + j])
+                out[i, base + j] = s * levels[c & 15]
+                out[i, base + h + j] = s * levels[c >> 4]
+
+
+@njit(cache=True, parallel=True)
+def pad_rows(x, k, group, out):
+    """x (n, k) -> out (n, n_groups * P): each group's columns at g*P, zeros in the padding."""
+    n = x.shape[0]
+    padded = (group + 7) // 8 * 8
+    n_groups = (k + group - 1) // group
+    for i in prange(n):
+        for g in range(n_groups):
+            start = g * group
+            length = min(k, start + group) - start
+            for e in range(length):
+                out[i, g * padded + e] = x[i, start + e]
+            for e in range(length, padded):
+                out[i, g * padded + e] = 0.0
+
+
+def logical_columns(k: int, group: int) -> np.ndarray:
+    """Index of each logical column (0..k-1) in the padded layout."""
+    padded = (group + 7) // 8 * 8
+    c = np.arange(k)
+    return (c // group) * padded + c % group

@@ -1,0 +1,251 @@
+"""qinfo: describe a .qbin file (architecture, size, bits per weight, schemes, metadata).
+
+The summary is computed from the header alone, so it takes milliseconds on any file size;
+`--verify` additionally reads every byte to check the checksums.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from .constants import PREAMBLE_SIZE
+from .errors import QbinError
+from .reader import QbinReader
+from .schemes import QUANT_KINDS
+
+# Tensor classes in display order. A class is derived from the tensor name contract
+# (spec/qbin.md §3.1); names outside the contract are "other".
+CLASSES = ("embeddings", "attention", "mlp", "head", "norms", "biases", "other")
+_CLASS_PATTERNS = (
+    ("embeddings", re.compile(r"tok_embeddings")),
+    ("head", re.compile(r"output")),
+    ("norms", re.compile(r"norm|layers\.\d+\.(attn_norm|ffn_norm|attn\.q_norm|attn\.k_norm)")),
+    ("attention", re.compile(r"layers\.\d+\.attn\.w[qkvo]")),
+    ("biases", re.compile(r"layers\.\d+\.attn\.b[qkv]")),
+    ("mlp", re.compile(r"layers\.\d+\.ffn\.w[123]")),
+)
+
+# Array roles that hold the quantized weight itself; every other role is a sidecar.
+_BASE_ROLES = frozenset({"data", "codes", "scales", "zeros"})
+# Sidecar roles shown under one name (the CSR triple is one sidecar, so are the 16-bit columns).
+_SIDECAR_NAMES = {
+    "outlier_rowptr": "outliers", "outlier_cols": "outliers", "outlier_values": "outliers",
+    "fp_cols": "fp_cols", "fp_weight": "fp_cols",
+}
+
+BPW_HELP = ("Bits per weight = 8 x (bytes of every stored array of the weight tensors) / (number "
+            "of logical weights). Counted: codes, scales, zeros and every sidecar (perm, outliers, "
+            "16-bit columns, n:m index, activation scales); float tensors count their data. Not "
+            "counted: alignment padding, the header, and bytes tensors (the tokenizer).")
+
+
+class QinfoError(click.ClickException):
+    """A bad FILE: printed as one line `qinfo: error: <file>: <problem>`, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"qinfo: error: {self.format_message()}", err=True)
+
+
+def tensor_class(name: str) -> str:
+    """The class of a tensor from its name: embeddings, attention, mlp, head, norms, biases, other."""
+    for cls, pattern in _CLASS_PATTERNS:
+        if pattern.fullmatch(name):
+            return cls
+    return "other"
+
+
+def scheme_of(entry: dict) -> dict:
+    """Kind, group size and symmetry of a directory entry, as a JSON-ready dict."""
+    kind = entry["kind"]
+    if kind not in QUANT_KINDS:
+        return {"kind": kind}
+    out = {
+        "kind": kind,
+        "group_size": entry["group_size"],
+        "per_channel": entry["group_size"] >= entry["shape"][1],
+        "symmetric": entry["symmetric"],
+    }
+    if entry.get("sparsity") is not None:
+        out["sparsity"] = "{}:{}".format(*entry["sparsity"])
+    if entry.get("activation") is not None:
+        out["activation"] = f"int8 {entry['activation']['mode']}"
+    return out
+
+
+def scheme_label(scheme: dict) -> str:
+    """Short text form of scheme_of(): "q4 g64 asym", "q8 per-channel sym", "nf4 g64", "f16"."""
+    kind = scheme["kind"]
+    if kind not in QUANT_KINDS:
+        return kind
+    parts = [kind, "per-channel" if scheme["per_channel"] else f"g{scheme['group_size']}"]
+    if kind != "nf4":
+        parts.append("sym" if scheme["symmetric"] else "asym")
+    if "sparsity" in scheme:
+        parts.append(scheme["sparsity"])
+    if "activation" in scheme:
+        parts.append(f"a8-{scheme['activation'].split()[1]}")
+    return " ".join(parts)
+
+
+def _bpw(nbytes: int, params: int) -> float | None:
+    return round(8 * nbytes / params, 4) if params else None
+
+
+def summarize(reader: QbinReader) -> dict:
+    """The stable JSON summary of an open file (see `qinfo --json`)."""
+    directory = reader.header["tensors"]
+    classes: dict[str, dict] = {}
+    sidecars_total: Counter = Counter()
+    for name, entry in directory.items():
+        if entry["kind"] == "bytes":
+            continue
+        cls = classes.setdefault(tensor_class(name), {
+            "tensors": 0, "parameters": 0, "bytes": 0, "_schemes": Counter(), "_sidecars": Counter()})
+        cls["tensors"] += 1
+        cls["parameters"] += math.prod(entry["shape"])
+        cls["bytes"] += sum(a["nbytes"] for a in entry["arrays"].values())
+        cls["_schemes"][json.dumps(scheme_of(entry), sort_keys=True)] += 1
+        for side in sorted({_SIDECAR_NAMES.get(r, r) for r in entry["arrays"] if r not in _BASE_ROLES}):
+            cls["_sidecars"][side] += 1
+            sidecars_total[side] += 1
+    ordered = {}
+    for cls_name in CLASSES:
+        if cls_name not in classes:
+            continue
+        c = classes[cls_name]
+        schemes = [dict(json.loads(s), tensors=n) for s, n in sorted(c["_schemes"].items(), key=lambda x: (-x[1], x[0]))]
+        ordered[cls_name] = {
+            "tensors": c["tensors"], "parameters": c["parameters"], "bytes": c["bytes"],
+            "bits_per_weight": _bpw(c["bytes"], c["parameters"]),
+            "schemes": schemes, "sidecars": dict(sorted(c["_sidecars"].items())),
+        }
+    params = sum(c["parameters"] for c in ordered.values())
+    weight_bytes = sum(c["bytes"] for c in ordered.values())
+    tok = reader.tokenizer
+    return {
+        "file": str(reader.path),
+        "format_version": "{}.{}".format(*reader.version),
+        "file_size": reader.file_size,
+        "header_bytes": reader.header_end - PREAMBLE_SIZE,
+        "tensors": len(directory),
+        "model": dataclasses.asdict(reader.model),
+        "parameters": params,
+        "weight_bytes": weight_bytes,
+        "bits_per_weight": _bpw(weight_bytes, params),
+        "classes": ordered,
+        "sidecars": dict(sorted(sidecars_total.items())),
+        "tokenizer": None if tok is None else {
+            "kind": tok.kind, "tensor": tok.tensor, "bytes": directory[tok.tensor]["arrays"]["data"]["nbytes"]
+            if "data" in directory[tok.tensor]["arrays"] else 0,
+            "add_bos": tok.add_bos, "selftest_cases": len(tok.selftest),
+        },
+        "chat_template": {"present": reader.chat_template is not None,
+                          "chars": len(reader.chat_template or "")},
+        "generation": dataclasses.asdict(reader.generation),
+        "provenance": dataclasses.asdict(reader.provenance),
+        "verified_arrays": None,
+    }
+
+
+def _size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number at least 1."""
+    if n < 1024:
+        return f"{n} B"
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+
+
+def render(info: dict) -> str:
+    """Human-readable form of summarize()'s dict."""
+    m = info["model"]
+    rope = m.get("rope_scaling")
+    rope_text = "no scaling" if not rope else f"{rope['kind']} scaling x{rope['factor']}"
+    flags = [f for f, on in (("qkv bias", m.get("qkv_bias")), ("qk norm", m.get("qk_norm"))) if on]
+    if m.get("sliding_window"):
+        flags.append(f"sliding window {m['sliding_window']}")
+    bpw = info["bits_per_weight"]
+    lines = [
+        f"file          {info['file']} ({_size(info['file_size'])}, qbin {info['format_version']}, "
+        f"{info['tensors']} tensors)",
+        f"architecture  {m.get('arch')}: {m.get('n_layers')} layers, dim {m.get('dim')}, {m.get('n_heads')} heads "
+        f"({m.get('n_kv_heads')} kv, head_dim {m.get('head_dim')}), ffn {m.get('ffn_dim')}, "
+        f"vocab {m.get('vocab_size')}, context {m.get('max_seq_len')}",
+        f"              rope theta {m.get('rope_theta')}, {rope_text}; norm eps {m.get('norm_eps')}; "
+        f"{'tied' if m.get('tie_embeddings') else 'separate'} embeddings"
+        + "".join(f"; {f}" for f in flags),
+        f"              bos {m.get('bos_token_id')}, eos {m.get('eos_token_ids')}, pad {m.get('pad_token_id')}",
+        f"parameters    {info['parameters']:,}",
+        f"bits/weight   {'-' if bpw is None else f'{bpw:.3f}'} overall "
+        f"({info['weight_bytes']:,} bytes of weight arrays; see --help for what is counted)",
+        "",
+        f"  {'class':<11} {'tensors':>7} {'parameters':>13} {'bits/w':>7}  schemes / sidecars",
+    ]
+    for name, c in info["classes"].items():
+        labels: Counter = Counter()
+        for s in c["schemes"]:  # per-channel schemes of different widths share one label
+            labels[scheme_label(s)] += s["tensors"]
+        schemes = ", ".join(label + (f" (x{n})" if len(labels) > 1 else "") for label, n in labels.items())
+        side = ", ".join(f"{k} (x{v})" for k, v in c["sidecars"].items())
+        cbpw = c["bits_per_weight"]
+        lines.append(f"  {name:<11} {c['tensors']:>7} {c['parameters']:>13,} "
+                     f"{'-' if cbpw is None else f'{cbpw:.3f}':>7}  {schemes}" + (f" + {side}" if side else ""))
+    lines.append("")
+    lines.append(f"sidecars      {', '.join(info['sidecars']) if info['sidecars'] else 'none'}")
+    tok = info["tokenizer"]
+    lines.append("tokenizer     none" if tok is None else
+                 f"tokenizer     {tok['kind']} (tensor {tok['tensor']!r}, {tok['bytes']:,} bytes), "
+                 f"add_bos {str(tok['add_bos']).lower()}, {tok['selftest_cases']} selftest case(s)")
+    ct = info["chat_template"]
+    lines.append(f"chat template {'present (' + format(ct['chars'], ',') + ' chars)' if ct['present'] else 'absent'}")
+    gen = {k: v for k, v in info["generation"].items() if v is not None}
+    lines.append(f"generation    {', '.join(f'{k} {v}' for k, v in gen.items()) or 'no defaults'}")
+    prov = info["provenance"]
+    lines.append(f"provenance    source {prov.get('source') or '?'}; converter {prov.get('converter') or '?'}; "
+                 f"scheme {prov.get('scheme') or '?'}; method {prov.get('method') or '?'}; "
+                 f"created {prov.get('created') or '?'}")
+    files = prov.get("source_files") or {}
+    lines.append(f"              {len(files)} source file(s) hashed; calibration "
+                 f"{prov.get('calibration_sha256') or 'none'}")
+    if prov.get("command"):
+        lines.append(f"              command: {prov['command']}")
+    if info["verified_arrays"] is not None:
+        lines.append(f"checksums     {info['verified_arrays']} arrays OK, padding zero")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=BPW_HELP)
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=True))
+@click.option("--verify", is_flag=True, help="Also check every array's checksum (reads the whole file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (stable keys).")
+def main(file: Path, verify: bool, as_json: bool) -> None:
+    """Describe the .qbin FILE: architecture, parameters, size, bits per weight per tensor
+    class, schemes, sidecars, tokenizer, chat template and provenance.
+
+    Exit code 2 and one line `qinfo: error: FILE: problem` when FILE is not a valid qbin.
+    """
+    try:
+        with QbinReader(file) as reader:
+            info = summarize(reader)
+            if verify:
+                info["verified_arrays"] = reader.verify()
+    except QbinError as e:
+        raise QinfoError(str(e)) from None
+    except OSError as e:
+        raise QinfoError(f"{file}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - the CLI promises one error line, never a traceback
+        raise QinfoError(f"{file}: cannot summarize ({type(e).__name__}: {e}); the header is "
+                         "malformed in a way the reader did not catch, please report it") from None
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The embedding API: `m = qformat.load(path)`; m.generate(...), m.logits(...), m.tokenizer."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from qformat.reader import QbinReader
+
+from .chat import Conversation, render_chat
+from .generate import GenerationStats, Session, generate
+from .model import Transformer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+DEVICES = ("cpu",)
+
+
+class Model:
+    """A qbin model ready to generate. Weights stay in the memory map; nothing is copied."""
+
+    def __init__(self, reader: QbinReader, device: str = "cpu", context: int | None = None):
+        self.reader = reader
+        self.args = reader.model
+        self.device = device
+        info = reader.tokenizer
+        if info is None:
+            raise ValueError(f"{reader.path}: the file has no tokenizer; re-convert it with its tokenizer files")
+        self.tokenizer = Tokenizer(info, reader.raw_bytes(info.tensor), bos_id=self.args.bos_token_id)
+        self.tokenizer.selftest(reader.path)
+        self.transformer = Transformer(reader, device, context)
+        self.session = Session(self.transformer)
+        self.stats = GenerationStats()  # of the last generate() call
+        self.chat_template = reader.chat_template
+        self.eos_ids = list(self.args.eos_token_ids)
+
+    @property
+    def context(self) -> int:
+        return self.transformer.context
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: Iterable[str] = (), add_bos: bool | None = None) -> Iterator[str]:
+        """Yield text pieces as they are decoded. prompt: text (encoded with the file's tokenizer,
+        BOS per the file unless add_bos says otherwise) or token ids. temperature 0 is greedy.
+        Timings of the call are in `self.stats` once the iterator is exhausted."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        ids = self.tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("empty prompt: give some text to continue")
+        if len(ids) >= self.context:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.context} "
+                             "tokens (one position is needed for the answer); shorten it or raise --context")
+        self.stats = GenerationStats()
+        return generate(self.session, self.tokenizer, ids, max_tokens, params, seed, stop, self.eos_ids, self.stats)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """float32 (len(token_ids), vocab): next-token logits at every position, from an empty cache."""
+        ids = [int(i) for i in token_ids]
+        return self.session.feed(ids, all_logits=True).astype(np.float32, copy=False)
+
+    def chat_prompt(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
+        """The conversation rendered with the file's chat template."""
+        if not self.chat_template:
+            raise ValueError(f"{self.reader.path}: the file has no chat template; use a plain prompt")
+        tok = self.tokenizer
+        bos = tok.decode([self.args.bos_token_id], skip_special=False) if self.args.bos_token_id is not None else ""
+        eos = tok.decode([self.eos_ids[0]], skip_special=False) if self.eos_ids else ""
+        return render_chat(self.chat_template, conversation.all(), bos, eos, add_generation_prompt)
+
+    def chat(self, conversation: Conversation, user: str, **kwargs) -> Iterator[str]:
+        """Add a user turn, stream the assistant's answer, and append it to the conversation."""
+        conversation.messages.append({"role": "user", "content": user})
+        ids = self.tokenizer.encode(self.chat_prompt(conversation), add_bos=False)
+        pieces = []
+        for piece in self.generate(ids, **kwargs):
+            pieces.append(piece)
+            yield piece
+        conversation.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def load(path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+         context: int | None = None, verify: bool = False) -> Model:
+    """Open a .qbin file and build its model on `device` ("cpu"). threads: CPU kernel threads
+    (default: all cores). context: KV cache length (default: the model's max_seq_len)."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r} is not available in this build (available: {', '.join(DEVICES)})")
+    from qformat.kernels.cpu import set_threads
+
+    set_threads(threads)
+    return Model(QbinReader(path, verify=verify), device, context)

@@ -1,0 +1,24 @@
+"""Shared fixtures. tiny_checkpoint builds (once per session and per parameter set) a tiny
+random Hugging Face checkpoint with tests/tiny_models.py."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: tiny_checkpoint(arch="llama", tied=True, dtype="float32", sharded=False,
+    tokenizer="hf-json", seed=0) -> Path of a cached HF model folder (treat it as read-only)."""
+    from tiny_models import make_tiny_checkpoint
+
+    cache = {}
+
+    def build(arch="llama", tied=True, dtype="float32", sharded=False, tokenizer="hf-json", seed=0):
+        key = (arch, tied, dtype, sharded, tokenizer, seed)
+        if key not in cache:
+            name = "-".join(str(k) for k in key)
+            cache[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(name), arch, tied, dtype,
+                                              sharded, tokenizer, seed)
+        return cache[key]
+
+    return build
