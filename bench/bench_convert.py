@@ -151,20 +151,44 @@ class Evaluator:
         return out
 
 
+def runtime_perplexity(path: Path, windows: int) -> float | None:
+    """ppl through qformat's own runtime (qformat.runtime.load + runtime.evaluate), or None when
+    that runtime is missing or fails on this file (the column then reads n/a)."""
+    try:
+        from pydoc_data.topics import topics
+
+        from qformat.runtime import load
+        from qformat.runtime.evaluate import perplexity
+    except ImportError:
+        return None
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    try:
+        return perplexity(load(path, threads=2, context=512), text, n_windows=windows).ppl
+    except Exception as e:  # report, don't abort the table: the runtime is developed separately
+        click.echo(f"# runtime ppl failed on {path.name}: {type(e).__name__}: {e}", err=True)
+        return None
+
+
 # ---------------------------------------------------------------------------- main
 
 @click.command()
 @click.argument("model_dir", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--schemes", default=",".join(ALL_SCHEMES), show_default=True, help="Comma-separated schemes.")
+@click.option("--schemes", default=",".join(ALL_SCHEMES), show_default=True,
+              help="Comma-separated schemes; an entry may override the head/embeddings, "
+                   "e.g. int4-g64+head=f16+embed=f16.")
 @click.option("--head", default="auto", show_default=True, help="--head of qconvert.")
 @click.option("--embed", default="auto", show_default=True, help="--embed of qconvert.")
 @click.option("--clip-search/--no-clip-search", default=True, show_default=True)
 @click.option("--ppl/--no-ppl", default=True, show_default=True, help="Measure perplexity (EVAL.md).")
+@click.option("--runtime-ppl", is_flag=True,
+              help="Also perplexity through qformat.runtime (n/a when it is not usable).")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also evaluate the unquantized checkpoint (one more perplexity run).")
 @click.option("--kl", is_flag=True, help="Also KL divergence and top-1 agreement vs the reference (2x time).")
 @click.option("--windows", default=40, show_default=True, help="Perplexity windows of 512 tokens.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the .qbin files here (default: a temporary folder).")
-def main(model_dir, schemes, head, embed, clip_search, ppl, kl, windows, out_dir):
+def main(model_dir, schemes, head, embed, clip_search, ppl, runtime_ppl, reference, kl, windows, out_dir):
     """Convert MODEL_DIR at each scheme and print seconds, peak RSS, size, bpw, errors, perplexity."""
     if model_dir is None:
         env = os.environ.get("QFORMAT_SMOLLM2")
@@ -184,17 +208,20 @@ def main(model_dir, schemes, head, embed, clip_search, ppl, kl, windows, out_dir
         folder = out_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         results = []
-        for scheme in names:
-            dst = folder / f"{model_dir.name}-{scheme}.qbin"
-            m = run_worker("convert", str(model_dir), str(dst), scheme, head, embed, "1" if clip_search else "0")
+        for entry in names:
+            scheme, *overrides = entry.split("+")
+            opts = {"head": head, "embed": embed, **dict(o.split("=", 1) for o in overrides)}
+            dst = folder / f"{model_dir.name}-{entry}.qbin"
+            m = run_worker("convert", str(model_dir), str(dst), scheme, opts["head"], opts["embed"],
+                           "1" if clip_search else "0")
             results.append((scheme, dst, m))
             click.echo(f"# converted {scheme} in {m['seconds']:.1f} s", err=True)
         evaluator = Evaluator(model_dir, windows, 512, kl) if ppl else None
-        if evaluator is not None:
+        if evaluator is not None and reference:
             click.echo(f"# reference (this run): ppl {evaluator.evaluate(None)['ppl']:.3f}")
         click.echo(f"{'scheme':10s} {'emb/head':>9s} {'sec':>6s} {'peakMB':>7s} {'+base':>6s} {'fileMB':>7s} "
                    f"{'bpw':>6s} {'projbpw':>7s} {'relMSE minmax':>13s} {'relMSE clip':>11s} {'ppl':>7s}"
-                   + ("  KL      top1" if kl else ""))
+                   + ("  KL      top1" if kl else "") + ("  rt-ppl" if runtime_ppl else ""))
         fmt = lambda v, spec: format(v, spec) if v is not None else "n/a"  # noqa: E731
         for scheme, dst, m in results:
             q = evaluator.evaluate(dst) if evaluator is not None else {}
@@ -205,6 +232,8 @@ def main(model_dir, schemes, head, embed, clip_search, ppl, kl, windows, out_dir
                     f"{fmt(q.get('ppl'), '7.3f')}")
             if kl:
                 line += f"  {fmt(q.get('kl'), '.4f')}  {fmt(q.get('top1'), '.3f')}"
+            if runtime_ppl:
+                line += f"  {fmt(runtime_perplexity(dst, windows), '7.3f')}"
             click.echo(line)
 
 if __name__ == "__main__":

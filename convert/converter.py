@@ -26,11 +26,11 @@ from qformat.packing import row_nbytes
 from qformat.schemes import KINDS, Scheme, Tensor, float_tensor, parse_scheme
 from qformat.writer import QbinWriter
 
-from .architectures import IGNORED_HF_TENSORS, tensor_rules
-from .checkpoint import Checkpoint
+from .architectures import IGNORED_HF_TENSORS, Architecture, tensor_rules
+from .checkpoint import Checkpoint, LazyRows
 from .hf_config import architecture_of, generation_defaults, model_args
 from .hf_tokenizer import read_tokenizer
-from .rtn import QuantStats, quantize_weight
+from .rtn import BLOCK_ELEMENTS, QuantStats, quantize_weight
 
 CONVERTER = f"qformat.convert {qformat.__version__}"
 
@@ -234,15 +234,14 @@ def _skipped(names: tuple[str, str], patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
-def plan(ckpt: Checkpoint, args: ModelArgs, hf_architecture: str, main: Scheme, head: Scheme,
+def plan(ckpt: Checkpoint, args: ModelArgs, arch: Architecture, main: Scheme, head: Scheme,
          embed: Scheme, skip: tuple[str, ...]) -> tuple[list[PlannedTensor], ModelArgs]:
     """Every tensor to write, in file order, and ModelArgs adjusted for a split tied head."""
-    arch = architecture_of({"architectures": [hf_architecture]})
     rules = tensor_rules(arch, args.n_layers)
     mapped = {hf for hf, _, _ in rules}
     for name in ckpt.names():
         if name not in mapped and not any(p.match(name) for p in IGNORED_HF_TENSORS):
-            raise ConvertError(f"{ckpt.folder}: tensor {name} has no place in a {hf_architecture} qbin "
+            raise ConvertError(f"{ckpt.folder}: tensor {name} has no place in a {arch.hf_name} qbin "
                                "(a variant this converter does not support)")
     split_head = args.tie_embeddings and head != embed
     if split_head:
@@ -296,16 +295,29 @@ def created_timestamp() -> str:
 
 # ---------------------------------------------------------------------------- storing
 
-def store(name: str, w: np.ndarray, scheme: Scheme, *, clip_search: bool) -> tuple[Tensor, QuantStats | None]:
-    """One tensor in its target scheme, and its quantization error (None for f32 norms/biases)."""
+def store(name: str, w: np.ndarray | LazyRows, scheme: Scheme, *, clip_search: bool) -> tuple[Tensor, QuantStats | None]:
+    """One tensor in its target scheme, and its quantization error (None for f32 norms/biases).
+
+    w: the weight, or a LazyRows; either way large tensors are processed in row blocks.
+    """
     if scheme.quantized:
         return quantize_weight(name, w, scheme, clip_search=clip_search)
-    t = float_tensor(name, w, scheme.kind)
-    if scheme.kind == "f32":
-        return t, None
-    err = t.dequantize() - w
-    sq_err = float(np.dot(err.ravel(), err.ravel()))
-    return t, QuantStats(w.size, float(np.dot(w.ravel(), w.ravel())), sq_err, sq_err)
+    if scheme.kind == "f32" or len(w.shape) == 1:
+        return float_tensor(name, np.asarray(w[0:w.shape[0]], dtype=np.float32), scheme.kind), None
+    rows = w.shape[0]
+    step = max(1, BLOCK_ELEMENTS // max(w.shape[1], 1))
+    data = None
+    sq_w = sq_err = 0.0
+    for start in range(0, rows, step):
+        block = np.asarray(w[start:start + step], dtype=np.float32)
+        t = float_tensor(name, block, scheme.kind)
+        if data is None:
+            data = np.empty((rows, *block.shape[1:]), t.arrays["data"].dtype)
+        data[start:start + block.shape[0]] = t.arrays["data"]
+        err = t.dequantize() - block
+        sq_err += float(np.square(err, dtype=np.float64).sum())
+        sq_w += float(np.square(block, dtype=np.float64).sum())
+    return Tensor(name, scheme.kind, tuple(w.shape), {"data": data}), QuantStats(rows * w.shape[1], sq_w, sq_err, sq_err)
 
 
 def _progress(items: list, enabled: bool):
@@ -354,11 +366,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
     config = _read_json(config_path)
     gen_path = src / "generation_config.json"
     gen = _read_json(gen_path) if gen_path.is_file() else {}
-    hf_arch = architecture_of(config).hf_name
+    arch = architecture_of(config)
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise ConvertError(f"{src}: the checkpoint is already quantized ({method}); convert its "
+                           "unquantized (bf16/fp16/fp32) release instead")
     ckpt = Checkpoint(src, allow_pickle=allow_pickle)
     args = model_args(config, gen, has_lm_head="lm_head.weight" in ckpt)
     tok = read_tokenizer(src)
-    planned, args = plan(ckpt, args, hf_arch, main, head_scheme, embed_scheme, skip)
+    planned, args = plan(ckpt, args, arch, main, head_scheme, embed_scheme, skip)
     if args.vocab_size < max((i for c in tok.info.selftest for i in c.ids), default=-1) + 1:
         raise ConvertError(f"{src}: the tokenizer produces ids beyond vocab_size {args.vocab_size}")
     report = ConvertReport(src, dst, main.name, args, [], len(tok.data), 0, 0.0, dry_run,
@@ -384,10 +400,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
         created=created_timestamp(),
     )
     with QbinWriter(dst, overwrite=force) as writer:
-        for p in _progress(planned, progress):
-            w = ckpt.read(p.hf_name)
-            t, stats = store(p.name, w, p.scheme, clip_search=clip_search)
-            del w
+        bar = _progress(planned, progress)
+        for p in bar:
+            if progress:
+                bar.set_postfix_str(f"{p.name} -> {p.scheme.name}")
+            with ckpt.rows(p.hf_name) as rows:
+                t, stats = store(p.name, rows, p.scheme, clip_search=clip_search)
             writer.add_tensor(t)
             report.tensors.append(TensorReport(p.name, p.role, p.shape, p.scheme.name, t.nbytes, stats))
             del t

@@ -33,13 +33,13 @@ def gguf_folder() -> Path:
 
 def export(out_dir: Path) -> Path:
     """Write the bf16 Hugging Face checkpoint of SmolLM2-135M-Instruct into out_dir."""
+    folder = gguf_folder()
     for module in ("torch", "transformers", "gguf"):
         if importlib.util.find_spec(module) is None:
             raise click.ClickException(f"python package {module} is missing; run: {INSTALL_HINT}")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    folder = gguf_folder()
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     config = loaded.config

@@ -155,19 +155,21 @@ def _sum_sq(x: np.ndarray) -> float:
     return float(np.square(x, dtype=np.float64).sum())
 
 
-def quantize_weight(name: str, w: np.ndarray, scheme: Scheme, *, clip_search: bool = True) -> tuple[Tensor, QuantStats]:
-    """Quantize a (rows, k) float32 weight block by block; returns the tensor and its errors.
+def quantize_weight(name: str, w, scheme: Scheme, *, clip_search: bool = True) -> tuple[Tensor, QuantStats]:
+    """Quantize a (rows, k) weight block by block; returns the tensor and its errors.
 
-    Rows are independent in every scheme, so the arrays of consecutive row blocks concatenate
-    into exactly the tensor a single call would produce, at a fraction of the memory.
+    w: a float array, or anything with `.shape` whose row slices `w[a:b]` are float arrays
+    (checkpoint.LazyRows reads them from disk on demand). Rows are independent in every scheme,
+    so the arrays of consecutive row blocks, written into preallocated outputs, are exactly the
+    tensor a single call would produce, at a fraction of the memory.
     """
-    w = np.ascontiguousarray(w, dtype=np.float32)
     rows, k = w.shape
     step = max(1, BLOCK_ELEMENTS // max(k, 1))
-    pieces: list[Tensor] = []
+    arrays: dict[str, np.ndarray] = {}
+    first: Tensor | None = None
     sq_w = sq_plain = sq_err = 0.0
     for start in range(0, rows, step):
-        block = w[start : start + step]
+        block = np.ascontiguousarray(w[start : start + step], dtype=np.float32)
         if clip_search:
             ratios, plain = search_clip(block, scheme)
             t = scheme.quantize(name, block, clip=ratios)
@@ -178,8 +180,10 @@ def quantize_weight(name: str, w: np.ndarray, scheme: Scheme, *, clip_search: bo
         sq_err += _sum_sq(err)
         sq_plain += float(plain.sum(dtype=np.float64))
         sq_w += _sum_sq(block)
-        pieces.append(t)
-    first = pieces[0]
-    arrays = {role: np.concatenate([p.arrays[role] for p in pieces], axis=0) for role in first.arrays}
+        if first is None:
+            first = t
+            arrays = {role: np.empty((rows, *a.shape[1:]), a.dtype) for role, a in t.arrays.items()}
+        for role, a in t.arrays.items():
+            arrays[role][start : start + a.shape[0]] = a
     tensor = Tensor(name, first.kind, (rows, k), arrays, first.group_size, first.symmetric)
     return tensor, QuantStats(rows * k, sq_w, sq_plain, sq_err)

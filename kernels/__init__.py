@@ -1,4 +1,4 @@
 """Compute kernels for qbin tensors: the (device, kind) table and the NumPy references."""
-from .registry import LinearOp, linear_op, register, registered
+from .registry import LinearOp, fused_decoder, linear_op, register, register_decoder, registered
 
-__all__ = ["LinearOp", "linear_op", "register", "registered"]
+__all__ = ["LinearOp", "fused_decoder", "linear_op", "register", "register_decoder", "registered"]

@@ -48,6 +48,22 @@ def linear_op(device: str, tensor: Tensor) -> LinearOp:
     return factory(tensor)
 
 
+_DECODERS: dict[str, Callable] = {}
+
+
+def register_decoder(device: str, build: Callable) -> None:
+    """`build(reader, args, cache, cos, sin)` makes a one-call decode step for `device`, or None."""
+    _DECODERS[device] = build
+
+
+def fused_decoder(device: str, reader, args, cache, cos, sin):
+    """A callable (embedding, position) -> logits running a whole decode step in one compiled call,
+    or None where the device has none or some tensor needs the per-operation path."""
+    _load_backend(device)
+    build = _DECODERS.get(device)
+    return build(reader, args, cache, cos, sin) if build is not None else None
+
+
 def registered(device: str) -> list[str]:
     """Kinds that `device` has kernels for."""
     _load_backend(device)

@@ -53,9 +53,12 @@ class BadInput(click.ClickException):
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
               help="With --ppl: a reference .qbin for KL divergence and top-1 agreement.")
 @click.option("--windows", type=click.IntRange(min=1), default=40, show_default=True,
-              help="With --ppl: number of 512-token windows.")
+              help="With --ppl: number of windows evaluated.")
+@click.option("--window", type=click.IntRange(min=2), default=512, show_default=True,
+              help="With --ppl: tokens per window.")
 def cli(file, prompt, prompt_file, chat, system, max_tokens, temperature, top_k, top_p, min_p,
-        repeat_penalty, seed, stop, threads, device, context, quiet, ppl_file, ppl_default, reference, windows):
+        repeat_penalty, seed, stop, threads, device, context, quiet, ppl_file, ppl_default, reference, windows,
+        window):
     """Run the .qbin model FILE."""
     if device != "cpu":
         raise BadInput(f"--device {device}: not available in this build (available: cpu)")
@@ -65,7 +68,7 @@ def cli(file, prompt, prompt_file, chat, system, max_tokens, temperature, top_k,
 
     model = load(file, device=device, threads=threads, context=context)
     if ppl_file or ppl_default:
-        _perplexity(model, ppl_file, reference, threads, windows, quiet)
+        _perplexity(model, ppl_file, reference, threads, windows, window, quiet)
         return
     gen = model.reader.generation
     kwargs = dict(
@@ -149,15 +152,17 @@ def _interactive():
             return
 
 
-def _perplexity(model, ppl_file, reference, threads, windows, quiet) -> None:
+def _perplexity(model, ppl_file, reference, threads, windows, window, quiet) -> None:
     from qformat import corpus
 
     from .api import load
     from .evaluate import perplexity
 
+    if window > model.context:
+        raise BadInput(f"--window {window} is longer than the model's context of {model.context} tokens")
     text = ppl_file.read_text(encoding="utf-8") if ppl_file else corpus.eval_text()
     ref = load(reference, threads=threads, context=model.context) if reference else None
-    result = perplexity(model, text, n_windows=windows, reference=ref, progress=not quiet)
+    result = perplexity(model, text, n_windows=windows, window=window, reference=ref, progress=not quiet)
     for line in result.lines():
         click.echo(line)
 

@@ -20,7 +20,7 @@ class PerplexityResult:
     top1: float | None = None  # fraction of positions where both argmaxes agree
 
     def lines(self) -> list[str]:
-        out = [f"perplexity: {self.ppl:.4f} ({self.windows} windows x {EVAL_WINDOW - 1} predicted tokens, "
+        out = [f"perplexity: {self.ppl:.4f} ({self.windows} windows, {self.tokens} predicted tokens, "
                f"mean nll {self.nll:.5f})"]
         if self.kl is not None:
             out.append(f"kl divergence vs reference: {self.kl:.6f} nats/token")

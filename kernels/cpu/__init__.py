@@ -15,13 +15,18 @@ def _user_cache_dir() -> Path:
     return Path(base) / "qformat" / "numba"
 
 
+def cache_dir(package_dir: Path) -> Path | None:
+    """Where numba should cache the kernels: None for numba's default (beside the sources, or the
+    user's NUMBA_CACHE_DIR); the user cache directory when the package directory is read-only."""
+    if os.environ.get("NUMBA_CACHE_DIR") or os.access(package_dir, os.W_OK):
+        return None
+    return _user_cache_dir()
+
+
 def _choose_cache_dir() -> None:
-    if os.environ.get("NUMBA_CACHE_DIR"):
+    path = cache_dir(Path(__file__).resolve().parent)
+    if path is None:
         return
-    here = Path(__file__).resolve().parent
-    if os.access(here, os.W_OK):
-        return
-    path = _user_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     os.environ["NUMBA_CACHE_DIR"] = str(path)
     import sys
@@ -37,4 +42,4 @@ from .threads import set_threads  # noqa: E402
 
 register_all()
 
-__all__ = ["set_threads"]
+__all__ = ["cache_dir", "set_threads"]

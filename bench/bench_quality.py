@@ -1,0 +1,174 @@
+"""Quality of calibrated quantization (rtn / gptq / awq) on a real model, EVAL.md protocol.
+
+For each (method, scheme) a .qbin is written with qformat.convert.convert, its tensors are
+dequantized with the format's NumPy reference into a float32 transformers model, and that model
+is scored on two domains against the float32 reference computed from the original checkpoint:
+  in-domain      EVAL.md: pydoc topics, first 40 windows of 512 tokens (calibration uses the
+                 second half of the same stream, never these windows);
+  out-of-domain  English prose unlike Python docs: the license texts Debian ships in
+                 /usr/share/common-licenses (package base-files, on every Debian/Ubuntu system;
+                 GPL, LGPL, GFDL, Apache, MPL, Artistic, CC0: legal prose), first windows of 512.
+Figures per domain: perplexity, KL(reference ‖ quantized) of the next-token distributions (nats
+per token) and top-1 agreement with the reference, plus the conversion time.
+
+    QFORMAT_SMOLLM2=/path/to/model python bench/bench_quality.py --configs gptq:int4-g64,awq:int3-g64
+One line per figure; run with `nice` on a shared machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from qformat import QbinReader
+from qformat.corpus import EVAL_WINDOW, EVAL_WINDOWS, eval_text, eval_windows
+
+LICENSE_DIR = Path("/usr/share/common-licenses")
+LICENSE_FILES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GPL-2", "Artistic", "CC0-1.0", "MPL-1.1")
+BATCH = 4  # windows per forward
+
+
+def ood_text() -> str:
+    """The out-of-domain corpus: Debian's license texts in a fixed order, blank lines between."""
+    missing = [f for f in LICENSE_FILES if not (LICENSE_DIR / f).is_file()]
+    if missing:
+        raise click.ClickException(f"{LICENSE_DIR}: missing {', '.join(missing)}; the out-of-domain corpus "
+                                   "needs Debian's base-files license texts")
+    return "\n\n".join((LICENSE_DIR / f).read_text(encoding="utf-8") for f in LICENSE_FILES)
+
+
+def hf_state_dict(reader: QbinReader) -> dict[str, torch.Tensor]:
+    """The file's tensors dequantized (NumPy reference) under their Hugging Face names."""
+    from qformat.convert.architectures import TENSOR_MAP
+
+    out = {}
+    for rule in TENSOR_MAP:
+        layers = range(reader.model.n_layers) if rule.per_layer else [None]
+        for i in layers:
+            name = rule.qbin_name(i)
+            if name in reader:
+                out[rule.hf_name(i)] = torch.from_numpy(reader[name].dequantize().copy())
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def load_model(model_dir: Path, qbin: Path | None):
+    """float32 transformers model: the checkpoint itself, or with the qbin's dequantized weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if qbin is None:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    config = AutoConfig.from_pretrained(str(model_dir))
+    config.tie_word_embeddings = False  # the head is loaded explicitly (it may be stored apart)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(hf_state_dict(QbinReader(qbin)), strict=False)
+    if missing or unexpected:
+        raise click.ClickException(f"{qbin}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+    return model
+
+
+def reference_logprobs(model, windows: np.ndarray, cache: Path) -> np.memmap:
+    """log-softmax of the reference model over every window, float16, cached on disk."""
+    shape = (len(windows), windows.shape[1], model.config.vocab_size)
+    if cache.exists():
+        return np.memmap(cache, np.float16, "r", shape=shape)
+    tmp = cache.with_suffix(".tmp")
+    out = np.memmap(tmp, np.float16, "w+", shape=shape)
+    with torch.no_grad():
+        for i in range(0, len(windows), BATCH):
+            logits = model(torch.as_tensor(windows[i:i + BATCH])).logits.float()
+            out[i:i + BATCH] = torch.log_softmax(logits, -1).numpy().astype(np.float16)
+    out.flush()
+    del out
+    tmp.rename(cache)
+    return np.memmap(cache, np.float16, "r", shape=shape)
+
+
+def score(model, windows: np.ndarray, ref: np.memmap) -> dict[str, float]:
+    """Perplexity over the 511 predicted tokens per window, KL(ref ‖ model), top-1 agreement."""
+    nll = kl = agree = 0.0
+    n_pred = n_all = 0
+    with torch.no_grad():
+        for i in range(0, len(windows), BATCH):
+            ids = torch.as_tensor(windows[i:i + BATCH])
+            lp = torch.log_softmax(model(ids).logits.float(), -1)
+            rp = torch.from_numpy(np.asarray(ref[i:i + BATCH], dtype=np.float32))
+            nll -= float(lp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+            n_pred += ids[:, 1:].numel()
+            kl += float((rp.exp() * (rp - lp)).sum())
+            agree += float((rp.argmax(-1) == lp.argmax(-1)).sum())
+            n_all += ids.numel()
+    return {"ppl": float(np.exp(nll / n_pred)), "kl": kl / n_all, "top1": agree / n_all}
+
+
+def windows_of(tokenizer, text: str, count: int) -> np.ndarray:
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return np.asarray(eval_windows(ids, EVAL_WINDOW, count), np.int64)
+
+
+@click.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=lambda: os.environ.get("QFORMAT_SMOLLM2"), required=True,
+              help="HF checkpoint folder (default: $QFORMAT_SMOLLM2).")
+@click.option("--configs", default="rtn:int4-g64,gptq:int4-g64,awq:int4-g64,rtn:int3-g64,gptq:int3-g64,"
+              "awq:int3-g64,rtn:int2-g64,gptq:int2-g64,awq:int2-g64", show_default=True,
+              help="Comma-separated method:scheme pairs.")
+@click.option("--calib", default="pydoc", show_default=True, help="Calibration source (see qconvert --calib).")
+@click.option("--calib-samples", default=128, show_default=True)
+@click.option("--calib-seqlen", default=512, show_default=True)
+@click.option("--damp", default=0.01, show_default=True, help="GPTQ dampening.")
+@click.option("--act-order", is_flag=True, help="GPTQ act-order.")
+@click.option("--ood-windows", default=40, show_default=True, help="Out-of-domain windows of 512 tokens.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/qformat-bench-quality"),
+              show_default=True, help="Folder for the .qbin files and the cached reference.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also append results as JSON lines.")
+def main(model_dir: Path, configs: str, calib: str, calib_samples: int, calib_seqlen: int, damp: float,
+         act_order: bool, ood_windows: int, work: Path, threads: int, json_out: Path | None) -> None:
+    """Write one qbin per method:scheme and score it in and out of domain against the reference."""
+    from transformers import AutoTokenizer
+
+    from qformat.convert import convert
+
+    torch.set_num_threads(threads)
+    work.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    domains = {"pydoc": windows_of(tok, eval_text(), EVAL_WINDOWS), "prose": windows_of(tok, ood_text(), ood_windows)}
+    ref_model = load_model(model_dir, None)
+    refs = {d: reference_logprobs(ref_model, w, work / f"ref-{d}-{len(w)}.f16") for d, w in domains.items()}
+    for d, w in domains.items():
+        s = score(ref_model, w, refs[d])
+        click.echo(f"reference {d}: ppl {s['ppl']:.2f} ({len(w)} windows)")
+    del ref_model
+    for item in configs.split(","):
+        method, scheme = item.strip().split(":")
+        dst = work / f"{method}-{scheme}-{calib.replace('/', '_')}-{calib_samples}.qbin"
+        started = time.perf_counter()
+        kwargs = {} if method == "rtn" else dict(calib=calib, calib_samples=calib_samples,
+                                                   calib_seqlen=calib_seqlen, damp=damp, act_order=act_order)
+        convert(model_dir, dst, scheme, method=method, force=True, progress=False, **kwargs)
+        seconds = time.perf_counter() - started
+        model = load_model(model_dir, dst)
+        row = {"method": method, "scheme": scheme, "calib": calib, "calib_samples": calib_samples,
+               "convert_s": round(seconds, 1)}
+        for d, w in domains.items():
+            s = score(model, w, refs[d])
+            row.update({f"{d}_{k}": v for k, v in s.items()})
+            click.echo(f"{method} {scheme} {d}: ppl {s['ppl']:.2f}  KL {s['kl']:.4f}  top-1 {100 * s['top1']:.1f}%")
+        click.echo(f"{method} {scheme}: convert {seconds:.1f} s (calib {calib}, {calib_samples} x {calib_seqlen})")
+        if json_out is not None:
+            with open(json_out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
+        del model
+
+
+if __name__ == "__main__":
+    main()

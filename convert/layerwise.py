@@ -1,0 +1,308 @@
+"""Layer-by-layer calibrated quantization with bounded memory.
+
+The calibration tokens are embedded once; then, one decoder layer at a time, the layer is built
+from the checkpoint's tensors (float32, on CUDA when available), its projections are quantized
+stage by stage in the order the data flows through them (q/k/v, o, gate/up, down), each stage
+seeing the outputs of the already *quantized* projections before it, and the quantized layer's
+outputs become the next layer's inputs. Only one layer's weights and the calibration batch's
+activations are ever in memory, never the whole float32 model.
+
+What a method does with a stage's inputs is the LayerMethod's business (gptq.py, awq.py): it
+may fold per-channel scales into the preceding norm or projection (AWQ), then quantizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qformat.config import ModelArgs
+from qformat.schemes import Scheme, Tensor, float_tensor
+
+# Sequences per forward chunk: bounds the attention scores' memory (heads x T x T per sequence).
+CHUNK = 8
+# Chunks of the batch used to search down_proj's scales (on float gate/up outputs, an extra pass).
+FOLD_CHUNKS = 4
+
+
+# ---------------------------------------------------------------------------- the decoder layer
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_tables(args: ModelArgs, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (seqlen, head_dim) of HF's rotate-half RoPE, with linear or llama3 scaling."""
+    hd = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    sc = args.rope_scaling
+    if sc is not None and sc.kind == "linear":
+        inv = inv / sc.factor
+    elif sc is not None and sc.kind == "llama3":
+        low_wl = sc.original_max_position / sc.low_freq_factor
+        high_wl = sc.original_max_position / sc.high_freq_factor
+        wl = 2 * math.pi / inv
+        smooth = (sc.original_max_position / wl - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+        scaled = torch.where(wl > low_wl, inv / sc.factor, inv)
+        mid = (wl <= low_wl) & (wl >= high_wl)
+        inv = torch.where(mid, (1 - smooth) * inv / sc.factor + smooth * inv, scaled)
+    freqs = torch.outer(torch.arange(seqlen, dtype=torch.float64), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(torch.float32).to(device), emb.sin().to(torch.float32).to(device)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope) -> torch.Tensor:
+    """Causal GQA self-attention of normed inputs xn (B, T, dim) -> o_proj's input (B, T, H*hd)."""
+    b, t, _ = xn.shape
+    hd = args.head_dim
+
+    def proj(name: str, bias: str, heads: int) -> torch.Tensor:
+        y = xn @ w[name].T
+        if bias in w:
+            y = y + w[bias]
+        return y.view(b, t, heads, hd).transpose(1, 2)  # (B, heads, T, hd)
+
+    q = proj("attn.wq", "attn.bq", args.n_heads)
+    k = proj("attn.wk", "attn.bk", args.n_kv_heads)
+    v = proj("attn.wv", "attn.bv", args.n_kv_heads)
+    if "attn.q_norm" in w:
+        q = rms_norm(q, w["attn.q_norm"], args.norm_eps)
+        k = rms_norm(k, w["attn.k_norm"], args.norm_eps)
+    cos, sin = rope[0][:t], rope[1][:t]
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    rep = args.n_heads // args.n_kv_heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if args.sliding_window and t > args.sliding_window:
+        i = torch.arange(t, device=xn.device)
+        allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < args.sliding_window)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return o.transpose(1, 2).reshape(b, t, args.n_heads * hd)
+
+
+def ffn_act(xn: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SiLU-gated hidden activations: down_proj's input."""
+    return F.silu(xn @ w["ffn.w1"].T) * (xn @ w["ffn.w3"].T)
+
+
+def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope) -> torch.Tensor:
+    """One decoder layer: h = x + attn(norm1(x)); out = h + ffn(norm2(h))."""
+    h = x + attention(rms_norm(x, w["attn_norm"], args.norm_eps), w, args, rope) @ w["attn.wo"].T
+    return h + ffn_act(rms_norm(h, w["ffn_norm"], args.norm_eps), w) @ w["ffn.w2"].T
+
+
+# ---------------------------------------------------------------------------- statistics
+
+@dataclass
+class InputStats:
+    """What a method may know about a stage's inputs X (tokens, k): the Gram matrix XᵀX and the
+    mean absolute value per channel, accumulated over the calibration batch."""
+
+    gram: torch.Tensor  # (k, k) float32
+    abs_mean: torch.Tensor  # (k,)
+    n_tokens: int
+
+
+def input_stats(chunks: list[torch.Tensor]) -> InputStats:
+    k = chunks[0].shape[-1]
+    dev = chunks[0].device
+    gram = torch.zeros(k, k, device=dev)
+    abs_sum = torch.zeros(k, device=dev, dtype=torch.float64)
+    n = 0
+    for c in chunks:
+        x = c.reshape(-1, k)
+        gram.addmm_(x.T, x)
+        abs_sum += x.abs().sum(0, dtype=torch.float64)
+        n += x.shape[0]
+    return InputStats(gram, (abs_sum / max(n, 1)).to(torch.float32), n)
+
+
+@dataclass
+class LinearReport:
+    """Relative output error ‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² of one quantized projection on its calibration inputs."""
+
+    name: str
+    rel_err: float
+
+
+@dataclass
+class LayerReport:
+    index: int
+    linears: list[LinearReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        parts = ", ".join(f"{r.name.split('.')[-1]} {r.rel_err:.2e}" for r in self.linears)
+        return f"layer {self.index:3d}: {parts} ({self.seconds:.1f} s)"
+
+
+class LayerMethod(Protocol):
+    """A calibrated method: optional scale folding, then quantization of a stage's projections."""
+
+    name: str
+    folds: bool  # whether fold_scales does anything (saves a pass over the inputs when not)
+
+    def fold_scales(self, names: list[str], stats: InputStats, w: dict[str, torch.Tensor], into: str,
+                    schemes: dict[str, Scheme]) -> None:
+        """Fold per-input-channel scales into `w[names]` and the op `into` (in place) or do nothing."""
+
+    def quantize(self, names: list[str], stats: InputStats, w: dict[str, torch.Tensor],
+                 schemes: dict[str, Scheme]) -> dict[str, Tensor]:
+        """Stored tensors of `names`; replaces w[name] by its dequantized value (in place)."""
+
+
+# ---------------------------------------------------------------------------- the runner
+
+def best_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _rel_err(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor) -> float:
+    e = (w - w_hat).double()
+    g = gram.double()
+    den = float(((w.double() @ g) * w.double()).sum())
+    return float(((e @ g) * e).sum()) / den if den > 0 else 0.0
+
+
+def _chunks(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    return [fn(x[i:i + CHUNK]) for i in range(0, x.shape[0], CHUNK)]
+
+
+def quantize_layer(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope, method: LayerMethod,
+                   schemes: dict[str, Scheme], report: LayerReport
+                   ) -> tuple[torch.Tensor, dict[str, Tensor], dict[str, torch.Tensor]]:
+    """Quantize one layer's projections stage by stage.
+
+    Returns the quantized layer's outputs for x (B, T, dim), the stored tensors, and the float
+    weights they approximate (after any folding). `w` is updated in place (folded norms, Ŵ).
+    """
+    eps = args.norm_eps
+    out: dict[str, Tensor] = {}
+    refs: dict[str, torch.Tensor] = {}
+
+    def fold(names: list[str], make_inputs: Callable[[], list[torch.Tensor]], into: str) -> None:
+        names = [n for n in names if n in schemes]  # skipped projections stay in float
+        if names and method.folds:
+            method.fold_scales(names, input_stats(make_inputs()), w, into, schemes)
+
+    def quant(names: list[str], inputs: list[torch.Tensor]) -> None:
+        names = [n for n in names if n in schemes]
+        if not names:
+            return
+        stats = input_stats(inputs)
+        refs.update({n: w[n].clone() for n in names})
+        out.update(method.quantize(names, stats, w, schemes))
+        report.linears.extend(LinearReport(n, _rel_err(refs[n], w[n], stats.gram)) for n in names)
+
+    # q, k, v read the normed residual stream: their scales fold into attn_norm.
+    fold(["attn.wq", "attn.wk", "attn.wv"], lambda: _chunks(x, lambda c: rms_norm(c, w["attn_norm"], eps)), "attn_norm")
+    xn = _chunks(x, lambda c: rms_norm(c, w["attn_norm"], eps))
+    quant(["attn.wq", "attn.wk", "attn.wv"], xn)
+    # o reads the attention output of the quantized q/k/v. Its scales are not folded: v is already
+    # quantized here, and under GQA one v row feeds several o columns (AutoAWQ skips it too).
+    o_in = [attention(c, w, args, rope) for c in xn]
+    del xn
+    quant(["attn.wo"], o_in)
+    h = torch.cat([xc + oc @ w["attn.wo"].T for xc, oc in zip(x.split(CHUNK), o_in)])
+    del o_in
+    # gate/up read the normed residual after attention: their scales fold into ffn_norm.
+    fold(["ffn.w1", "ffn.w3"], lambda: _chunks(h, lambda c: rms_norm(c, w["ffn_norm"], eps)), "ffn_norm")
+    hn = _chunks(h, lambda c: rms_norm(c, w["ffn_norm"], eps))
+    # down's scales fold into up's rows (the gated product is linear in up); they are searched on
+    # the float gate/up outputs, before those projections are quantized.
+    fold(["ffn.w2"], lambda: [ffn_act(c, w) for c in hn[:FOLD_CHUNKS]], "ffn.w3")
+    quant(["ffn.w1", "ffn.w3"], hn)
+    act = [ffn_act(c, w) for c in hn]
+    del hn
+    quant(["ffn.w2"], act)
+    y = torch.cat([hc + ac @ w["ffn.w2"].T for hc, ac in zip(h.split(CHUNK), act)])
+    return y, out, refs
+
+
+def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, method: LayerMethod,
+                      store: Callable, *, progress: bool = True, device: torch.device | None = None,
+                      reports: list[LayerReport] | None = None) -> Iterator[tuple[object, Tensor, object]]:
+    """Yield (planned tensor, stored Tensor, QuantStats or None) in plan order, quantizing the
+    decoder layers' projections with `method` on the calibration `tokens` (samples, seqlen).
+
+    Tensors outside the layers (embeddings, final norm, head) go through `store(name, w, scheme)`;
+    so do projections planned in a float scheme (skipped), which still feed the layer in float.
+    """
+    from .rtn import QuantStats
+
+    device = device or best_device()
+    by_layer: dict[int, list] = {}
+    for p in planned:
+        if p.name.startswith("layers."):
+            by_layer.setdefault(int(p.name.split(".")[1]), []).append(p)
+    rope = rope_tables(args, tokens.shape[1], device)
+    x = None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.n_layers, unit="layer", file=sys.stderr, dynamic_ncols=True, leave=False,
+                   desc=f"{method.name}")
+    with torch.no_grad():
+        for p in planned:
+            if not p.name.startswith("layers."):
+                w = ckpt.read(p.hf_name)
+                if p.role == "embed" and x is None:
+                    emb = torch.from_numpy(w)
+                    x = emb[torch.as_tensor(tokens, dtype=torch.long)].to(device)  # (B, T, dim)
+                    del emb
+                t, stats = store(p.name, w, p.scheme)
+                yield p, t, stats
+                continue
+            layer = int(p.name.split(".")[1])
+            if p is not by_layer[layer][0]:
+                continue
+            if x is None:  # the embeddings are planned first; a plan without them is a bug
+                raise RuntimeError("the plan lists a decoder layer before the token embeddings")
+            started = time.perf_counter()
+            items = by_layer[layer]
+            fp = {q.name.split(".", 2)[2]: torch.from_numpy(ckpt.read(q.hf_name)).to(device) for q in items}
+            schemes = {q.name.split(".", 2)[2]: q.scheme for q in items if q.role == "linear" and q.scheme.quantized}
+            rep = LayerReport(layer)
+            x, stored, refs = quantize_layer(x, fp, args, rope, method, schemes, rep)
+            rep.seconds = time.perf_counter() - started
+            if reports is not None:
+                reports.append(rep)
+            if bar is not None:
+                bar.set_postfix_str(f"layer {layer} rel err {np.mean([r.rel_err for r in rep.linears] or [0]):.2e}")
+                bar.update(1)
+            for q in items:
+                short = q.name.split(".", 2)[2]
+                if short in stored:
+                    t = dataclasses.replace(stored[short], name=q.name)
+                    ref = refs[short].cpu().numpy()
+                    yield q, t, _weight_stats(t, ref, q.scheme, QuantStats)
+                else:  # norms, biases (possibly folded), skipped projections
+                    t, stats = store(q.name, fp[short].cpu().numpy(), q.scheme)
+                    yield q, t, stats
+            del fp, refs, stored
+    if bar is not None:
+        bar.close()
+
+
+def _weight_stats(t: Tensor, w: np.ndarray, scheme: Scheme, cls):
+    """Weight-space errors of a stored tensor: plain min/max RTN's and the stored one's.
+    For AWQ, w is the scaled weight the tensor approximates (its folded partner absorbs 1/s)."""
+    from .rtn import _plain_error, _sum_sq
+
+    err = t.dequantize() - w
+    return cls(w.size, _sum_sq(w), float(_plain_error(w, scheme).sum(dtype=np.float64)), _sum_sq(err))

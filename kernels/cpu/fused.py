@@ -1,0 +1,213 @@
+"""A whole decode step (every layer, then the head) in one compiled call.
+
+Calling the per-operation kernels from Python costs a few microseconds each; a 30-layer model
+makes ~20 of them per layer, which measured 4.5 ms per token of pure overhead on SmolLM2's shape,
+half of llama.cpp's whole time per token. Here the step runs in Numba end to end, and each linear layer dispatches on a small integer kind code to the same GEMV kernels the per-op path
+uses (so both paths compute the same numbers).
+
+The weights reach the compiled step as a table of addresses into the memory map (a typed list
+of arrays costs ~1 s of compilation at every start, a tuple of 211 arrays ~100 us per call;
+an int64 table costs nothing). The FusedDecoder keeps every array alive while it exists. Norm
+weights, biases and q/k norms are small and are gathered into three stacked float32 arrays.
+
+Tensors with sidecars (permutation, outliers, 16-bit columns), n:m sparsity or 8-bit activations
+are not handled here: `build` returns None and the model uses the per-operation path.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import carray, njit
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from qformat.schemes import Tensor
+
+from . import dense, ops, quant
+from .linear import H2F
+
+KIND_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8": 3, "q4": 4, "q3": 5, "q2": 6, "nf4": 7}
+SIDECARS = ("perm", "outlier_rowptr", "fp_cols", "sparse_index", "input_scale", "act_scale")
+
+
+# Columns of the weight table: one row per linear layer.
+KIND, HAS_ZEROS, GROUP, IN, ROWS, CODES, CODE_BYTES, SCALES, N_GROUPS, ZEROS = range(10)
+
+
+@intrinsic
+def _address(typingctx, addr):
+    """An integer address as a void pointer, for numba.carray."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(types.intp), codegen
+
+
+def linear_entry(t: Tensor):
+    """(table row, arrays to keep alive) of a tensor, or None if the fused step cannot run it."""
+    if t.kind not in KIND_CODES or len(t.shape) != 2 or any(s in t.arrays for s in SIDECARS):
+        return None
+    if t.sparsity is not None or t.activation is not None:
+        return None
+    rows, k = t.shape
+    code = KIND_CODES[t.kind]
+    if code <= 2:
+        data = np.ascontiguousarray(t.arrays["data"])
+        return [code, 0, k, k, rows, data.ctypes.data, data.nbytes // max(rows, 1), 0, 0, 0], (data,)
+    codes = np.ascontiguousarray(t.arrays["codes"])
+    scales = np.ascontiguousarray(t.arrays["scales"])
+    zeros = np.ascontiguousarray(t.arrays["zeros"]) if "zeros" in t.arrays else None
+    row = [code, int(zeros is not None), min(t.group_size, k), k, rows, codes.ctypes.data, codes.shape[1],
+           scales.ctypes.data, scales.shape[1], zeros.ctypes.data if zeros is not None else 0]
+    return row, (codes, scales, zeros)
+
+
+@njit(cache=True)
+def gemv_row(table, i, h2f, x, out):
+    """out = W_i @ x for the weight in row i of the table (any kind, see KIND_CODES)."""
+    kind = table[i, KIND]
+    rows = table[i, ROWS]
+    nbytes = table[i, CODE_BYTES]
+    codes = carray(_address(table[i, CODES]), (rows, nbytes), np.uint8)
+    if kind == 0:
+        dense.gemv_f32(codes.view(np.float32), x, out)
+    elif kind == 1:
+        dense.gemv_f16(codes.view(np.uint16), x, out)
+    elif kind == 2:
+        dense.gemv_bf16(codes.view(np.uint16), x, out)
+    else:
+        k = table[i, IN]
+        group = table[i, GROUP]
+        n_groups = table[i, N_GROUPS]
+        scales = carray(_address(table[i, SCALES]), (rows, n_groups), np.uint16)
+        has_zeros = table[i, HAS_ZEROS] != 0
+        # without zeros the kernels never read this array; any valid address will do
+        zeros = carray(_address(table[i, ZEROS] if has_zeros else table[i, CODES]),
+                       (rows, n_groups) if has_zeros else (1, 1), np.uint8)
+        xp, xs = quant.pad_x(x, k, group, (group + 7) // 8 * 8)
+        if kind == 3:
+            quant.gemv_q8(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
+        elif kind == 4:
+            quant.gemv_q4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
+        elif kind == 5:
+            quant.gemv_q3(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
+        elif kind == 6:
+            quant.gemv_q2(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
+        else:
+            quant.gemv_nf4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
+
+
+@njit(cache=True)
+def _linear(table, i, h2f, x):
+    out = np.empty(table[i, ROWS], np.float32)
+    gemv_row(table, i, h2f, x, out)
+    return out
+
+
+@njit(cache=True)
+def decode_step(x, pos, table, norms, biases, qk_norms, k_cache, v_cache, cos, sin,
+                n_heads, n_kv, head_dim, eps, window, h2f, logits):
+    """Run one token through every layer and the head.
+
+    x (dim,) embedding of the token (updated in place as the residual stream); pos its position;
+    table (n_linears, 10) int64: weight table rows 7*layer + j for wq wk wv wo w1 w3 w2, then the
+    head; norms (2*n_layers + 1, dim): attn_norm, ffn_norm per layer, then the final norm;
+    biases (3*n_layers, n_heads*head_dim): bq bk bv per layer, zero-padded, or shape (0, 0);
+    qk_norms (2*n_layers, head_dim) or (0, 0); k_cache, v_cache (n_layers, max_seq, n_kv_heads,
+    head_dim); cos, sin (max_seq, head_dim/2); window: sliding window (0: none). Writes logits.
+    """
+    n_layers = k_cache.shape[0]
+    dim = x.shape[0]
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    xn = np.empty((1, dim), np.float32)
+    att = np.empty((n_heads, head_dim), np.float32)
+    start = 0 if window == 0 else max(0, pos + 1 - window)
+    c1 = cos[pos:pos + 1]
+    s1 = sin[pos:pos + 1]
+    q_dim = n_heads * head_dim
+    kv_dim = n_kv * head_dim
+    for layer in range(n_layers):
+        base = layer * 7
+        ops.rmsnorm(x.reshape(1, dim), norms[2 * layer], eps, xn)
+        q = _linear(table, base + 0, h2f, xn[0])
+        k = _linear(table, base + 1, h2f, xn[0])
+        v = _linear(table, base + 2, h2f, xn[0])
+        if biases.shape[0]:
+            q += biases[3 * layer, :q_dim]
+            k += biases[3 * layer + 1, :kv_dim]
+            v += biases[3 * layer + 2, :kv_dim]
+        if qk_norms.shape[0]:
+            q2 = q.reshape(n_heads, head_dim)
+            ops.rmsnorm(q2.copy(), qk_norms[2 * layer], eps, q2)
+            k2 = k.reshape(n_kv, head_dim)
+            ops.rmsnorm(k2.copy(), qk_norms[2 * layer + 1], eps, k2)
+        q3 = q.reshape(1, n_heads, head_dim)
+        k3 = k.reshape(1, n_kv, head_dim)
+        ops.rope(q3, c1, s1)
+        ops.rope(k3, c1, s1)
+        k_cache[layer, pos] = k3[0]
+        v_cache[layer, pos] = v.reshape(n_kv, head_dim)
+        ops.attention_decode(q3[0], k_cache[layer], v_cache[layer], start, pos + 1, scale, att)
+        x += _linear(table, base + 3, h2f, att.reshape(q_dim))
+        ops.rmsnorm(x.reshape(1, dim), norms[2 * layer + 1], eps, xn)
+        gate = _linear(table, base + 4, h2f, xn[0])
+        up = _linear(table, base + 5, h2f, xn[0])
+        ops.silu_mul(gate.reshape(1, -1), up.reshape(1, -1))
+        x += _linear(table, base + 6, h2f, gate)
+    ops.rmsnorm(x.reshape(1, dim), norms[2 * n_layers], eps, xn)
+    gemv_row(table, n_layers * 7, h2f, xn[0], logits)
+
+
+class FusedDecoder:
+    """The weight table of a model and its small stacked parameters; call with (embedding, pos)."""
+
+    def __init__(self, rows, keep, norms, biases, qk_norms, args, cache, cos, sin):
+        self.table = np.asarray(rows, np.int64)  # (n_linears, 10)
+        self._keep = keep  # the arrays whose addresses are in the table
+        self.norms = np.ascontiguousarray(np.stack(norms), np.float32)  # (2*n_layers + 1, dim)
+        self.biases = biases  # (3*n_layers, n_heads*head_dim) or (0, 0)
+        self.qk_norms = qk_norms  # (2*n_layers, head_dim) or (0, 0)
+        self.args = args
+        self.cache = cache
+        self.cos, self.sin = cos, sin
+        self.vocab = int(self.table[-1, ROWS])
+        self.eps = np.float32(args.norm_eps)
+        self.window = args.sliding_window or 0
+
+    def __call__(self, x: np.ndarray, pos: int) -> np.ndarray:
+        a = self.args
+        logits = np.empty(self.vocab, np.float32)
+        decode_step(np.ascontiguousarray(x, np.float32), pos, self.table, self.norms, self.biases,
+                    self.qk_norms, self.cache.k, self.cache.v, self.cos, self.sin,
+                    a.n_heads, a.n_kv_heads, a.head_dim, self.eps, self.window, H2F, logits)
+        return logits
+
+
+def build(reader, args, cache, cos, sin) -> FusedDecoder | None:
+    """A FusedDecoder over the file's tensors, or None if some tensor needs the per-op path."""
+    names = []
+    for i in range(args.n_layers):
+        names += [f"layers.{i}.attn.{w}" for w in ("wq", "wk", "wv", "wo")]
+        names += [f"layers.{i}.ffn.{w}" for w in ("w1", "w3", "w2")]
+    names.append("output" if "output" in reader else "tok_embeddings")
+    entries = [linear_entry(reader[n]) for n in names]
+    if any(e is None for e in entries):
+        return None
+    rows, keep = zip(*entries)
+
+    def data(name):
+        return np.asarray(reader[name].arrays["data"], np.float32)
+
+    norms = [data(f"layers.{i}.{w}") for i in range(args.n_layers) for w in ("attn_norm", "ffn_norm")]
+    norms.append(data("norm"))
+    biases = np.zeros((0, 0), np.float32)
+    if args.qkv_bias:
+        biases = np.zeros((3 * args.n_layers, args.n_heads * args.head_dim), np.float32)
+        for i in range(args.n_layers):
+            for j, b in enumerate(("bq", "bk", "bv")):
+                v = data(f"layers.{i}.attn.{b}")
+                biases[3 * i + j, :v.size] = v
+    qk = np.zeros((0, 0), np.float32)
+    if args.qk_norm:
+        qk = np.stack([data(f"layers.{i}.attn.{b}") for i in range(args.n_layers) for b in ("q_norm", "k_norm")])
+    return FusedDecoder(rows, keep, norms, biases, np.ascontiguousarray(qk, np.float32), args, cache, cos, sin)

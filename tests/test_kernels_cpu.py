@@ -1,0 +1,159 @@
+"""CPU kernels against their NumPy references (qformat.schemes' dequantize, kernels.reference).
+
+"Equal up to float summation order": the kernels accumulate in float32 in another order than
+NumPy (and fold zero points as s*(sum q*x - z*sum x)), so results are compared with a tolerance of
+1e-5 relative to the largest output, far below any real layout or indexing mistake (those give
+errors of order 1).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qformat.kernels import linear_op, reference, registered
+from qformat.kernels.cpu import ops
+from qformat.schemes import Tensor, parse_scheme
+
+RTOL = 1e-5
+SCHEMES = ["f32", "f16", "bf16", "int8", "int8-g64", "int4-g64", "int4-g32-sym", "int4-g128",
+           "int3-g64", "int3-g32-sym", "int2-g64", "int2-g16-sym", "nf4-g64", "int4-g24"]
+# (rows, k): SmolLM2-like widths with partial last groups, k not a multiple of 8, a group wider
+# than the row, a single row.
+SHAPES = [(37, 576), (19, 100), (5, 13), (1, 200), (64, 36)]
+
+
+def close(a, b, rtol=RTOL):
+    scale = max(float(np.abs(b).max()), 1e-30)
+    return float(np.abs(a - b).max()) / scale <= rtol
+
+
+def make(scheme, rows, k, seed=0):
+    w = np.random.default_rng(seed).standard_normal((rows, k)).astype(np.float32)
+    return parse_scheme(scheme).quantize("w", w)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("rows,k", SHAPES)
+def test_linear_matches_reference(scheme, rows, k):
+    t = make(scheme, rows, k)
+    op = linear_op("cpu", t)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(k).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    op.gemv(x, out)
+    assert close(out, reference.linear(t, x))
+    for n in (2, 11):  # below and above the GEMV/GEMM switch
+        xs = rng.standard_normal((n, k)).astype(np.float32)
+        assert close(op.gemm(xs), reference.linear(t, xs))
+    ids = np.array([0, rows - 1, rows // 2])
+    np.testing.assert_array_equal(op.rows(ids), t.dequantize()[ids])
+
+
+def with_sidecars(t: Tensor, rng) -> Tensor:
+    """Add a permutation, CSR outliers and 16-bit columns to a quantized tensor."""
+    rows, k = t.shape
+    arrays = dict(t.arrays)
+    arrays["perm"] = rng.permutation(k).astype(np.int32)
+    counts = rng.integers(0, 3, rows)
+    arrays["outlier_rowptr"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    arrays["outlier_cols"] = rng.integers(0, k, counts.sum()).astype(np.int32)
+    arrays["outlier_values"] = rng.standard_normal(counts.sum()).astype(np.float16)
+    cols = rng.choice(k, 3, replace=False).astype(np.int32)
+    arrays["fp_cols"] = cols
+    arrays["fp_weight"] = rng.standard_normal((rows, 3)).astype(np.float16)
+    return Tensor(t.name, t.kind, t.shape, arrays, t.group_size, t.symmetric)
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32", "int8", "nf4-g64"])
+def test_sidecars_match_reference(scheme):
+    rng = np.random.default_rng(2)
+    t = with_sidecars(make(scheme, 23, 100), rng)
+    op = linear_op("cpu", t)
+    x = rng.standard_normal(100).astype(np.float32)
+    out = np.empty(23, np.float32)
+    op.gemv(x, out)
+    assert close(out, reference.linear(t, x))
+    xs = rng.standard_normal((12, 100)).astype(np.float32)
+    assert close(op.gemm(xs), reference.linear(t, xs))
+    ids = np.array([0, 5, 22])
+    assert close(op.rows(ids), t.dequantize()[ids], 1e-6)
+
+
+def test_every_quantized_kind_is_registered():
+    assert set(registered("cpu")) >= {"f32", "f16", "bf16", "q8", "q4", "q3", "q2", "nf4"}
+
+
+def test_missing_kernel_names_device_and_kind():
+    t = Tensor("tok", "bytes", (4,), {"data": np.zeros(4, np.uint8)})
+    with pytest.raises(NotImplementedError, match=r"cpu.*'bytes'"):
+        linear_op("cpu", t)
+
+
+def test_sparse_tensor_is_refused_clearly():
+    t = make("int4-g32", 4, 64)
+    t.sparsity = (2, 4)
+    with pytest.raises(NotImplementedError, match="sparse"):
+        linear_op("cpu", t)
+
+
+def test_f16_gemv_handles_subnormals_and_extremes():
+    w = np.array([[6e-8, -6e-8, 65504.0, -65504.0, 0.0, -0.0, 1e-5, 3.0]], np.float16)
+    t = Tensor("w", "f16", w.shape, {"data": w})
+    x = np.arange(1, 9, dtype=np.float32)
+    out = np.empty(1, np.float32)
+    linear_op("cpu", t).gemv(x, out)
+    assert close(out, w.astype(np.float32) @ x, 1e-6)
+
+
+# ---------------------------------------------------------------------------- small ops
+
+def test_rmsnorm_rope_silu():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 48)).astype(np.float32)
+    w = rng.standard_normal(48).astype(np.float32)
+    out = np.empty_like(x)
+    ops.rmsnorm(x, w, 1e-5, out)
+    assert close(out, reference.rmsnorm(x, w, 1e-5))
+    q = rng.standard_normal((5, 3, 16)).astype(np.float32)
+    cos, sin = ops.rope_tables(np.linspace(1, 0.01, 8).astype(np.float32), 5)
+    expect = reference.rope(q, cos, sin)
+    ops.rope(q, cos, sin)
+    assert close(q, expect)
+    g, u = x.copy(), rng.standard_normal((5, 48)).astype(np.float32)
+    expect = reference.silu_mul(g, u)
+    ops.silu_mul(g, u)
+    assert close(g, expect)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_attention_matches_reference(window):
+    rng = np.random.default_rng(4)
+    n_heads, n_kv, hd, start, n = 6, 2, 16, 7, 5
+    q = rng.standard_normal((n, n_heads, hd)).astype(np.float32)
+    k = rng.standard_normal((start + n, n_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((start + n, n_kv, hd)).astype(np.float32)
+    expect = reference.attention(q, k, v, start, window, 0.25)
+    assert close(ops.attention_prefill(q, k, v, start, window, 0.25), expect)
+    out = np.empty((n_heads, hd), np.float32)
+    pos = start + n - 1
+    lo = 0 if window is None else max(0, pos + 1 - window)
+    ops.attention_decode(q[-1], k, v, lo, pos + 1, np.float32(0.25), out)
+    assert close(out, expect[-1])
+
+
+def test_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypatch):
+    from qformat.kernels.cpu import cache_dir
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    ro = tmp_path / "pkg"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not __import__("os").access(ro, __import__("os").W_OK):  # root ignores permissions
+            assert cache_dir(ro) == tmp_path / "xdg" / "qformat" / "numba"
+        assert cache_dir(tmp_path) is None  # writable: numba's default (beside the sources)
+        monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+        assert cache_dir(ro) is None  # the user's choice wins
+    finally:
+        ro.chmod(0o700)

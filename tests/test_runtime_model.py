@@ -1,0 +1,139 @@
+"""f16 qbins of tiny random models of every architecture against transformers (fp32).
+
+Tolerances. The qbin stores linear and embedding weights as float16, norms and biases as f32;
+the runtime computes in float32. Against transformers running the *same f16-rounded weights* in
+fp32, the only differences are summation order and float32 transcendental ulps: max |Δlogit| <=
+1e-4 x max |logit| (observed ~1e-6). Against the original fp32 weights, f16 rounding (relative
+2**-11 per weight) adds up to ~1e-3 relative: allowed 1e-2 x max |logit|, and the argmax must
+agree wherever transformers' top-2 margin exceeds that tolerance.
+Both are checked for a 12-token prefill and for 16 single-token decode steps after it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import make_tiny_checkpoint  # noqa: E402
+
+from qformat.convert import convert  # noqa: E402
+from qformat.reader import QbinReader  # noqa: E402
+from qformat.runtime.model import Transformer  # noqa: E402
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+CASES = {
+    "llama-tied": dict(arch="llama", tied=True),
+    "llama-untied": dict(arch="llama", tied=False),
+    "llama3-rope": dict(arch="llama", tied=False, config_overrides={"rope_scaling": LLAMA3_ROPE,
+                                                                    "rope_theta": 500000.0}),
+    "mistral-window": dict(arch="mistral", tied=False, config_overrides={"sliding_window": 8}),
+    "qwen2-bias": dict(arch="qwen2", tied=True),
+    "qwen3-qknorm": dict(arch="qwen3", tied=False),
+}
+PREFILL, DECODE = 12, 16
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            folder = make_tiny_checkpoint(tmp_path_factory.mktemp(case), seed=3, **CASES[case])
+            qbin = folder.parent / f"{case}.qbin"
+            convert(folder, qbin, "f16", progress=False)
+            cache[case] = folder, qbin
+        return cache[case]
+
+    return get
+
+
+def hf_logits(folder, ids, round_f16: bool) -> np.ndarray:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if round_f16:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.copy_(p.half().float())
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def runtime_logits(qbin, ids) -> np.ndarray:
+    model = Transformer(QbinReader(qbin))
+    out = [model.forward(ids[:PREFILL], 0, all_logits=True)]
+    for pos in range(PREFILL, len(ids)):
+        out.append(model.forward(ids[pos:pos + 1], pos)[None])
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(built, case):
+    folder, qbin = built(case)
+    vocab = QbinReader(qbin).model.vocab_size
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, vocab, PREFILL + DECODE)]
+    ours = runtime_logits(qbin, ids)
+    same_weights = hf_logits(folder, ids, round_f16=True)
+    scale = np.abs(same_weights).max()
+    assert np.abs(ours - same_weights).max() <= 1e-4 * scale
+    original = hf_logits(folder, ids, round_f16=False)
+    tol = 1e-2 * np.abs(original).max()
+    assert np.abs(ours - original).max() <= tol
+    top2 = np.sort(original, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > tol
+    assert (ours.argmax(-1) == original.argmax(-1))[clear].all()
+
+
+def test_greedy_golden_matches_transformers(built):
+    """Exact greedy tokens of a tiny llama equal transformers' greedy decoding (same f16 weights)."""
+    import qformat
+
+    folder, qbin = built("llama-untied")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(p.half().float())
+    m = qformat.load(qbin, threads=1)
+    prompt = m.tokenizer.encode("The capital of France is", add_bos=False)
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    expected = hf[0, len(prompt):].tolist()
+    got = list(prompt)
+    logits = m.session.feed(got)
+    for _ in range(16):
+        token = int(np.argmax(logits))
+        got.append(token)
+        logits = m.session.step(token)
+    assert got[len(prompt):] == expected
+
+
+@pytest.mark.parametrize("scheme,tol", [("int8", 0.05), ("int4-g32", 0.25)])
+def test_quantized_model_stays_close_to_f16(built, tmp_path, scheme, tol):
+    folder, qbin = built("llama-untied")
+    qq = tmp_path / f"{scheme}.qbin"
+    convert(folder, qq, scheme, progress=False, clip_search=False)
+    vocab = QbinReader(qbin).model.vocab_size
+    ids = [int(i) for i in np.random.default_rng(6).integers(0, vocab, PREFILL + DECODE)]
+    ref, got = runtime_logits(qbin, ids), runtime_logits(qq, ids)
+    assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("case", ["qwen2-bias", "qwen3-qknorm", "mistral-window"])
+def test_fused_decode_step_equals_per_operation_path(built, tmp_path, case):
+    """The one-call decode step (kernels/cpu/fused.py) computes what the per-op path computes."""
+    folder, _ = built(case)
+    qq = tmp_path / "q.qbin"
+    convert(folder, qq, "int4-g32", progress=False, clip_search=False)
+    fused, plain = Transformer(QbinReader(qq)), Transformer(QbinReader(qq), fused=False)
+    assert fused.fused is not None and plain.fused is None
+    vocab = fused.args.vocab_size
+    ids = [int(i) for i in np.random.default_rng(8).integers(0, vocab, 20)]
+    fused.forward(ids[:4], 0)
+    plain.forward(ids[:4], 0)
+    for pos in range(4, 20):
+        a, b = fused.forward(ids[pos:pos + 1], pos), plain.forward(ids[pos:pos + 1], pos)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
