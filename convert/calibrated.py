@@ -61,7 +61,8 @@ class CalibOptions:
 def make_method(options: CalibOptions, clip_search: bool = True):
     """The layerwise.LayerMethod for the options' method."""
     if options.method == "gptq":
-        return GptqMethod(damp=options.damp, block=options.block, act_order=options.act_order)
+        return GptqMethod(damp=options.damp, block=options.block, act_order=options.act_order,
+                          clip_search=clip_search)
     if options.method == "awq":
         return AwqMethod(grid=options.awq_grid, clip_search=clip_search)
     raise ValueError(f"method {options.method!r} is not a calibrated method")

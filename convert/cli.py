@@ -8,6 +8,7 @@ import click
 
 from qformat.schemes import SCHEME_NAMES, parse_scheme
 
+from .calibrated import METHODS
 from .converter import SPECIAL_CHOICES, convert
 
 
@@ -51,9 +52,10 @@ def _check_scheme(ctx: click.Context, param: click.Parameter, value: str) -> str
 
 
 SPECIAL_HELP = (
-    "auto: the main scheme when it has 8 bits or more, else int8 per channel (measured on SmolLM2-135M: "
-    "a 4-bit or narrower embedding/head costs more perplexity than all blocks at int4, int8 costs "
-    "nothing measurable); f16; int8; scheme: the main scheme."
+    "f16 or int8: that format; scheme: the main scheme; auto: the main scheme when it has 8 bits "
+    "or more, else int8 per channel. Why: on SmolLM2-135M at int4-g64 (bench/bench_convert.py, "
+    "EVAL.md perplexity, reference 14.00) embeddings/head in int4-g64 give 23.40, in int8 19.00, "
+    "in f16 18.86, for files of 77, 90 and 118 MB."
 )
 
 
@@ -73,6 +75,20 @@ SPECIAL_HELP = (
                    "e.g. 'layers.0.*' or '*.ffn.w2'.")
 @click.option("--clip-search/--no-clip-search", default=True, show_default=True,
               help="Search a clipping ratio per group minimizing the weight MSE (else plain min/max).")
+@click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True,
+              help="rtn: round-to-nearest; gptq: error-compensating, calibrated; awq: activation-aware "
+                   "scales folded into the norms, calibrated (both run layer by layer, CUDA when available).")
+@click.option("--calib", default="pydoc", show_default=True, metavar="SOURCE",
+              help="Calibration text for gptq/awq: a UTF-8 file, or pydoc (built-in, CPython's pydoc "
+                   "topics), self (sampled from the model), mix (half pydoc, half self).")
+@click.option("--calib-samples", type=click.IntRange(1), default=128, show_default=True,
+              help="Calibration windows.")
+@click.option("--calib-seqlen", type=click.IntRange(2), default=512, show_default=True,
+              help="Tokens per calibration window.")
+@click.option("--damp", type=click.FloatRange(0, 10), default=0.01, show_default=True,
+              help="GPTQ dampening, a fraction of the Hessian's mean diagonal.")
+@click.option("--act-order", is_flag=True,
+              help="GPTQ: quantize columns by decreasing activation energy (stores a column permutation).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the resulting size; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUT.qbin if it exists.")
 @click.option("--allow-pickle", is_flag=True,
@@ -80,7 +96,8 @@ SPECIAL_HELP = (
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def main(ctx: click.Context, src: str, dst: str, scheme: str, head: str, embed: str, skip: tuple[str, ...],
-         clip_search: bool, dry_run: bool, force: bool, allow_pickle: bool, quiet: bool) -> None:
+         clip_search: bool, dry_run: bool, force: bool, allow_pickle: bool, quiet: bool,
+         method: str, calib: str, calib_samples: int, calib_seqlen: int, damp: float, act_order: bool) -> None:
     """Convert the Hugging Face checkpoint in MODEL_DIR to OUT.qbin.
 
     Reads Llama, Mistral, Qwen2 and Qwen3 checkpoints (safetensors, bf16/fp16/fp32, sharded or
@@ -90,7 +107,9 @@ def main(ctx: click.Context, src: str, dst: str, scheme: str, head: str, embed: 
     try:
         report = convert(src, dst, scheme, head=head, embed=embed, skip=skip, clip_search=clip_search,
                          force=force, dry_run=dry_run, allow_pickle=allow_pickle,
-                         progress=not quiet and not dry_run, command=command)
+                         progress=not quiet and not dry_run, command=command,
+                         method=method, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                         damp=damp, act_order=act_order)
     except (ValueError, OSError) as e:  # ConvertError, CheckpointError, QbinError, missing files
         raise InputError(str(e)) from None
     if dry_run:

@@ -30,6 +30,7 @@ from .architectures import IGNORED_HF_TENSORS, Architecture, tensor_rules
 from .checkpoint import Checkpoint, LazyRows
 from .hf_config import architecture_of, generation_defaults, model_args
 from .hf_tokenizer import read_tokenizer
+from . import calibrated
 from .rtn import BLOCK_ELEMENTS, QuantStats, quantize_weight
 
 CONVERTER = f"qformat.convert {qformat.__version__}"
@@ -188,9 +189,10 @@ def resolve_special(choice: str, main: Scheme) -> Scheme:
     """The scheme for the embeddings or the LM head.
 
     "auto" keeps them in the main scheme when it has 8 bits or more (f16, bf16, int8) and uses
-    int8 per channel below that: on SmolLM2-135M the embedding/head matrix is a fifth of the
-    weights, and quantizing it to 4 bits or less costs more perplexity than all the blocks
-    together at int4 (see bench/bench_convert.py), while int8 costs nothing measurable.
+    int8 per channel below that. Measured on SmolLM2-135M (tied; the embedding matrix is a fifth
+    of the weights) at int4-g64 with bench/bench_convert.py, EVAL.md perplexity (reference
+    14.00): embeddings/head in int4-g64 give 23.40 (77 MB), in int8 19.00 (90 MB), in f16
+    18.86 (118 MB): int8 recovers 97% of what 16 bits would, for a third of its extra bytes.
     """
     if choice not in SPECIAL_CHOICES:
         raise ConvertError(f"embeddings/head choice {choice!r}; expected one of {', '.join(SPECIAL_CHOICES)}")
@@ -333,7 +335,9 @@ def _progress(items: list, enabled: bool):
 def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head: str = "auto",
             embed: str = "auto", skip: Iterable[str] = (), clip_search: bool = True, force: bool = False,
             dry_run: bool = False, allow_pickle: bool = False, progress: bool = True,
-            command: str | None = None) -> ConvertReport:
+            command: str | None = None, method: str = "rtn", calib: str = calibrated.DEFAULT_SOURCE,
+            calib_samples: int = calibrated.DEFAULT_SAMPLES, calib_seqlen: int = calibrated.DEFAULT_SEQLEN,
+            damp: float = calibrated.DEFAULT_DAMP, act_order: bool = False) -> ConvertReport:
     """Convert the HF checkpoint folder `src` into the qbin file `dst` with `scheme`.
 
     head/embed: "auto", "f16", "int8" or "scheme" (see resolve_special). skip: fnmatch patterns
@@ -341,12 +345,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
     force: replace an existing dst. dry_run: plan and size only, nothing read or written
     beyond headers. allow_pickle: accept pytorch_model.bin (loaded with weights_only=True).
     command: the command line recorded in the provenance (the CLI passes sys.argv).
+    method: "rtn", "gptq" or "awq"; the calibrated ones read `calib_samples` x `calib_seqlen`
+    tokens of `calib` ("pydoc", "self", "mix" or a text file; see convert/calibration.py);
+    damp and act_order are GPTQ's dampening and column order.
     Raises ConvertError (or the checkpoint/tokenizer's ValueError) with a one-line message.
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     skip = tuple(skip)
+    options = calibrated.CalibOptions(method, calib, calib_samples, calib_seqlen, damp=damp, act_order=act_order)
     try:
+        options.check()
         main = parse_scheme(scheme)
     except ValueError as e:
         raise ConvertError(str(e)) from None
@@ -387,6 +396,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
         report.seconds = time.perf_counter() - started
         return report
 
+    calibration = None
+    if method != "rtn":
+        try:
+            calibration = calibrated.prepare(src, options)
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
     files = [config_path] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files
     provenance = Provenance(
         source=src.resolve().name,
@@ -396,23 +411,35 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
         f"qformat.convert.convert({src.name!r}, {dst.name!r}, scheme={main.name!r}, head={head!r}, "
         f"embed={embed!r}, skip={list(skip)!r}, clip_search={clip_search})",
         scheme=main.name,
-        method="rtn" + ("+clip-search" if clip_search else ""),
+        method=options.describe() if calibration else "rtn" + ("+clip-search" if clip_search else ""),
+        calibration_sha256=calibration.sha256 if calibration else None,
         created=created_timestamp(),
     )
+    layer_reports: list = []
     with QbinWriter(dst, overwrite=force) as writer:
-        bar = _progress(planned, progress)
-        for p in bar:
-            if progress:
-                bar.set_postfix_str(f"{p.name} -> {p.scheme.name}")
-            with ckpt.rows(p.hf_name) as rows:
-                t, stats = store(p.name, rows, p.scheme, clip_search=clip_search)
-            writer.add_tensor(t)
-            report.tensors.append(TensorReport(p.name, p.role, p.shape, p.scheme.name, t.nbytes, stats))
-            del t
+        if calibration is not None:
+            for p, t, stats in calibrated.stream(ckpt, args, planned, calibration, options,
+                                                 lambda n, w, sc: store(n, w, sc, clip_search=clip_search),
+                                                 clip_search=clip_search, progress=progress, reports=layer_reports):
+                writer.add_tensor(t)
+                report.tensors.append(TensorReport(p.name, p.role, p.shape, p.scheme.name, t.nbytes, stats))
+        else:
+            bar = _progress(planned, progress)
+            for p in bar:
+                if progress:
+                    bar.set_postfix_str(f"{p.name} -> {p.scheme.name}")
+                with ckpt.rows(p.hf_name) as rows:
+                    t, stats = store(p.name, rows, p.scheme, clip_search=clip_search)
+                writer.add_tensor(t)
+                report.tensors.append(TensorReport(p.name, p.role, p.shape, p.scheme.name, t.nbytes, stats))
+                del t
         writer.add_bytes(tok.info.tensor, tok.data)
         writer.finish(model=args, tokenizer=tok.info, chat_template=tok.chat_template,
                       generation=generation_defaults(gen), provenance=provenance)
     ckpt.close()
+    if calibration is not None:
+        report.notes.append(f"{options.describe()}; calibration {calibration.describe()}")
+        report.notes.extend(calibrated.summary_lines(layer_reports))
     report.file_size = dst.stat().st_size
     report.seconds = time.perf_counter() - started
     return report

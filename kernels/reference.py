@@ -42,3 +42,53 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, windo
             p = np.exp(s - s.max())
             out[i, h] = (p / p.sum()) @ v[lo:pos + 1, h // group]
     return out
+
+
+def quantize_activations(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """x (k,) -> (codes (k,) int64 in [-127, 127], scales (n_groups,) float32), per `group` columns:
+    scale = max|x| / 127 in float32, code = round-half-even(x / scale); an all-zero group gets
+    scale 0 and codes 0. The model of the int8 activations of the CPU's 4-bit GEMV."""
+    x = np.asarray(x, np.float32)
+    k = x.shape[0]
+    n_groups = -(-k // group)
+    pad = np.zeros(n_groups * group, np.float32)
+    pad[:k] = x
+    xg = pad.reshape(n_groups, group)
+    d = (np.abs(xg).max(axis=1) / np.float32(127.0)).astype(np.float32)
+    safe = np.where(d > 0, d, np.float32(1.0))
+    q = np.clip(np.rint(xg / safe[:, None]), -127, 127).astype(np.int64)
+    q[d == 0] = 0
+    return q.reshape(-1)[:k], d
+
+
+def gemv_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
+    """W @ x as the CPU's int8-activation GEMV computes it (q4 kinds): the activations, in stored
+    column order, quantized per weight group by `quantize_activations`; the codes' dot products
+    exact in integers; each group scaled by weight scale x activation scale; sidecars (outliers,
+    16-bit columns) added in float from the unquantized x."""
+    from qformat.packing import unpack_codes
+    from qformat.schemes import KINDS
+
+    a = t.arrays
+    rows, k = t.shape
+    group = min(t.group_size, k)
+    bits = KINDS[t.kind].bits
+    x = np.asarray(x, np.float32)
+    xs = x[a["perm"]] if "perm" in a else x
+    q, d = quantize_activations(xs, group)
+    codes = unpack_codes(np.asarray(a["codes"]), k, group, bits).astype(np.int64)  # (rows, k)
+    n_groups = d.size
+    z = (np.asarray(a["zeros"], np.int64) if "zeros" in a
+         else np.full((rows, n_groups), 2 ** (bits - 1), np.int64))
+    cols = np.arange(k) // group
+    out = np.zeros(rows, np.float64)
+    for g in range(n_groups):
+        sel = cols == g
+        dots = (codes[:, sel] - z[:, g:g + 1]) @ q[sel]  # exact integers
+        out += np.asarray(a["scales"][:, g], np.float64) * np.float64(d[g]) * dots
+    if "outlier_rowptr" in a:
+        row_of = np.repeat(np.arange(rows), np.diff(np.asarray(a["outlier_rowptr"], np.int64)))
+        np.add.at(out, row_of, np.asarray(a["outlier_values"], np.float64) * x[np.asarray(a["outlier_cols"], np.int64)])
+    if "fp_cols" in a:
+        out += np.asarray(a["fp_weight"], np.float64) @ x[np.asarray(a["fp_cols"], np.int64)]
+    return out.astype(np.float32)

@@ -44,6 +44,7 @@ class Session:
     def __init__(self, model: Transformer):
         self.model = model
         self.ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+        self.last_prefilled = 0  # tokens the last feed() actually ran (the rest came from the cache)
 
     def feed(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
         """Make the cache hold exactly `ids`; return the logits after the last one (or all new)."""
@@ -58,6 +59,7 @@ class Session:
             while common < limit and ids[common] == self.ids[common]:
                 common += 1
         self.ids = self.ids[:common]
+        self.last_prefilled = len(ids) - common
         outs = []
         logits = None
         for start in range(common, len(ids), PREFILL_CHUNK):
@@ -93,9 +95,8 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], max_
     rng = np.random.default_rng(seed)
     stats.prompt_tokens = len(prompt_ids)
     t0 = time.perf_counter()
-    before = len(session.ids)
     logits = session.feed(prompt_ids)
-    stats.prefill_tokens = len(prompt_ids) - min(before, len(session.ids) - 1)
+    stats.prefill_tokens = session.last_prefilled
     stats.prefill_s = time.perf_counter() - t0
     stream = tokenizer.stream()
     pending = ""

@@ -17,6 +17,10 @@ from qformat.kernels.cpu import ops
 from qformat.reader import QbinReader
 
 
+# Prompts shorter than this run through the fused decode step (when there is one).
+FUSED_PROMPT_TOKENS = 8
+
+
 class Linear:
     """y = W x (+ b) for a qbin weight, through the kernel registered for its kind."""
 
@@ -175,8 +179,11 @@ class Transformer:
         if pos + n > self.context:
             raise ValueError(f"{pos + n} tokens exceed the context of {self.context}")
         x = self.tok_embeddings.rows(tokens)  # (n, dim)
-        if n == 1 and self.fused is not None:
-            logits = self.fused(x[0], pos)
+        if self.fused is not None and (n == 1 or (n < FUSED_PROMPT_TOKENS and not all_logits)):
+            # short prompts go token by token through the one-call step: as fast as the
+            # per-op path there, and a cold start then loads one compiled function, not ten
+            for i in range(n):
+                logits = self.fused(x[i], pos + i)
             return logits[None] if all_logits else logits
         cos, sin = self.cos[pos:pos + n], self.sin[pos:pos + n]
         for block in self.layers:
