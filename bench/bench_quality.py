@@ -125,7 +125,7 @@ def windows_of(tokenizer, text: str, count: int) -> np.ndarray:
               help="64 x 512: the budget llm-compressor's GPTQ anchor (15.58) was calibrated with.")
 @click.option("--calib-seqlen", default=512, show_default=True)
 @click.option("--damp", default=0.01, show_default=True, help="GPTQ dampening.")
-@click.option("--act-order", is_flag=True, help="GPTQ act-order.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True, help="GPTQ act-order.")
 @click.option("--ood-windows", default=20, show_default=True, help="Out-of-domain windows of 512 tokens.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/qformat-bench-quality"),
               show_default=True, help="Folder for the .qbin files and the cached reference.")

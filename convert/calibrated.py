@@ -30,7 +30,7 @@ class CalibOptions:
     seed: int = 0
     damp: float = DEFAULT_DAMP  # GPTQ: dampening, a fraction of the Hessian's mean diagonal
     block: int = DEFAULT_BLOCK  # GPTQ: lazy-update block (columns)
-    act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (stores `perm`)
+    act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal (stores `perm`)
     awq_grid: int = DEFAULT_GRID  # AWQ: number of α values tried in [0, 1)
 
     def check(self) -> None:

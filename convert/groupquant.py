@@ -73,7 +73,7 @@ def group_params(w: torch.Tensor, scheme: Scheme, ratio: torch.Tensor | float = 
 def codes_of(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Integer codes (as float32) of w under (scale, zero), broadcasting."""
     if is_nf4(scheme):
-        return torch.bucketize(w / scale, _NF4_MIDS.to(w.device)).to(torch.float32)
+        return torch.bucketize((w / scale).contiguous(), _NF4_MIDS.to(w.device)).to(torch.float32)
     return torch.clamp(torch.round(w / scale) + zero, 0, qmax(scheme))
 
 

@@ -40,7 +40,7 @@ def edit_config(folder, **changes):
 
 def test_converts_and_prints_summary(src, tmp_path):
     out = tmp_path / "m.qbin"
-    result = run(src, out, "--scheme", "int4-g64", "-q")
+    result = run(src, out, "--scheme", "int4-g64", "--clip-search", "-q")
     assert result.exit_code == 0, result.output
     assert "bits/weight" in result.stdout and "clip-searched" in result.stdout
     assert QbinReader(out).provenance.command.startswith("qconvert ")

@@ -85,13 +85,15 @@ def gemv_row(table, i, h2f, x, out):
         zeros = carray(_address(table[i, ZEROS] if has_zeros else table[i, CODES]),
                        (rows, n_groups) if has_zeros else (1, 1), np.uint8)
         padded = (group + 7) // 8 * 8
-        if kind == 4:  # int8 activations, as GroupQuantOp.gemv (linear.Q8ACT_KINDS)
+        if kind == 4 and group % 8 == 0:  # int8 activations, as GroupQuantOp.gemv (linear.q8act)
             xq, d, sums = quant.quantize_x(x, k, group, padded)
             quant.gemv_q4_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, out)
             return
         xp, xs = quant.pad_x(x, k, group, padded)
         if kind == 3:
             quant.gemv_q8(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
+        elif kind == 4:
+            quant.gemv_q4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
         elif kind == 5:
             quant.gemv_q3(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
         elif kind == 6:

@@ -26,6 +26,12 @@ GEMM_MIN_TOKENS = 8
 # exactly by qformat.kernels.reference.gemv_q8act_reference.
 Q8ACT_KINDS = ("q4",)
 
+
+def q8act(kind: str, group: int) -> bool:
+    """Whether the GEMV of a `kind` weight with groups of `group` columns runs on int8 activations
+    (the integer kernel needs whole bytes per slice: group % 8 == 0, true of every usual scheme)."""
+    return kind in Q8ACT_KINDS and group % 8 == 0
+
 _KERNELS = {  # kind -> (GEMV, dequantize rows)
     "q8": (quant.gemv_q8, quant.dequant_q8), "q4": (quant.gemv_q4, quant.dequant_q4),
     "q3": (quant.gemv_q3, quant.dequant_q3), "q2": (quant.gemv_q2, quant.dequant_q2),
@@ -168,7 +174,7 @@ class GroupQuantOp(_Base):
         self.nf4 = kind.nf4
         self._gemv, self._dequant = _KERNELS[t.kind]
         # GEMV on int8 activations (see quant.py); prefill's GEMM path keeps float activations
-        self.q8act = t.kind in Q8ACT_KINDS
+        self.q8act = q8act(t.kind, self.group)
         self.side = _Sidecars(t)
         self._width = -(-self.in_features // self.group) * padded_len(self.group)
         self._logical = quant.logical_columns(self.in_features, self.group)
