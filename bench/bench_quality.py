@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from qformat import QbinReader
+from qformat.convert.smoothquant import hook_activation_quantization
 from qformat.corpus import EVAL_WINDOW, EVAL_WINDOWS, eval_text, eval_windows
 
 LICENSE_DIR = Path("/usr/share/common-licenses")
@@ -68,9 +69,12 @@ def load_model(model_dir: Path, qbin: Path | None):
     config = AutoConfig.from_pretrained(str(model_dir))
     config.tie_word_embeddings = False  # the head is loaded explicitly (it may be stored apart)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    missing, unexpected = model.load_state_dict(hf_state_dict(QbinReader(qbin)), strict=False)
+    reader = QbinReader(qbin)
+    missing, unexpected = model.load_state_dict(hf_state_dict(reader), strict=False)
     if missing or unexpected:
         raise click.ClickException(f"{qbin}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+    # W8A8 files: each such layer's input rounded to int8 as the runtime does (spec §6.5)
+    hook_activation_quantization(model, reader)
     return model
 
 
@@ -113,13 +117,32 @@ def windows_of(tokenizer, text: str, count: int) -> np.ndarray:
     return np.asarray(eval_windows(ids, EVAL_WINDOW, count), np.int64)
 
 
+def parse_config(item: str) -> tuple[str, str, dict]:
+    """"method:scheme[+key=value...]" -> (method, scheme, extra convert() keyword arguments);
+    values are read as int, float or bool where they look like one, else kept as text
+    (e.g. gptq:int4-g64+prune=2:4+prune_method=sparsegpt)."""
+    method, rest = item.strip().split(":", 1)
+    scheme, *opts = rest.split("+")
+    extra = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        extra[key] = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+    return method, scheme, extra
+
+
 @click.command()
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=lambda: os.environ.get("QFORMAT_SMOLLM2"), required=True,
               help="HF checkpoint folder (default: $QFORMAT_SMOLLM2).")
 @click.option("--configs", default="rtn:int4-g64,gptq:int4-g64,awq:int4-g64,rtn:int3-g64,gptq:int3-g64,"
               "awq:int3-g64,rtn:int2-g64,gptq:int2-g64,awq:int2-g64", show_default=True,
-              help="Comma-separated method:scheme pairs.")
+              help="Comma-separated method:scheme[+option=value...] (options: extra convert() arguments).")
 @click.option("--calib", default="pydoc", show_default=True, help="Calibration source (see qconvert --calib).")
 @click.option("--calib-samples", default=64, show_default=True,
               help="64 x 512: the budget llm-compressor's GPTQ anchor (15.58) was calibrated with.")
@@ -149,21 +172,25 @@ def main(model_dir: Path, configs: str, calib: str, calib_samples: int, calib_se
         click.echo(f"reference {d}: ppl {s['ppl']:.2f} ({len(w)} windows)")
     del ref_model
     for item in configs.split(","):
-        method, scheme = item.strip().split(":")
-        dst = work / f"{method}-{scheme}-{calib.replace('/', '_')}-{calib_samples}.qbin"
+        method, scheme, extra = parse_config(item)
+        tag = "".join(f"+{k}={v}" for k, v in extra.items()).replace("/", "_").replace(":", "-")
+        dst = work / f"{method}-{scheme}{tag}-{calib.replace('/', '_')}-{calib_samples}.qbin"
         started = time.perf_counter()
-        kwargs = {} if method == "rtn" else dict(calib=calib, calib_samples=calib_samples,
-                                                   calib_seqlen=calib_seqlen, damp=damp, act_order=act_order)
-        convert(model_dir, dst, scheme, method=method, force=True, progress=False, **kwargs)
+        kwargs = {**dict(calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, damp=damp,
+                         act_order=act_order), **extra}
+        report = convert(model_dir, dst, scheme, method=method, force=True, progress=False, **kwargs)
         seconds = time.perf_counter() - started
         model = load_model(model_dir, dst)
+        scheme = scheme + tag
         row = {"method": method, "scheme": scheme, "calib": calib, "calib_samples": calib_samples,
-               "convert_s": round(seconds, 1)}
+               "convert_s": round(seconds, 1), "file_mb": round(dst.stat().st_size / 1e6, 2),
+               "bpw": round(report.bpw, 3), "linear_bpw": round(report.linear_bpw, 3)}
         for d, w in domains.items():
             s = score(model, w, refs[d])
             row.update({f"{d}_{k}": v for k, v in s.items()})
             click.echo(f"{method} {scheme} {d}: ppl {s['ppl']:.2f}  KL {s['kl']:.4f}  top-1 {100 * s['top1']:.1f}%")
-        click.echo(f"{method} {scheme}: convert {seconds:.1f} s (calib {calib}, {calib_samples} x {calib_seqlen})")
+        click.echo(f"{method} {scheme}: convert {seconds:.1f} s (calib {calib}, {calib_samples} x {calib_seqlen}), "
+                   f"{row['file_mb']} MB, {report.bpw:.3f} bits/weight ({report.linear_bpw:.3f} in the projections)")
         if json_out is not None:
             with open(json_out, "a") as f:
                 f.write(json.dumps(row) + "\n")

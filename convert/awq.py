@@ -22,6 +22,7 @@ import torch
 from qformat.schemes import Scheme, Tensor
 
 from .groupquant import fake_quant, output_clip_search, quantize_to_tensor
+from .outliers import KeepOptions, quantize_layer_kept
 
 DEFAULT_GRID = 20
 
@@ -67,6 +68,7 @@ class AwqMethod:
 
     grid: int = DEFAULT_GRID
     clip_search: bool = True
+    keep: KeepOptions = KeepOptions()  # outliers / 16-bit columns of the scaled weights (outliers.py)
     name: str = "awq"
     folds: bool = True
 
@@ -77,6 +79,9 @@ class AwqMethod:
     def quantize(self, names: list[str], stats, w: dict[str, torch.Tensor], schemes: dict[str, Scheme]) -> dict[str, Tensor]:
         out = {}
         for n in names:
+            if self.keep.active:
+                out[n], w[n] = quantize_layer_kept(n, w[n], stats, schemes[n], self.keep, self.clip_search)
+                continue
             ratio = output_clip_search(w[n], stats.gram, schemes[n]) if self.clip_search else 1.0
             out[n] = quantize_to_tensor(n, w[n], schemes[n], ratio)
             w[n] = fake_quant(w[n], schemes[n], ratio)

@@ -15,6 +15,9 @@ from .awq import DEFAULT_GRID, AwqMethod
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_SOURCE, Calibration, calibration_tokens
 from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP, GptqMethod
 from .layerwise import LayerReport, calibrated_stream
+from .outliers import KeepOptions, RtnKeepMethod
+from .prune import PruneMethod, check_prune_options, parse_pattern
+from .smoothquant import SmoothQuantMethod, describe as describe_smoothquant
 
 METHODS = ("rtn", "gptq", "awq")
 
@@ -32,6 +35,13 @@ class CalibOptions:
     block: int = DEFAULT_BLOCK  # GPTQ: lazy-update block (columns)
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal (stores `perm`)
     awq_grid: int = DEFAULT_GRID  # AWQ: number of α values tried in [0, 1)
+    prune: str | None = None  # pruning pattern: "2:4", "4:8" or a fraction "50%" (prune.py)
+    prune_method: str = "wanda"  # magnitude, wanda or sparsegpt
+    outliers: float | None = None  # fraction of each projection's weights kept in 16 bits (outliers.py)
+    outlier_threshold: float | None = None  # LLM.int8(): input channels with |x| >= this stay 16-bit
+    smooth: float | None = None  # SmoothQuant α (smoothquant.py); None: no smoothing
+    act_static: bool = False  # W8A8: one static activation scale per tensor, from calibration
+    act_calib: str | None = None  # how the static scale is chosen: minmax (default), percentile, mse, kl
 
     def check(self) -> None:
         """ValueError with one line naming the bad option."""
@@ -43,42 +53,104 @@ class CalibOptions:
             raise ValueError(f"GPTQ dampening {self.damp} out of range; use a fraction such as 0.01")
         if self.block < 1 or self.awq_grid < 1:
             raise ValueError("GPTQ block and AWQ grid must be positive")
+        if self.prune is not None:
+            check_prune_options(self.method, self.prune, self.prune_method)
+        self.keep.check()
+        if self.prune is not None and self.keep.active:
+            raise ValueError("--outliers/--outlier-threshold do not combine with --prune; use one or the other")
+        if self.smoothquant and (self.prune is not None or self.keep.active):
+            raise ValueError("--smooth/--act-static do not combine with --prune/--outliers/--outlier-threshold")
+
+    @property
+    def smoothquant(self) -> bool:
+        """Whether the W8A8 calibration of smoothquant.py runs (smoothing or static scales)."""
+        return self.smooth is not None or self.act_static
+
+    @property
+    def keep(self) -> KeepOptions:
+        """What is kept in 16 bits beside the quantized weights (outliers.py)."""
+        return KeepOptions(self.outliers, self.outlier_threshold)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether calibration data is needed (a calibrated method, or a calibrated pruning)."""
+        return (self.method != "rtn" or (self.prune is not None and self.prune_method != "magnitude")
+                or self.keep.active or self.smoothquant)
+
+    def describe_prune(self) -> str:
+        """The pruning as appended to the provenance's method ("" without pruning)."""
+        if self.prune is None:
+            return ""
+        calib = f", calib={self.calib_name}, {self.samples}x{self.seqlen}" if self.method == "rtn" and self.calibrated else ""
+        return f"+prune({self.prune}, {self.prune_method}{calib})"
 
     def describe(self) -> str:
         """The method as recorded in the file's provenance."""
         if self.method == "gptq":
             return (f"gptq(damp={self.damp}, block={self.block}, act_order={self.act_order}, "
-                    f"calib={self.calib_name}, {self.samples}x{self.seqlen})")
+                    f"calib={self.calib_name}, {self.samples}x{self.seqlen})" + self.describe_prune()
+                    + self.describe_keep() + self.describe_smooth())
         if self.method == "awq":
-            return f"awq(grid={self.awq_grid}, clip_search=True, calib={self.calib_name}, {self.samples}x{self.seqlen})"
-        return "rtn"
+            return (f"awq(grid={self.awq_grid}, clip_search=True, calib={self.calib_name}, {self.samples}x{self.seqlen})"
+                    + self.describe_keep())
+        return "rtn" + self.describe_prune() + self.describe_keep() + self.describe_smooth()
+
+    def describe_smooth(self) -> str:
+        """SmoothQuant / static activations as appended to the provenance's method."""
+        if not self.smoothquant:
+            return ""
+        calib = f", calib={self.calib_name}, {self.samples}x{self.seqlen}" if self.method == "rtn" else ""
+        return describe_smoothquant(self.smooth, self.act_static, self.act_calib)[:-1] + calib + ")"
+
+    def describe_keep(self) -> str:
+        """Outliers / 16-bit columns as appended to the provenance's method ("" without them)."""
+        if not self.keep.active:
+            return ""
+        calib = f", calib={self.calib_name}, {self.samples}x{self.seqlen}" if self.method == "rtn" else ""
+        return f"+keep16({self.keep.describe()}{calib})"
 
     @property
     def calib_name(self) -> str:
         return self.calib if self.calib in ("pydoc", "self", "mix") else f"file:{Path(self.calib).name}"
 
 
-def make_method(options: CalibOptions, clip_search: bool = True):
-    """The layerwise.LayerMethod for the options' method."""
+def make_method(options: CalibOptions, clip_search: bool = True, prune_targets: frozenset[str] = frozenset(),
+                head_dim: int = 0):
+    """The layerwise.LayerMethod for the options' method (with pruning: of the projections
+    named in prune_targets, see prune.PruneMethod; with SmoothQuant, head_dim lets o_proj's
+    scales fold into v_proj, see smoothquant.fold_attention_output)."""
+    if options.smoothquant:  # weights by round-to-nearest, or by GPTQ after the smoothing
+        inner = (GptqMethod(damp=options.damp, block=options.block, act_order=options.act_order,
+                            clip_search=clip_search) if options.method == "gptq" else None)
+        return SmoothQuantMethod(options.smooth, options.act_static, options.act_calib or "minmax", head_dim, inner)
+    if options.prune is not None:
+        return PruneMethod(parse_pattern(options.prune), options.prune_method, options.method, prune_targets,
+                           damp=options.damp, block=options.block, clip_search=clip_search)
     if options.method == "gptq":
         return GptqMethod(damp=options.damp, block=options.block, act_order=options.act_order,
-                          clip_search=clip_search)
+                          clip_search=clip_search, keep=options.keep)
     if options.method == "awq":
-        return AwqMethod(grid=options.awq_grid, clip_search=clip_search)
+        return AwqMethod(grid=options.awq_grid, clip_search=clip_search, keep=options.keep)
+    if options.keep.active:  # round-to-nearest, calibrated only to choose what stays in 16 bits
+        return RtnKeepMethod(options.keep, clip_search)
     raise ValueError(f"method {options.method!r} is not a calibrated method")
 
 
-def prepare(src: str | Path, options: CalibOptions) -> Calibration:
-    """The calibration token matrix for a checkpoint folder."""
-    return calibration_tokens(src, options.calib, options.samples, options.seqlen, options.seed)
+def prepare(src: str | Path, options: CalibOptions, fingerprint: str | None = None) -> Calibration:
+    """The calibration token matrix for a checkpoint folder (`fingerprint`: a hash of its files,
+    which lets self-sampled windows be reused; see calibration.cached_self_sampled)."""
+    return calibration_tokens(src, options.calib, options.samples, options.seqlen, options.seed,
+                              fingerprint=fingerprint)
 
 
 def stream(ckpt, args, planned: list, calib: Calibration, options: CalibOptions, store: Callable, *,
            clip_search: bool = True, progress: bool = True,
-           reports: list[LayerReport] | None = None) -> Iterator[tuple[object, object, object]]:
+           reports: list[LayerReport] | None = None,
+           prune_targets: frozenset[str] = frozenset()) -> Iterator[tuple[object, object, object]]:
     """(planned tensor, Tensor, QuantStats | None) for every planned tensor, in plan order.
     `store(name, w, scheme)` stores the tensors outside the quantized projections."""
-    return calibrated_stream(ckpt, args, planned, np.asarray(calib.tokens), make_method(options, clip_search),
+    method = make_method(options, clip_search, prune_targets, head_dim=args.head_dim)
+    return calibrated_stream(ckpt, args, planned, np.asarray(calib.tokens), method,
                              store, progress=progress, reports=reports)
 
 

@@ -9,6 +9,8 @@ import click
 from qformat.schemes import SCHEME_NAMES, parse_scheme
 
 from .calibrated import METHODS
+from .outliers import parse_fraction
+from .prune import PRUNE_METHODS, parse_pattern
 from .converter import SPECIAL_CHOICES, convert
 
 
@@ -49,6 +51,20 @@ def _check_scheme(ctx: click.Context, param: click.Parameter, value: str) -> str
     except ValueError as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
     return value
+
+
+def _check_prune(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else parse_pattern(value).text
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def _check_outliers(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    try:
+        return None if value is None else parse_fraction(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
 
 SPECIAL_HELP = (
@@ -92,6 +108,34 @@ SPECIAL_HELP = (
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ: quantize columns by decreasing activation energy, stored with a column permutation "
                    "(SmolLM2-135M int4-g64: ppl 15.05 with it, see bench/bench_quality.py).")
+@click.option("--prune", metavar="PATTERN", callback=_check_prune,
+              help="Prune every decoder projection (never embeddings, head, norms): 2:4 or 4:8 (n of every m "
+                   "input columns kept, stored compressed in quantized schemes: 2:4 int4-g64 is 3.4 bits/weight "
+                   "instead of 4.4; f16/bf16 store the zeros densely, for quality only) or a fraction such as "
+                   "50% of every row (stored densely: no bitmask, see convert/prune.py). Disables act-order.")
+@click.option("--prune-method", type=click.Choice(PRUNE_METHODS), default=None,
+              help="magnitude: largest |W|, no calibration; wanda: |W|·‖x‖ on the calibration data, no weight "
+                   "update; sparsegpt: Hessian-based pruning with weight reconstruction (with --method gptq "
+                   "pruned and quantized in one sweep). Default: sparsegpt with --method gptq, else wanda. "
+                   "Not with --method awq.")
+@click.option("--outliers", metavar="FRACTION", callback=_check_outliers,
+              help="Keep this fraction of every decoder projection's weights (e.g. 0.5% or 1%) exactly in 16 "
+                   "bits in a sparse sidecar (SpQR-style; 32 bits + row pointers each, counted in bits/weight), "
+                   "chosen by their effect on the layer output; the rest is quantized without them. Needs "
+                   "calibration data (--calib), also with --method rtn.")
+@click.option("--outlier-threshold", type=click.FloatRange(0, min_open=True), default=None, metavar="T",
+              help="LLM.int8(): input channels whose calibration activations reach |x| >= T (6.0 in the paper) "
+                   "keep their weight column in 16 bits; any scheme. Needs calibration data.")
+@click.option("--smooth", type=float, default=None, metavar="ALPHA",
+              help="SmoothQuant with --scheme w8a8: move activation outliers into the weights with "
+                   "s = max|X|^ALPHA / max|W|^(1-ALPHA) per input channel (0..1, 0.5 in the paper), folded "
+                   "into the norms and v/up rows; calibrated (--calib).")
+@click.option("--act-static", is_flag=True,
+              help="W8A8: store one activation scale per tensor from calibration instead of per-token scales "
+                   "computed at run time.")
+@click.option("--act-calib", type=click.Choice(("minmax", "percentile", "mse", "kl")), default=None,
+              help="With --act-static: the range of the static scale: largest |x|, 99.99th percentile, least "
+                   "squared error, or TensorRT's KL-divergence calibration. Default minmax.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the resulting size; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUT.qbin if it exists.")
 @click.option("--allow-pickle", is_flag=True,
@@ -100,7 +144,9 @@ SPECIAL_HELP = (
 @click.pass_context
 def main(ctx: click.Context, src: str, dst: str, scheme: str, head: str, embed: str, skip: tuple[str, ...],
          clip_search: bool | None, dry_run: bool, force: bool, allow_pickle: bool, quiet: bool,
-         method: str, calib: str, calib_samples: int, calib_seqlen: int, damp: float, act_order: bool) -> None:
+         method: str, calib: str, calib_samples: int, calib_seqlen: int, damp: float, act_order: bool,
+         prune: str | None, prune_method: str | None, outliers: float | None, outlier_threshold: float | None,
+         smooth: float | None, act_static: bool, act_calib: str | None) -> None:
     """Convert the Hugging Face checkpoint in MODEL_DIR to OUT.qbin.
 
     Reads Llama, Mistral, Qwen2 and Qwen3 checkpoints (safetensors, bf16/fp16/fp32, sharded or
@@ -112,7 +158,9 @@ def main(ctx: click.Context, src: str, dst: str, scheme: str, head: str, embed: 
                          force=force, dry_run=dry_run, allow_pickle=allow_pickle,
                          progress=not quiet and not dry_run, command=command,
                          method=method, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                         damp=damp, act_order=act_order)
+                         damp=damp, act_order=act_order, prune=prune, prune_method=prune_method,
+                         outliers=outliers, outlier_threshold=outlier_threshold,
+                         smooth=smooth, act_static=act_static, act_calib=act_calib)
     except (ValueError, OSError) as e:  # ConvertError, CheckpointError, QbinError, missing files
         raise InputError(str(e)) from None
     if dry_run:

@@ -31,7 +31,10 @@ from .checkpoint import Checkpoint, LazyRows
 from .hf_config import architecture_of, generation_defaults, model_args
 from .hf_tokenizer import read_tokenizer
 from . import calibrated
+from .outliers import KeepTally, parse_fraction
+from .prune import default_prune_method, magnitude_store, parse_pattern, plan_pruning
 from .rtn import BLOCK_ELEMENTS, QuantStats, quantize_weight
+from .smoothquant import check_options as check_smoothquant, with_activation
 
 CONVERTER = f"qformat.convert {qformat.__version__}"
 
@@ -189,7 +192,8 @@ def resolve_special(choice: str, main: Scheme) -> Scheme:
     """The scheme for the embeddings or the LM head.
 
     "auto" keeps them in the main scheme when it has 8 bits or more (f16, bf16, int8) and uses
-    int8 per channel below that. Measured on SmolLM2-135M (tied; the embedding matrix is a fifth
+    int8 per channel below that (w8a8 included: the head keeps float inputs, as SmoothQuant's
+    reference leaves the head unquantized). Measured on SmolLM2-135M (tied; the embedding matrix is a fifth
     of the weights) at int4-g64 with bench/bench_convert.py, EVAL.md perplexity (reference
     14.00): embeddings/head in int4-g64 give 23.40 (77 MB), in int8 19.00 (90 MB), in f16
     18.86 (118 MB): int8 recovers 97% of what 16 bits would, for a third of its extra bytes.
@@ -202,7 +206,7 @@ def resolve_special(choice: str, main: Scheme) -> Scheme:
         return parse_scheme("f16")
     if choice == "int8":
         return parse_scheme("int8")
-    if not main.quantized or main.bits >= 8:
+    if not main.quantized or (main.bits >= 8 and not main.act_bits):
         return main
     return parse_scheme("int8")
 
@@ -348,7 +352,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
             force: bool = False, dry_run: bool = False, allow_pickle: bool = False, progress: bool = True,
             command: str | None = None, method: str = "rtn", calib: str = calibrated.DEFAULT_SOURCE,
             calib_samples: int = calibrated.DEFAULT_SAMPLES, calib_seqlen: int = calibrated.DEFAULT_SEQLEN,
-            damp: float = calibrated.DEFAULT_DAMP, act_order: bool = True) -> ConvertReport:
+            damp: float = calibrated.DEFAULT_DAMP, act_order: bool = True, prune: str | None = None,
+            prune_method: str | None = None, outliers: float | str | None = None,
+            outlier_threshold: float | None = None, smooth: float | None = None, act_static: bool = False,
+            act_calib: str | None = None) -> ConvertReport:
     """Convert the HF checkpoint folder `src` into the qbin file `dst` with `scheme`.
 
     head/embed: "auto", "f16", "int8" or "scheme" (see resolve_special). skip: fnmatch patterns
@@ -361,6 +368,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
     method: "rtn", "gptq" or "awq"; the calibrated ones read `calib_samples` x `calib_seqlen`
     tokens of `calib` ("pydoc", "self", "mix" or a text file; see convert/calibration.py);
     damp and act_order are GPTQ's dampening and column order (act-order stores a `perm`).
+    prune: "2:4", "4:8" or a fraction "50%" of every decoder projection, chosen by prune_method
+    "magnitude", "wanda" or "sparsegpt" (None: prune.default_prune_method); act-order is then
+    not used (see convert/prune.py).
+    outliers: a fraction (0.005 or "0.5%") of every decoder projection's weights kept exactly in
+    16 bits in a sparse sidecar, chosen by their effect on the layer output; outlier_threshold:
+    input channels whose calibration activations reach it in magnitude keep their weight column
+    in 16 bits (LLM.int8(), 6.0). Either makes rtn run layer by layer on the calibration data
+    (see convert/outliers.py).
+    smooth: SmoothQuant's α for scheme "w8a8" (int8 weights and activations), folded into the
+    norms; act_static: store one calibrated activation scale per tensor (else per-token scales at
+    run time), chosen by act_calib "minmax", "percentile", "mse" or "kl" (convert/smoothquant.py).
     Raises ConvertError (or the checkpoint/tokenizer's ValueError) with a one-line message.
     """
     started = time.perf_counter()
@@ -368,10 +386,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
     skip = tuple(skip)
     if clip_search is None:
         clip_search = default_clip_search(method)
-    options = calibrated.CalibOptions(method, calib, calib_samples, calib_seqlen, damp=damp, act_order=act_order)
+    if prune is None and prune_method is not None:
+        raise ConvertError(f"prune method {prune_method!r} given without a pattern; add --prune 2:4 (or 4:8, 50%)")
+    options = calibrated.CalibOptions(method, calib, calib_samples, calib_seqlen, damp=damp,
+                                      act_order=act_order and prune is None, prune=prune,
+                                      prune_method=prune_method or default_prune_method(method))
     try:
+        options = dataclasses.replace(options, outliers=None if outliers is None else parse_fraction(outliers),
+                                      outlier_threshold=outlier_threshold, smooth=smooth, act_static=act_static,
+                                      act_calib=act_calib)
         options.check()
         main = parse_scheme(scheme)
+        check_smoothquant(smooth, act_static, act_calib, main, method)
+        if options.keep.active and not main.quantized:
+            raise ValueError(f"--outliers/--outlier-threshold keep weights beside a quantized part; "
+                             f"{main.name} is not quantized (use e.g. int4-g64 or int8)")
     except ValueError as e:
         raise ConvertError(str(e)) from None
     head_scheme, embed_scheme = resolve_special(head, main), resolve_special(embed, main)
@@ -399,6 +428,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
     args = model_args(config, gen, has_lm_head="lm_head.weight" in ckpt)
     tok = read_tokenizer(src)
     planned, args = plan(ckpt, args, arch, main, head_scheme, embed_scheme, skip)
+    try:
+        prune_targets = plan_pruning(planned, prune, lambda p: _skipped((p.name, p.hf_name), skip)) if prune else frozenset()
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
     if args.vocab_size < max((i for c in tok.info.selftest for i in c.ids), default=-1) + 1:
         raise ConvertError(f"{src}: the tokenizer produces ids beyond vocab_size {args.vocab_size}")
     report = ConvertReport(src, dst, main.name, args, [], len(tok.data), 0, 0.0, dry_run,
@@ -411,40 +444,51 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
         report.seconds = time.perf_counter() - started
         return report
 
+    files = [config_path] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files
+    source_files = {str(p.relative_to(src)): _sha256(p) for p in sorted(set(files))}
     calibration = None
-    if method != "rtn":
+    if options.calibrated:
         try:
-            calibration = calibrated.prepare(src, options)
+            fingerprint = hashlib.sha256(json.dumps(source_files, sort_keys=True).encode()).hexdigest()
+            calibration = calibrated.prepare(src, options, fingerprint)
         except ValueError as e:
             raise ConvertError(str(e)) from None
-    files = [config_path] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files
     provenance = Provenance(
         source=src.resolve().name,
-        source_files={str(p.relative_to(src)): _sha256(p) for p in sorted(set(files))},
+        source_files=source_files,
         converter=CONVERTER,
         command=command if command is not None else
         f"qformat.convert.convert({src.name!r}, {dst.name!r}, scheme={main.name!r}, head={head!r}, "
         f"embed={embed!r}, skip={list(skip)!r}, clip_search={clip_search})",
         scheme=main.name,
-        method=options.describe() if calibration else "rtn" + ("+clip-search" if clip_search else ""),
+        method=options.describe() if calibration else "rtn" + ("+clip-search" if clip_search else "") + options.describe_prune(),
         calibration_sha256=calibration.sha256 if calibration else None,
         created=created_timestamp(),
     )
     layer_reports: list = []
+    tally = KeepTally()
     with QbinWriter(dst, overwrite=force) as writer:
         if calibration is not None:
             for p, t, stats in calibrated.stream(ckpt, args, planned, calibration, options,
                                                  lambda n, w, sc: store(n, w, sc, clip_search=clip_search),
-                                                 clip_search=clip_search, progress=progress, reports=layer_reports):
+                                                 clip_search=clip_search, progress=progress, reports=layer_reports,
+                                                 prune_targets=prune_targets):
+                t = with_activation(t, p.scheme)  # W8A8: inputs quantized at run time (spec §6.5)
                 writer.add_tensor(t)
                 report.tensors.append(TensorReport(p.name, p.role, p.shape, p.scheme.name, t.nbytes, stats))
+                tally.add(p.role, t)
         else:
             bar = _progress(planned, progress)
             for p in bar:
                 if progress:
                     bar.set_postfix_str(f"{p.name} -> {p.scheme.name}")
                 with ckpt.rows(p.hf_name) as rows:
-                    t, stats = store(p.name, rows, p.scheme, clip_search=clip_search)
+                    if p.name in prune_targets:  # magnitude pruning needs no calibration
+                        t, stats = magnitude_store(p.name, rows[0:rows.shape[0]], parse_pattern(prune), p.scheme,
+                                                   clip_search=clip_search)
+                    else:
+                        t, stats = store(p.name, rows, p.scheme, clip_search=clip_search)
+                t = with_activation(t, p.scheme)  # W8A8: inputs quantized at run time (spec §6.5)
                 writer.add_tensor(t)
                 report.tensors.append(TensorReport(p.name, p.role, p.shape, p.scheme.name, t.nbytes, stats))
                 del t
@@ -455,6 +499,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
     if calibration is not None:
         report.notes.append(f"{options.describe()}; calibration {calibration.describe()}")
         report.notes.extend(calibrated.summary_lines(layer_reports))
+        if options.keep.active:
+            report.notes.append(tally.line())
     report.file_size = dst.stat().st_size
     report.seconds = time.perf_counter() - started
     return report

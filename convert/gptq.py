@@ -23,6 +23,7 @@ import torch
 from qformat.schemes import Scheme, Tensor
 
 from .groupquant import CLIP_GRID, codes_of, dequant, group_params, one_thread, to_tensor
+from .outliers import KeepOptions, attach, fp_columns, outlier_count, select_kept
 
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK = 128
@@ -37,11 +38,16 @@ class GptqResult:
     zeros: torch.Tensor  # (rows, n_groups)
     perm: np.ndarray | None  # stored column j is input channel perm[j]; None without act-order
     w_hat: torch.Tensor  # (rows, k) dequantized weight in input-channel order
+    kept: torch.Tensor | None = None  # (rows, k) bool, input order: weights kept in 16 bits (outliers.py)
+    fp_cols: np.ndarray | None = None  # input channels kept whole in 16 bits
 
     def tensor(self, name: str, scheme: Scheme, rows: slice | None = None) -> Tensor:
         """The stored Tensor (optionally for a slice of rows, e.g. wq out of a fused q/k/v run)."""
         rows = rows or slice(None)
-        return to_tensor(name, self.codes[rows], self.scales[rows], self.zeros[rows], scheme, self.perm)
+        t = to_tensor(name, self.codes[rows], self.scales[rows], self.zeros[rows], scheme, self.perm)
+        if self.kept is None:
+            return t
+        return attach(t, self.w_hat[rows].cpu().numpy(), self.kept[rows].cpu().numpy(), self.fp_cols)
 
 
 def _group_start(w: torch.Tensor, hdiag: torch.Tensor, scheme: Scheme, clip_search: bool):
@@ -62,12 +68,19 @@ def _group_start(w: torch.Tensor, hdiag: torch.Tensor, scheme: Scheme, clip_sear
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, *, damp: float = DEFAULT_DAMP,
-                  block: int = DEFAULT_BLOCK, act_order: bool = False, clip_search: bool = False) -> GptqResult:
+                  block: int = DEFAULT_BLOCK, act_order: bool = False, clip_search: bool = False,
+                  prune=None, outliers: int = 0, fp_cols: np.ndarray | None = None) -> GptqResult:
     """GPTQ of the weight w (rows, k) given the input Gram matrix h (k, k) = XᵀX (any positive
-    multiple works: dampening is relative to its mean diagonal)."""
+    multiple works: dampening is relative to its mean diagonal).
+
+    prune: a prune.SweepMask, for SparseGPT (convert/prune.py); then a float scheme only prunes."""
     w = w.detach().to(torch.float32).clone()
     rows, k = w.shape
-    g = scheme.group_for(k)
+    if prune is None and not scheme.quantized:
+        raise ValueError(f"GPTQ needs a quantized scheme, got {scheme.name}")
+    if prune is not None and act_order:
+        raise ValueError("pruning visits columns in input order; act-order does not combine with it")
+    g = scheme.group_for(k) if scheme.quantized else block
     h = h.detach().to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
@@ -80,6 +93,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, *, damp: flo
     h += damp * torch.mean(torch.diagonal(h)) * torch.eye(k, dtype=h.dtype, device=h.device)
     hdiag = torch.diagonal(h).to(torch.float32)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    # `outliers` weights (SpQR's criterion) and the input channels `fp_cols` stay in 16 bits (outliers.py)
+    kept = select_kept(w, hinv, scheme, outliers, fp_cols, perm) if outliers or fp_cols is not None else None
     # Blocks hold whole groups, so a group's parameters are computed from fully updated columns.
     block = max(block // g, 1) * g if g <= block else g
     n_groups = -(-k // g)
@@ -91,17 +106,25 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, *, damp: flo
     codes_t = torch.zeros_like(wt)
     q_t = torch.zeros_like(wt)
     with one_thread():
-        _column_loop(wt, hinv, hdiag, scheme, g, block, clip_search, codes_t, q_t, scales, zeros)
+        _column_loop(wt, hinv, hdiag, scheme, g, block, clip_search, codes_t, q_t, scales, zeros, prune,
+                     None if kept is None else kept.T.contiguous())
     codes, q_all = codes_t.T, q_t.T.contiguous()
     w_hat = q_all
     if perm is not None:
         w_hat = torch.empty_like(q_all)
         w_hat[:, torch.as_tensor(perm, device=w.device).long()] = q_all
-    return GptqResult(codes, scales, zeros, perm, w_hat)
+        if kept is not None:
+            unpermuted = torch.empty_like(kept)
+            unpermuted[:, torch.as_tensor(perm, device=w.device).long()] = kept
+            kept = unpermuted
+    return GptqResult(codes, scales, zeros, perm, w_hat, kept, fp_cols)
 
 
-def _column_loop(wt, hinv, hdiag, scheme, g, block, clip_search, codes_t, q_t, scales, zeros) -> None:
-    """The GPTQ sweep over the columns of W (rows of wt, updated in place), lazily in blocks."""
+def _column_loop(wt, hinv, hdiag, scheme, g, block, clip_search, codes_t, q_t, scales, zeros, prune=None, kept_t=None) -> None:
+    """The GPTQ sweep over the columns of W (rows of wt, updated in place), lazily in blocks.
+    With `prune` (SparseGPT) the weights prune.keep marks False become exactly zero when their
+    column is reached and their error is compensated like rounding error; group parameters are
+    found on the kept weights only (zeroed pruned ones leave min/max/absmax unchanged)."""
     k = wt.shape[0]
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -111,14 +134,31 @@ def _column_loop(wt, hinv, hdiag, scheme, g, block, clip_search, codes_t, q_t, s
         s = z = None
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
-                s, z = _group_start(w1[i:i + g].T, hdiag[col:col + g], scheme, clip_search)
+            if prune is not None and i % prune.span(i2 - i1) == 0:
+                span = prune.span(i2 - i1)
+                prune.choose(w1[i:i + span], torch.diagonal(hinv1)[i:i + span], col)
+            if scheme.quantized and col % g == 0:
+                part = w1[i:i + g] if prune is None else w1[i:i + g] * prune.keep[col:col + g]
+                if kept_t is not None:  # weights kept in 16 bits stay out of the group's range
+                    part = torch.where(kept_t[col:col + g], 0.0, part)
+                s, z = _group_start(part.T, hdiag[col:col + g], scheme, clip_search)
                 scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
                 s, z = s[:, 0], z[:, 0]
             wc = w1[i]
-            c = codes_of(wc, s, z, scheme)
-            q = dequant(c, s, z, scheme)
-            codes_t[col] = c
+            if not scheme.quantized:
+                q = wc * prune.keep[col]
+            else:
+                c = codes_of(wc, s, z, scheme)
+                q = dequant(c, s, z, scheme)
+                if prune is not None:  # a pruned weight is stored as the code of 0: exactly zero
+                    kept = prune.keep[col]
+                    q = q * kept
+                    c = torch.where(kept, c, codes_of(torch.zeros_like(wc), s, z, scheme))
+                if kept_t is not None:  # kept exactly (SpQR): the code of zero here, the float16
+                    m = kept_t[col]      # value in the sidecar, so no error to propagate
+                    c = torch.where(m, codes_of(torch.zeros_like(wc), s, z, scheme), c)
+                    q = torch.where(m, wc.half().float(), q)
+                codes_t[col] = c
             q_t[col] = q
             e = (wc - q).div_(hinv1[i, i])
             err1[i] = e
@@ -145,6 +185,7 @@ class GptqMethod:
     block: int = DEFAULT_BLOCK
     act_order: bool = False
     clip_search: bool = False
+    keep: KeepOptions = KeepOptions()  # outliers / 16-bit columns (outliers.py)
     name: str = "gptq"
     folds: bool = False
 
@@ -158,8 +199,11 @@ class GptqMethod:
             by_scheme.setdefault(schemes[n], []).append(n)
         for scheme, group in by_scheme.items():
             stacked = torch.cat([w[n] for n in group], dim=0)
+            cols = fp_columns(stats.abs_max, self.keep.threshold)
             res = gptq_quantize(stacked, stats.gram, scheme, damp=self.damp, block=self.block,
-                                act_order=self.act_order, clip_search=self.clip_search)
+                                act_order=self.act_order, clip_search=self.clip_search,
+                                outliers=outlier_count(stacked.numel(), self.keep.fraction),
+                                fp_cols=cols if cols.size else None)
             start = 0
             for n in group:
                 rows = slice(start, start + w[n].shape[0])

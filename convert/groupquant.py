@@ -7,6 +7,7 @@ here are the codes stored, and dequantize to the same float32 values as the NumP
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from qformat.constants import NF4_LEVELS
 from qformat.packing import pack_codes
-from qformat.schemes import KINDS, Scheme, Tensor
+from qformat.schemes import KINDS, Scheme, Tensor, compress_nm
 
 _F16_TINY = 2.0**-24  # smallest positive float16, as qformat.schemes._f16_scale
 _F16_MAX = 65504.0
@@ -113,6 +114,20 @@ def to_tensor(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch
     if perm is not None:
         arrays["perm"] = np.ascontiguousarray(perm, dtype=np.int32)
     return Tensor(name, kind.name, (rows, k), arrays, group, scheme.symmetric or kind.nf4)
+
+
+def to_nm_tensor(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: Scheme,
+                 keep: np.ndarray, n: int, m: int) -> Tensor:
+    """The n:m compressed Tensor (spec §6.3) from codes (rows, k) in input order and the keep
+    mask (rows, k): the kept codes of each group of G input columns form a stored group of
+    G·n/m codes, so the per-group scales and zero-points carry over unchanged."""
+    rows, k = codes.shape
+    group = scheme.group_for(k)
+    kept, index = compress_nm(codes.cpu().numpy(), keep, n, m)
+    stored = dataclasses.replace(scheme, group_size=group * n // m)
+    dense = to_tensor(name, torch.from_numpy(kept), scales, zeros, stored)
+    return Tensor(name, dense.kind, (rows, k), dict(dense.arrays, sparse_index=index), group, dense.symmetric,
+                  sparsity=(n, m))
 
 
 def quantize_to_tensor(name: str, w: torch.Tensor, scheme: Scheme, ratio: torch.Tensor | float = 1.0) -> Tensor:

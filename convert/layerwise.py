@@ -115,6 +115,7 @@ class InputStats:
     gram: torch.Tensor  # (k, k) float32
     abs_mean: torch.Tensor  # (k,)
     n_tokens: int
+    abs_max: torch.Tensor | None = None  # (k,) largest |x_j| over all tokens (LLM.int8() columns)
 
 
 def input_stats(chunks: list[torch.Tensor]) -> InputStats:
@@ -122,13 +123,15 @@ def input_stats(chunks: list[torch.Tensor]) -> InputStats:
     dev = chunks[0].device
     gram = torch.zeros(k, k, device=dev)
     abs_sum = torch.zeros(k, device=dev, dtype=torch.float64)
+    abs_max = torch.zeros(k, device=dev)
     n = 0
     for c in chunks:
         x = c.reshape(-1, k)
         gram.addmm_(x.T, x)
         abs_sum += x.abs().sum(0, dtype=torch.float64)
+        abs_max = torch.maximum(abs_max, x.abs().amax(0))
         n += x.shape[0]
-    return InputStats(gram, (abs_sum / max(n, 1)).to(torch.float32), n)
+    return InputStats(gram, (abs_sum / max(n, 1)).to(torch.float32), n, abs_max)
 
 
 @dataclass
@@ -208,28 +211,44 @@ def quantize_layer(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs,
         out.update(method.quantize(names, stats, w, schemes))
         report.linears.extend(LinearReport(n, _rel_err(refs[n], w[n], stats.gram)) for n in names)
 
+    # W8A8 (smoothquant.py): a method's quantize_inputs returns a stage's inputs as the runtime
+    # will see them (int8-rounded), called before quantize (a static scale is fixed there); later
+    # stages and the next layer are computed from those
+    seen = getattr(method, "quantize_inputs", None)
+
+    def runtime_inputs(names: list[str], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        names = [n for n in names if n in schemes]
+        return seen(names, inputs) if seen is not None and names else inputs
+
     # q, k, v read the normed residual stream: their scales fold into attn_norm.
     fold(["attn.wq", "attn.wk", "attn.wv"], lambda: _chunks(x, lambda c: rms_norm(c, w["attn_norm"], eps)), "attn_norm")
     xn = _chunks(x, lambda c: rms_norm(c, w["attn_norm"], eps))
+    # o's scales fold into v's rows only for methods that ask (SmoothQuant, GQA-aware, before v
+    # is quantized); AWQ does not scale o (under GQA one v row feeds several o columns).
+    if getattr(method, "folds_v_o", False):
+        fold(["attn.wo"], lambda: [attention(c, w, args, rope) for c in xn], "attn.wv")
+    xq = runtime_inputs(["attn.wq", "attn.wk", "attn.wv"], xn)
     quant(["attn.wq", "attn.wk", "attn.wv"], xn)
-    # o reads the attention output of the quantized q/k/v. Its scales are not folded: v is already
-    # quantized here, and under GQA one v row feeds several o columns (AutoAWQ skips it too).
-    o_in = [attention(c, w, args, rope) for c in xn]
-    del xn
+    # o reads the attention output of the quantized q/k/v.
+    o_in = [attention(c, w, args, rope) for c in xq]
+    del xn, xq
+    oq = runtime_inputs(["attn.wo"], o_in)
     quant(["attn.wo"], o_in)
-    h = torch.cat([xc + oc @ w["attn.wo"].T for xc, oc in zip(x.split(CHUNK), o_in)])
-    del o_in
+    h = torch.cat([xc + oc @ w["attn.wo"].T for xc, oc in zip(x.split(CHUNK), oq)])
+    del o_in, oq
     # gate/up read the normed residual after attention: their scales fold into ffn_norm.
     fold(["ffn.w1", "ffn.w3"], lambda: _chunks(h, lambda c: rms_norm(c, w["ffn_norm"], eps)), "ffn_norm")
     hn = _chunks(h, lambda c: rms_norm(c, w["ffn_norm"], eps))
     # down's scales fold into up's rows (the gated product is linear in up); they are searched on
     # the float gate/up outputs, before those projections are quantized.
     fold(["ffn.w2"], lambda: [ffn_act(c, w) for c in hn[:FOLD_CHUNKS]], "ffn.w3")
+    hq = runtime_inputs(["ffn.w1", "ffn.w3"], hn)
     quant(["ffn.w1", "ffn.w3"], hn)
-    act = [ffn_act(c, w) for c in hn]
-    del hn
+    act = [ffn_act(c, w) for c in hq]
+    del hn, hq
+    aq = runtime_inputs(["ffn.w2"], act)
     quant(["ffn.w2"], act)
-    y = torch.cat([hc + ac @ w["ffn.w2"].T for hc, ac in zip(h.split(CHUNK), act)])
+    y = torch.cat([hc + ac @ w["ffn.w2"].T for hc, ac in zip(h.split(CHUNK), aq)])
     return y, out, refs
 
 
@@ -276,7 +295,9 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
             started = time.perf_counter()
             items = by_layer[layer]
             fp = {q.name.split(".", 2)[2]: torch.from_numpy(ckpt.read(q.hf_name)).to(device) for q in items}
-            schemes = {q.name.split(".", 2)[2]: q.scheme for q in items if q.role == "linear" and q.scheme.quantized}
+            # a method may choose its projections (pruning also takes float ones); by default the quantized
+            handles = getattr(method, "handles", lambda q: q.scheme.quantized)
+            schemes = {q.name.split(".", 2)[2]: q.scheme for q in items if q.role == "linear" and handles(q)}
             rep = LayerReport(layer)
             x, stored, refs = quantize_layer(x, fp, args, rope, method, schemes, rep)
             rep.seconds = time.perf_counter() - started
@@ -305,4 +326,6 @@ def _weight_stats(t: Tensor, w: np.ndarray, scheme: Scheme, cls):
     from .rtn import _plain_error, _sum_sq
 
     err = t.dequantize() - w
+    if not scheme.quantized:  # a pruned float projection: no rounding to compare with
+        return cls(w.size, _sum_sq(w), _sum_sq(err), _sum_sq(err))
     return cls(w.size, _sum_sq(w), float(_plain_error(w, scheme).sum(dtype=np.float64)), _sum_sq(err))

@@ -92,3 +92,100 @@ def gemv_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
     if "fp_cols" in a:
         out += np.asarray(a["fp_weight"], np.float64) @ x[np.asarray(a["fp_cols"], np.int64)]
     return out.astype(np.float32)
+
+
+def quantize_tokens(x: np.ndarray, act_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """x (n, k) -> (codes (n, k) int64 in [-127, 127], scales (n,) float32): one scale per token
+    (row). Dynamic (act_scale None): scale = max|x| / 127 in float32, a zero row gets scale 0 and
+    codes 0; static: the given scale for every row, codes saturate at ±127. code =
+    round-half-even(x / scale) in float32. The int8 activations of W8A8 (spec §6.5)."""
+    x = np.atleast_2d(np.asarray(x, np.float32))
+    if act_scale is None:
+        d = (np.abs(x).max(axis=1) / np.float32(127.0)).astype(np.float32)
+    else:
+        d = np.full(x.shape[0], act_scale, np.float32)
+    safe = np.where(d > 0, d, np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.rint(x / safe[:, None]), -127, 127).astype(np.int64)
+    q[d == 0] = 0
+    return q, d
+
+
+def w8a8_inputs(t: Tensor, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x / input_scale, the same with the 16-bit columns zeroed): what the W8A8 product sees.
+    The 16-bit columns (LLM.int8()) are left out of the int8 part, so their large values do not
+    set the token's scale; the dense part stores zero weights there anyway (spec §6.4)."""
+    a = t.arrays
+    x = np.atleast_2d(np.asarray(x, np.float32))
+    if "input_scale" in a:
+        x = (x / np.asarray(a["input_scale"], np.float32)).astype(np.float32)
+    xi = x
+    if "fp_cols" in a:
+        xi = x.copy()
+        xi[:, np.asarray(a["fp_cols"], np.int64)] = 0.0
+    return x, xi
+
+
+def linear_w8a8(t: Tensor, x: np.ndarray) -> np.ndarray:
+    """x (n, in) @ W.T as spec §6.5 defines it for a tensor with `activation` (W8A8):
+    x' = x / input_scale; the int8 part is dequant(W_dense) applied to the per-token int8
+    quantization of x' (16-bit columns zeroed; static mode: the stored act_scale); sparse
+    outliers and 16-bit columns are added in float from x'. Products summed in float64 (exact
+    for the integer dot products a kernel computes), returned as float32."""
+    from qformat.schemes import KINDS
+
+    a = t.arrays
+    rows, k = t.shape
+    x, xi = w8a8_inputs(t, x)
+    static = t.activation is not None and t.activation.get("mode") == "static"
+    q, d = quantize_tokens(xi, float(a["act_scale"][0]) if static else None)
+    kind = KINDS[t.kind]
+    dense = kind.dequantize(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items()
+                                                            if r in ("codes", "scales", "zeros", "perm", "sparse_index")},
+                                   t.group_size, t.symmetric, t.sparsity))
+    out = (q.astype(np.float64) * d.astype(np.float64)[:, None]) @ dense.astype(np.float64).T
+    if "outlier_rowptr" in a:
+        row_of = np.repeat(np.arange(rows), np.diff(np.asarray(a["outlier_rowptr"], np.int64)))
+        cols = np.asarray(a["outlier_cols"], np.int64)
+        vals = np.asarray(a["outlier_values"], np.float64)
+        for i in range(x.shape[0]):
+            np.add.at(out[i], row_of, vals * x[i, cols])
+    if "fp_cols" in a:
+        out += x[:, np.asarray(a["fp_cols"], np.int64)].astype(np.float64) @ np.asarray(a["fp_weight"], np.float64).T
+    return out.astype(np.float32)
+
+
+def gemv_nm_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
+    """W @ x as the CPU's n:m sparse 4-bit GEMV computes it (kernels/cpu/sparse.py): the
+    activations, in stored column order, quantized per G input columns by
+    `quantize_activations`; per group the exact integer sum of (code - zero) times the int8
+    activation of each kept value's column; scaled by weight scale x activation scale; sidecars
+    (outliers, 16-bit columns) added in float from the unquantized x."""
+    from qformat.packing import unpack_codes
+    from qformat.schemes import KINDS, unpack_nm_index
+
+    a = t.arrays
+    rows, k = t.shape
+    n, m = t.sparsity
+    group = min(t.group_size, k)
+    kc, gc = k * n // m, group * n // m
+    bits = KINDS[t.kind].bits
+    x = np.asarray(x, np.float32)
+    xs = x[a["perm"]] if "perm" in a else x
+    q, d = quantize_activations(xs, group)
+    codes = unpack_codes(np.asarray(a["codes"]), kc, gc, bits).astype(np.int64)  # (rows, kc)
+    cols = (np.arange(kc) // n) * m + unpack_nm_index(np.asarray(a["sparse_index"]), kc, m)  # (rows, kc)
+    n_groups = d.size
+    z = (np.asarray(a["zeros"], np.int64) if "zeros" in a
+         else np.full((rows, n_groups), 2 ** (bits - 1), np.int64))
+    kept_group = np.arange(kc) // gc
+    out = np.zeros(rows, np.float64)
+    for g in range(n_groups):
+        sel = kept_group == g
+        dots = ((codes[:, sel] - z[:, g:g + 1]) * q[cols[:, sel]]).sum(axis=1)  # exact integers
+        out += np.asarray(a["scales"][:, g], np.float64) * np.float64(d[g]) * dots
+    if "outlier_rowptr" in a:
+        row_of = np.repeat(np.arange(rows), np.diff(np.asarray(a["outlier_rowptr"], np.int64)))
+        np.add.at(out, row_of, np.asarray(a["outlier_values"], np.float64) * x[np.asarray(a["outlier_cols"], np.int64)])
+    if "fp_cols" in a:
+        out += np.asarray(a["fp_weight"], np.float64) @ x[np.asarray(a["fp_cols"], np.int64)]
+    return out.astype(np.float32)

@@ -239,6 +239,24 @@ def unpack_nm_index(packed: np.ndarray, kept: int, m: int) -> np.ndarray:
     return np.stack(parts, axis=-1).reshape(packed.shape[0], -1)[:, :kept]
 
 
+def compress_nm(w: np.ndarray, mask: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kept values (rows, k*n/m) and packed positions (spec §6.3) of an n:m pruned weight.
+
+    mask (rows, k) bool marks the kept weights: exactly n in every block of m columns (a kept
+    weight may itself be zero, so the mask, not the values, says what is kept).
+    """
+    rows, k = w.shape
+    if k % m:
+        raise ValueError(f"{n}:{m} sparsity needs in_features divisible by {m}, got {k}")
+    blocks = np.asarray(mask, bool).reshape(rows, k // m, m)
+    if not (blocks.sum(axis=2) == n).all():
+        raise ValueError(f"mask does not keep exactly {n} of every {m} columns")
+    # positions of the kept entries of each block, increasing (argsort of ~mask is stable)
+    pos = np.argsort(~blocks, axis=2, kind="stable")[:, :, :n]
+    values = np.take_along_axis(np.asarray(w, np.float32).reshape(rows, k // m, m), pos, axis=2)
+    return values.reshape(rows, -1), pack_nm_index(pos.reshape(rows, -1), m)
+
+
 def scatter_nm(values: np.ndarray, packed_index: np.ndarray, k: int, n: int, m: int) -> np.ndarray:
     """Densify n:m compressed rows: value j of block b goes to column b*m + index."""
     rows, kept = values.shape
@@ -269,8 +287,10 @@ _SCHEME_RE = re.compile(r"^(?:(?P<float>f16|bf16|f32)|(?P<q>int[2348]|nf4)(?:-g(
 _INT_KIND = {"int8": "q8", "int4": "q4", "int3": "q3", "int2": "q2", "nf4": "nf4"}
 SCHEME_NAMES = (
     "f16", "bf16", "int8", "int8-g128", "int4-g128", "int4-g64", "int4-g32",
-    "int3-g128", "int3-g64", "int2-g64", "nf4-g64",
+    "int3-g128", "int3-g64", "int2-g64", "nf4-g64", "w8a8",
 )
+# W8A8 (SmoothQuant): int8 per-channel symmetric weights whose inputs are quantized to int8 too
+W8A8 = "w8a8"
 
 
 @dataclass(frozen=True)
@@ -281,6 +301,7 @@ class Scheme:
     kind: str
     group_size: int = 0
     symmetric: bool = False
+    act_bits: int = 0  # 8: the layer's inputs are quantized to int8 as well (W8A8); 0: weights only
 
     @property
     def bits(self) -> int:
@@ -308,8 +329,27 @@ class Scheme:
         return quantize_rtn(name, w, KINDS[self.kind], self.group_for(w.shape[1]), self.symmetric, clip)
 
 
+    def quantize_nm(self, name: str, w: np.ndarray, mask: np.ndarray, n: int, m: int,
+                    clip: np.ndarray | float = 1.0) -> Tensor:
+        """Round-to-nearest of the kept weights of an n:m pruned (rows, k) weight, stored in the
+        compressed form of spec §6.3 (groups of G·n/m kept values; clip is per kept group)."""
+        rows, k = w.shape
+        group = self.group_for(k)
+        if not self.quantized:
+            raise ValueError(f"{self.name}: n:m compressed storage needs a quantized scheme")
+        if group % m:
+            raise ValueError(f"{n}:{m} sparsity needs a group size divisible by {m}, got {group}")
+        values, index = compress_nm(w, mask, n, m)
+        dense = quantize_rtn(name, values, KINDS[self.kind], group * n // m, self.symmetric, clip)
+        return Tensor(name, self.kind, (rows, k), dict(dense.arrays, sparse_index=index), group,
+                      dense.symmetric, sparsity=(n, m))
+
+
 def parse_scheme(name: str) -> Scheme:
-    """Parse a scheme name such as "int4-g64", "int4-g64-sym", "nf4-g64", "int8", "f16"."""
+    """Parse a scheme name such as "int4-g64", "int4-g64-sym", "nf4-g64", "int8", "f16", "w8a8"
+    (= int8 per channel, symmetric, with int8 activations)."""
+    if name.strip().lower() == W8A8:
+        return Scheme(W8A8, "q8", 0, True, act_bits=8)
     m = _SCHEME_RE.match(name.strip().lower())
     if m is None:
         raise ValueError(f"unknown scheme {name!r}; known: {', '.join(SCHEME_NAMES)} "

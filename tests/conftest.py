@@ -22,3 +22,18 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches the code under test writes (sampled calibration windows) go to a temporary folder,
+    never the user's home."""
+    import os
+
+    old = os.environ.get("QFORMAT_CACHE")
+    os.environ["QFORMAT_CACHE"] = str(tmp_path_factory.mktemp("qformat-cache"))
+    yield
+    if old is None:
+        os.environ.pop("QFORMAT_CACHE", None)
+    else:
+        os.environ["QFORMAT_CACHE"] = old

@@ -157,3 +157,19 @@ def test_cli_calibration_errors_are_one_line(tiny_checkpoint, tmp_path):
                                     "--method", "gptq", "--calib", str(tmp_path / "nope.txt"), "-q"])
     assert res.exit_code == 2
     assert "no such file" in res.output and "Traceback" not in res.output
+
+
+def test_self_sampled_calibration_is_cached_and_reproducible(tiny_checkpoint, monkeypatch):
+    from qformat.convert import calibration
+
+    model = tiny_checkpoint("llama")
+    first = calibration_tokens(model, "self", samples=3, seqlen=12, fingerprint="fp")
+    assert first.tokens.shape == (3, 12) and first.source == "self"
+    assert list(calibration.cache_dir().glob("self-*.npy"))
+    # A second draw of the same model, size and seed is read back, not sampled again.
+    monkeypatch.setattr(calibration, "self_sampled", lambda *a, **k: pytest.fail("sampled again"))
+    np.testing.assert_array_equal(calibration_tokens(model, "self", samples=3, seqlen=12, fingerprint="fp").tokens,
+                                  first.tokens)
+    mix = calibration_tokens(model, "mix", samples=6, seqlen=12, fingerprint="fp")
+    assert mix.tokens.shape == (6, 12) and mix.source == "mix"
+    np.testing.assert_array_equal(mix.tokens[3:], first.tokens)  # the self half is the cached draw

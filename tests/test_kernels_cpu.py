@@ -129,11 +129,15 @@ def test_missing_kernel_names_device_and_kind():
         linear_op("cpu", t)
 
 
-def test_sparse_tensor_is_refused_clearly():
-    t = make("int4-g32", 4, 64)
-    t.sparsity = (2, 4)
-    with pytest.raises(NotImplementedError, match="sparse"):
-        linear_op("cpu", t)
+def test_sparse_tensor_runs_the_sparse_op():
+    """n:m sparse tensors run kernels/cpu/sparse.py (tested in test_kernels_sparse.py)."""
+    from qformat.kernels.cpu.sparse import SparseGroupQuantOp
+
+    w = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    mask = np.zeros((4, 64), bool)
+    mask[:, ::2] = True
+    t = parse_scheme("int4-g32").quantize_nm("w", w, mask, 2, 4)
+    assert isinstance(linear_op("cpu", t), SparseGroupQuantOp)
 
 
 def test_f16_gemv_handles_subnormals_and_extremes():

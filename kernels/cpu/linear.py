@@ -157,8 +157,8 @@ class GroupQuantOp(_Base):
 
     def __init__(self, t: Tensor):
         super().__init__(t)
-        if t.sparsity is not None:
-            raise NotImplementedError(f"tensor {t.name}: n:m sparse {t.kind} has no CPU kernel yet")
+        if t.sparsity is not None:  # built by group_quant_op instead
+            raise ValueError(f"tensor {t.name}: n:m sparse; use kernels.cpu.sparse.SparseGroupQuantOp")
         if t.activation is not None:
             raise NotImplementedError(f"tensor {t.name}: {t.kind} with 8-bit activations has no CPU kernel yet")
         a = t.arrays
@@ -229,4 +229,16 @@ def register_all() -> None:
     for kind in ("f32", "f16", "bf16"):
         register("cpu", kind, DenseOp)
     for kind in _KERNELS:
-        register("cpu", kind, GroupQuantOp)
+        register("cpu", kind, group_quant_op)
+
+
+def group_quant_op(t: Tensor):
+    """The op of a grouped quantized weight: n:m sparse ones run the kernels of sparse.py,
+    ones with 8-bit activations (W8A8) those of int8.py."""
+    if t.activation is not None:
+        from .int8 import W8A8Op
+        return W8A8Op(t)
+    if t.sparsity is not None:
+        from .sparse import SparseGroupQuantOp
+        return SparseGroupQuantOp(t)
+    return GroupQuantOp(t)
