@@ -23,7 +23,9 @@ import numpy as np
 from qformat.corpus import calibration_ids, token_stream
 
 BUILTIN_SOURCES = ("pydoc", "self", "mix")
-DEFAULT_SOURCE = "pydoc"
+# Measured on SmolLM2-135M, GPTQ int4-g64, 64 x 512 tokens (README): pydoc ppl 15.05 / prose 24.68,
+# mix 15.24 / 24.47 (lowest KL and highest top-1 out of domain), self 16.27 / 25.24.
+DEFAULT_SOURCE = "mix"
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQLEN = 512
 

@@ -9,6 +9,7 @@ import click
 from qformat.schemes import SCHEME_NAMES, parse_scheme
 
 from .calibrated import METHODS
+from .calibration import DEFAULT_SOURCE
 from .outliers import parse_fraction
 from .prune import PRUNE_METHODS, parse_pattern
 from .converter import SPECIAL_CHOICES, convert
@@ -96,9 +97,10 @@ SPECIAL_HELP = (
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True,
               help="rtn: round-to-nearest; gptq: error-compensating, calibrated; awq: activation-aware "
                    "scales folded into the norms, calibrated (both run layer by layer, CUDA when available).")
-@click.option("--calib", default="pydoc", show_default=True, metavar="SOURCE",
-              help="Calibration text for gptq/awq: a UTF-8 file, or pydoc (built-in, CPython's pydoc "
-                   "topics), self (sampled from the model), mix (half pydoc, half self).")
+@click.option("--calib", default=DEFAULT_SOURCE, show_default=True, metavar="SOURCE",
+              help="Calibration text for calibrated methods: mix (half pydoc, half self; generalizes best "
+                   "out of domain, see README), pydoc (built-in, CPython's pydoc topics), self (sampled from "
+                   "the model; cached per model), or a UTF-8 file.")
 @click.option("--calib-samples", type=click.IntRange(1), default=128, show_default=True,
               help="Calibration windows.")
 @click.option("--calib-seqlen", type=click.IntRange(2), default=512, show_default=True,

@@ -52,41 +52,6 @@ def planar_index(t: Tensor) -> np.ndarray:
     return pack_codes(pos, gc, index_bits(m))
 
 
-# ---------------------------------------------------------------------------- activations
-
-
-@njit(cache=True)
-def candidates(xq, k, group, n, m):
-    """xq (n_groups, P) int8 -> (n_groups * Pc,) int64: for kept slot e of group g, the m int8
-    activations of its block (columns g*G + (e // n)*m + 0..m-1), byte q = column q; 0 in the
-    padding slots (so that padded codes meet zero)."""
-    n_groups = xq.shape[0]
-    gc_full = group * n // m
-    pc = (gc_full + 7) // 8 * 8
-    out = np.zeros(n_groups * pc, np.int64)
-    for g in range(n_groups):
-        glen = min(k, (g + 1) * group) - g * group
-        for e in range(glen * n // m):
-            base = (e // n) * m
-            c = np.uint64(0)
-            for q in range(m):
-                c |= np.uint64(np.uint8(xq[g, base + q])) << np.uint64(8 * q)
-            out[g * pc + e] = np.int64(c)
-    return out
-
-
-@njit(cache=True, inline="always")
-def _pick4(c, p):
-    """Signed byte p (0..3) of the int32 c."""
-    return np.int32(np.uint32(c) << np.uint32(24 - 8 * p)) >> np.int32(24)
-
-
-@njit(cache=True, inline="always")
-def _pick8(c, p):
-    """Signed byte p (0..7) of the int64 c."""
-    return np.int32(np.int64(np.uint64(c) << np.uint64(56 - 8 * p)) >> np.int64(56))
-
-
 # ---------------------------------------------------------------------------- q4, int8 activations
 #
 # Rows are processed TILE at a time with the vector lanes running over the rows of a tile, so no
