@@ -81,8 +81,7 @@ class CalibOptions:
         """The pruning as appended to the provenance's method ("" without pruning)."""
         if self.prune is None:
             return ""
-        calib = f", calib={self.calib_name}, {self.samples}x{self.seqlen}" if self.method == "rtn" and self.calibrated else ""
-        return f"+prune({self.prune}, {self.prune_method}{calib})"
+        return f"+prune({self.prune}, {self.prune_method}{self._rtn_calib()})"
 
     def describe(self) -> str:
         """The method as recorded in the file's provenance."""
@@ -99,15 +98,18 @@ class CalibOptions:
         """SmoothQuant / static activations as appended to the provenance's method."""
         if not self.smoothquant:
             return ""
-        calib = f", calib={self.calib_name}, {self.samples}x{self.seqlen}" if self.method == "rtn" else ""
-        return describe_smoothquant(self.smooth, self.act_static, self.act_calib)[:-1] + calib + ")"
+        return describe_smoothquant(self.smooth, self.act_static, self.act_calib)[:-1] + self._rtn_calib() + ")"
 
     def describe_keep(self) -> str:
         """Outliers / 16-bit columns as appended to the provenance's method ("" without them)."""
         if not self.keep.active:
             return ""
-        calib = f", calib={self.calib_name}, {self.samples}x{self.seqlen}" if self.method == "rtn" else ""
-        return f"+keep16({self.keep.describe()}{calib})"
+        return f"+keep16({self.keep.describe()}{self._rtn_calib()})"
+
+    def _rtn_calib(self) -> str:
+        """The calibration data for a provenance suffix: named there when the base method (rtn)
+        does not name it itself but some step used it."""
+        return f", calib={self.calib_name}, {self.samples}x{self.seqlen}" if self.method == "rtn" and self.calibrated else ""
 
     @property
     def calib_name(self) -> str:
