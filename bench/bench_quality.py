@@ -28,6 +28,7 @@ import torch
 
 from qformat import QbinReader
 from qformat.convert.smoothquant import hook_activation_quantization
+from qformat.convert.gptq import DEFAULT_DAMP
 from qformat.corpus import EVAL_WINDOW, EVAL_WINDOWS, eval_text, eval_windows
 
 LICENSE_DIR = Path("/usr/share/common-licenses")
@@ -147,7 +148,7 @@ def parse_config(item: str) -> tuple[str, str, dict]:
 @click.option("--calib-samples", default=64, show_default=True,
               help="64 x 512: the budget llm-compressor's GPTQ anchor (15.58) was calibrated with.")
 @click.option("--calib-seqlen", default=512, show_default=True)
-@click.option("--damp", default=0.01, show_default=True, help="GPTQ dampening.")
+@click.option("--damp", default=DEFAULT_DAMP, show_default=True, help="GPTQ dampening (the README tables say which).")
 @click.option("--act-order/--no-act-order", default=True, show_default=True, help="GPTQ act-order.")
 @click.option("--ood-windows", default=20, show_default=True, help="Out-of-domain windows of 512 tokens.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/qformat-bench-quality"),

@@ -25,7 +25,9 @@ from qformat.schemes import Scheme, Tensor
 from .groupquant import CLIP_GRID, codes_of, dequant, group_params, one_thread, to_tensor
 from .outliers import KeepOptions, attach, fp_columns, outlier_count, select_kept
 
-DEFAULT_DAMP = 0.01
+# Measured on SmolLM2-135M, GPTQ int4-g64, the same 64 x 512 mix calibration tokens (README):
+# damp 0.01 ppl 15.34 pydoc / 24.49 prose, 0.03 15.21 / 24.09, 0.1 15.46 / 24.21.
+DEFAULT_DAMP = 0.03
 DEFAULT_BLOCK = 128
 
 
