@@ -32,13 +32,12 @@ PROMPT = [1, 504, 3575, 282, 4649, 314]  # any few ids: decode speed does not de
 
 
 def magnitude_mask(w: np.ndarray, n: int, m: int) -> np.ndarray:
-    """Keep the n largest |w| of every m consecutive input columns."""
-    rows, k = w.shape
-    blocks = np.abs(w).reshape(rows, k // m, m)
-    keep = np.argsort(-blocks, axis=2, kind="stable")[:, :, :n]
-    mask = np.zeros_like(blocks, bool)
-    np.put_along_axis(mask, keep, True, axis=2)
-    return mask.reshape(rows, k)
+    """Keep the n largest |w| of every m consecutive input columns (the converter's magnitude pruning)."""
+    import torch
+
+    from qformat.convert.prune import Pattern, magnitude_mask as mask_of
+
+    return mask_of(torch.from_numpy(np.ascontiguousarray(w, np.float32)), Pattern(f"{n}:{m}", n, m)).numpy()
 
 
 def _is_layer_linear(name: str) -> bool:

@@ -30,13 +30,12 @@ def close(a, b, rtol=RTOL):
 
 
 def magnitude_mask(w: np.ndarray, n: int, m: int) -> np.ndarray:
-    """Keep the n largest |w| of every m consecutive columns."""
-    rows, k = w.shape
-    blocks = np.abs(w).reshape(rows, k // m, m)
-    keep = np.argsort(-blocks, axis=2, kind="stable")[:, :, :n]
-    mask = np.zeros_like(blocks, bool)
-    np.put_along_axis(mask, keep, True, axis=2)
-    return mask.reshape(rows, k)
+    """Keep the n largest |w| of every m consecutive columns (the converter's magnitude pruning)."""
+    import torch
+
+    from qformat.convert.prune import Pattern, magnitude_mask as mask_of
+
+    return mask_of(torch.from_numpy(np.ascontiguousarray(w, np.float32)), Pattern(f"{n}:{m}", n, m)).numpy()
 
 
 def make_sparse(scheme: str, rows: int, k: int, n: int, m: int, seed: int = 0) -> Tensor:
