@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint, LazyRows
 from .hf_config import architecture_of, generation_defaults, model_args
 from .hf_tokenizer import read_tokenizer
 from . import calibrated
-from .outliers import KeepTally, parse_fraction
+from .outliers import KeepTally, outlier_count, parse_fraction
 from .prune import default_prune_method, magnitude_store, parse_pattern, plan_pruning
 from .rtn import BLOCK_ELEMENTS, QuantStats, quantize_weight
 from .smoothquant import check_options as check_smoothquant, with_activation
@@ -57,25 +57,48 @@ class PlannedTensor:
     shape: tuple[int, ...]
     scheme: Scheme
 
-    def nbytes(self) -> int:
-        """Bytes of the stored arrays."""
-        return sum(array_sizes(self.shape, self.scheme))
+    def nbytes(self, sidecars: SidecarPlan | None = None) -> int:
+        """Bytes of the stored arrays (with the sidecars a conversion would add, when given)."""
+        return sum(array_sizes(self.shape, self.scheme, sidecars))
 
-    def aligned_nbytes(self) -> int:
+    def aligned_nbytes(self, sidecars: SidecarPlan | None = None) -> int:
         """Bytes the arrays take in the file, each padded to the file's alignment."""
-        return sum(-(-n // ALIGNMENT) * ALIGNMENT for n in array_sizes(self.shape, self.scheme))
+        return sum(-(-n // ALIGNMENT) * ALIGNMENT for n in array_sizes(self.shape, self.scheme, sidecars))
 
 
-def array_sizes(shape: tuple[int, ...], scheme: Scheme) -> list[int]:
-    """Byte sizes of the arrays a tensor of `shape` takes in `scheme` (codes, scales, zeros)."""
+@dataclass(frozen=True)
+class SidecarPlan:
+    """What a conversion adds to a quantized projection beyond codes, scales and zeros, as far
+    as it is known before calibration: n:m compression, act-order permutation, the outlier
+    budget. (LLM.int8() columns depend on the calibration activations and are not estimated.)"""
+
+    nm: tuple[int, int] | None = None
+    perm: bool = False
+    outliers: float | None = None
+
+
+def array_sizes(shape: tuple[int, ...], scheme: Scheme, sidecars: SidecarPlan | None = None) -> list[int]:
+    """Byte sizes of the arrays a tensor of `shape` takes in `scheme` (codes, scales, zeros, and
+    the sidecars of spec §6 that `sidecars` plans)."""
     if not scheme.quantized:
         return [int(np.prod(shape)) * scheme.bits // 8]
     rows, k = shape
     group = scheme.group_for(k)
     n_groups = -(-k // group)
-    sizes = [rows * row_nbytes(k, group, KINDS[scheme.kind].bits), rows * n_groups * 2]
-    if not scheme.symmetric:
-        sizes.append(rows * n_groups)
+    side = sidecars or SidecarPlan()
+    bits = KINDS[scheme.kind].bits
+    if side.nm:  # §6.3: n of every m codes, in groups of G·n/m, plus their positions
+        n, m = side.nm
+        kept = k * n // m
+        codes = [rows * row_nbytes(kept, group * n // m, bits), rows * -(-kept * (2 if m == 4 else 4) // 8)]
+    else:
+        codes = [rows * row_nbytes(k, group, bits)]
+    sizes = codes + [rows * n_groups * 2] + ([] if scheme.symmetric else [rows * n_groups])
+    if side.perm:
+        sizes.append(4 * k)
+    count = outlier_count(rows * k, side.outliers)
+    if count:  # §6.2: i32 row pointers, u16 (or i32) columns, f16 values
+        sizes += [4 * (rows + 1), count * (2 if k <= 1 << 16 else 4), 2 * count]
     return sizes
 
 
@@ -187,6 +210,15 @@ class ConvertReport:
 
 
 # ---------------------------------------------------------------------------- planning
+
+def planned_sidecars(p: PlannedTensor, pattern, options: calibrated.CalibOptions, perm: bool) -> SidecarPlan | None:
+    """The sidecars a conversion with these options gives planned tensor p (the dry run's estimate):
+    pattern is p's pruning Pattern or False; perm: GPTQ act-order."""
+    if p.role != "linear" or not p.scheme.quantized:
+        return None  # float tensors store pruned zeros densely; embeddings and head get no sidecars
+    nm = (pattern.n, pattern.m) if pattern and pattern.structured else None
+    return SidecarPlan(nm=nm, perm=perm, outliers=options.outliers)
+
 
 def resolve_special(choice: str, main: Scheme) -> Scheme:
     """The scheme for the embeddings or the LM head.
@@ -438,9 +470,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, head
                            head=head_scheme.name if not args.tie_embeddings else embed_scheme.name,
                            embed=embed_scheme.name, clip_search=clip_search)
     if dry_run:
-        report.tensors = [TensorReport(p.name, p.role, p.shape, p.scheme.name, p.nbytes()) for p in planned]
+        sidecars = {p.name: planned_sidecars(p, p.name in prune_targets and parse_pattern(prune), options,
+                                             method == "gptq" and act_order and prune is None) for p in planned}
+        report.tensors = [TensorReport(p.name, p.role, p.shape, p.scheme.name, p.nbytes(sidecars[p.name]))
+                          for p in planned]
         header_guess = 4096 + 400 * (len(planned) + 1)  # JSON directory entries are ~300-400 bytes
-        report.file_size = header_guess + sum(p.aligned_nbytes() for p in planned) + len(tok.data)
+        report.file_size = (header_guess + sum(p.aligned_nbytes(sidecars[p.name]) for p in planned)
+                            + len(tok.data))
+        if options.outlier_threshold is not None:
+            report.notes.append("LLM.int8() 16-bit columns depend on the calibration activations; "
+                                "their bytes are not in this estimate")
         report.seconds = time.perf_counter() - started
         return report
 

@@ -369,3 +369,18 @@ def test_dry_run_size_estimate(tiny_checkpoint, tmp_path):
     real = convert(folder, tmp_path / "x.qbin", "int4-g128", progress=False)
     assert [(t.name, t.scheme, t.nbytes) for t in dry.tensors] == [(t.name, t.scheme, t.nbytes) for t in real.tensors]
     assert abs(dry.file_size - real.file_size) < 0.1 * real.file_size
+
+
+@pytest.mark.parametrize("options", [dict(prune="2:4", prune_method="magnitude"), dict(prune="4:8", prune_method="magnitude"),
+                                     dict(outliers="1%"), dict(method="gptq", calib_samples=2, calib_seqlen=16)],
+                         ids=["2:4", "4:8", "outliers", "gptq-act-order"])
+def test_dry_run_size_estimate_with_sidecars(tiny_checkpoint, tmp_path, options):
+    """The dry run sizes compressed n:m codes and positions, outlier CSR arrays and act-order
+    permutations exactly as the conversion writes them."""
+    folder = tiny_checkpoint("llama", True, "float32", False, "hf-json")
+    dry = convert(folder, tmp_path / "x.qbin", "int4-g32", dry_run=True, **options)
+    real = convert(folder, tmp_path / "x.qbin", "int4-g32", progress=False, **options)
+    dense = convert(folder, tmp_path / "x.qbin", "int4-g32", dry_run=True)
+    assert [(t.name, t.nbytes) for t in dry.tensors] == [(t.name, t.nbytes) for t in real.tensors]
+    assert dry.linear_bpw == pytest.approx(real.linear_bpw)
+    assert (dry.linear_bpw < dense.linear_bpw) == ("prune" in options and options["prune"] == "2:4")
