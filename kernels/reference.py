@@ -61,9 +61,20 @@ def quantize_activations(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndar
     return q.reshape(-1)[:k], d
 
 
+def dense_input(a: dict, x: np.ndarray) -> np.ndarray:
+    """The input of a weight's dense part (spec §6.4): x with the 16-bit columns zeroed, in stored
+    column order. The dense weights are zero there, so float products do not change; activations
+    quantized per group are then scaled by the ordinary channels, not by an outlier."""
+    if "fp_cols" in a:
+        x = x.copy()
+        x[np.asarray(a["fp_cols"], np.int64)] = 0.0
+    return x[a["perm"]] if "perm" in a else x
+
+
 def gemv_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
     """W @ x as the CPU's int8-activation GEMV computes it (q4 kinds): the activations, in stored
-    column order, quantized per weight group by `quantize_activations`; the codes' dot products
+    column order with the 16-bit columns zeroed (dense_input), quantized per weight group by
+    `quantize_activations`; the codes' dot products
     exact in integers; each group scaled by weight scale x activation scale; sidecars (outliers,
     16-bit columns) added in float from the unquantized x."""
     from qformat.packing import unpack_codes
@@ -74,8 +85,7 @@ def gemv_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
     group = min(t.group_size, k)
     bits = KINDS[t.kind].bits
     x = np.asarray(x, np.float32)
-    xs = x[a["perm"]] if "perm" in a else x
-    q, d = quantize_activations(xs, group)
+    q, d = quantize_activations(dense_input(a, x), group)
     codes = unpack_codes(np.asarray(a["codes"]), k, group, bits).astype(np.int64)  # (rows, k)
     n_groups = d.size
     z = (np.asarray(a["zeros"], np.int64) if "zeros" in a
@@ -170,8 +180,7 @@ def gemv_nm_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
     kc, gc = k * n // m, group * n // m
     bits = KINDS[t.kind].bits
     x = np.asarray(x, np.float32)
-    xs = x[a["perm"]] if "perm" in a else x
-    q, d = quantize_activations(xs, group)
+    q, d = quantize_activations(dense_input(a, x), group)
     codes = unpack_codes(np.asarray(a["codes"]), kc, gc, bits).astype(np.int64)  # (rows, kc)
     cols = (np.arange(kc) // n) * m + unpack_nm_index(np.asarray(a["sparse_index"]), kc, m)  # (rows, kc)
     n_groups = d.size

@@ -119,10 +119,41 @@ def add_outliers(t: Tensor, rng: np.random.Generator, per_row: int = 2, cols_dty
 
 
 def add_fp_cols(t: Tensor, rng: np.random.Generator, n: int = 3) -> Tensor:
+    """16-bit columns on n random channels; the dense part stores zero there (spec §6.4)."""
     rows, k = t.shape
-    t.arrays["fp_cols"] = np.sort(rng.choice(k, n, replace=False)).astype(np.int32)
+    cols = np.sort(rng.choice(k, n, replace=False))
+    zero_dense_channels(t, cols)
+    t.arrays["fp_cols"] = cols.astype(np.int32)
     t.arrays["fp_weight"] = rng.standard_normal((rows, n)).astype(np.float16)
     return t
+
+
+def zero_dense_channels(t: Tensor, channels: np.ndarray) -> None:
+    """Set t's codes for input channels `channels` (original numbering, through perm and n:m
+    positions) to the code of zero: its group's zero-point, 2^(bits-1) when symmetric, NF4's 0."""
+    from qformat.packing import pack_codes, unpack_codes
+    from qformat.schemes import unpack_nm_index
+
+    a = t.arrays
+    rows, k = t.shape
+    bits = KINDS[t.kind].bits
+    group = min(t.group_size, k)
+    if t.sparsity is not None:
+        n, m = t.sparsity
+        kc, gc = k * n // m, group * n // m
+        stored = (np.arange(kc) // n) * m + unpack_nm_index(np.asarray(a["sparse_index"]), kc, m)
+    else:
+        kc, gc = k, group
+        stored = np.broadcast_to(np.arange(k), (rows, k))
+    channel = np.asarray(a["perm"])[stored] if "perm" in a else stored
+    codes = unpack_codes(np.asarray(a["codes"]), kc, gc, bits)
+    if "zeros" in a:
+        zero = np.asarray(a["zeros"])[:, np.arange(kc) // gc]
+    else:
+        zero = np.full((rows, kc), int(np.flatnonzero(NF4_LEVELS == 0.0)[0]) if KINDS[t.kind].nf4 else 2 ** (bits - 1), np.uint8)
+    hit = np.isin(channel, channels)
+    codes[hit] = zero[hit]
+    a["codes"] = pack_codes(codes, gc, bits)
 
 
 def add_perm(t: Tensor, rng: np.random.Generator) -> Tensor:

@@ -15,6 +15,8 @@ from qformat.kernels.cpu import ops, quant
 from qformat.kernels.cpu.linear import q8act
 from qformat.schemes import Tensor, parse_scheme
 
+from qbin_testutil import add_fp_cols
+
 RTOL = 1e-5
 SCHEMES = ["f32", "f16", "bf16", "int8", "int8-g64", "int4-g64", "int4-g32-sym", "int4-g128",
            "int3-g64", "int3-g32-sym", "int2-g64", "int2-g16-sym", "nf4-g64", "int4-g24"]
@@ -67,10 +69,25 @@ def with_sidecars(t: Tensor, rng) -> Tensor:
     arrays["outlier_rowptr"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     arrays["outlier_cols"] = rng.integers(0, k, counts.sum()).astype(np.int32)
     arrays["outlier_values"] = rng.standard_normal(counts.sum()).astype(np.float16)
-    cols = rng.choice(k, 3, replace=False).astype(np.int32)
-    arrays["fp_cols"] = cols
-    arrays["fp_weight"] = rng.standard_normal((rows, 3)).astype(np.float16)
-    return Tensor(t.name, t.kind, t.shape, arrays, t.group_size, t.symmetric)
+    return add_fp_cols(Tensor(t.name, t.kind, t.shape, arrays, t.group_size, t.symmetric), rng)
+
+
+def test_int8_activations_skip_16bit_columns():
+    """A ×100 channel kept in 16 bits (LLM.int8()) does not coarsen its group's int8 activation
+    codes: the q4 GEMV zeroes it before quantizing, so it matches float activations closely."""
+    rng = np.random.default_rng(5)
+    t = add_fp_cols(make("int4-g64", 64, 256), rng, n=2)
+    x = rng.standard_normal(256).astype(np.float32)
+    x[t.arrays["fp_cols"]] *= 100.0
+    out = linear_op("cpu", t).gemv(x, np.empty(64, np.float32))
+    exact = reference.linear(t, x[None])[0]
+    assert close(out, gemv_reference(t, x))
+    unzeroed = dict(t.arrays)
+    unzeroed.pop("fp_cols"), unzeroed.pop("fp_weight")
+    plain = Tensor(t.name, t.kind, t.shape, unzeroed, t.group_size, t.symmetric)  # outlier inside the groups
+    coarse = gemv_reference(plain, x) + t.arrays["fp_weight"].astype(np.float32) @ x[t.arrays["fp_cols"]]
+    err, err_coarse = (np.linalg.norm(y - exact) / np.linalg.norm(exact) for y in (out, coarse))
+    assert err < 0.01 < err_coarse and err < err_coarse / 10
 
 
 @pytest.mark.parametrize("scheme", ["int4-g32", "int8", "nf4-g64"])

@@ -226,15 +226,25 @@ def gemv_row(table, i, h2f, x, out):
     """out = W_i @ x for the weight in row i of the table, sidecars included."""
     if table[i, ACT] != 0:  # int8 activations (W8A8): gathers and zeroes on its own
         _gemv_w8a8(table, i, h2f, x, out)
-    elif table[i, PERM] != 0:  # act-order: gather x once into stored column order (spec §6.1)
+        if table[i, OUT_PTR] != 0 or table[i, N_FP] != 0:
+            _add_sidecars(table, i, x, out)
+        return
+    xz = x
+    n_fp = table[i, N_FP]
+    if n_fp:  # the dense part's input has the 16-bit columns zeroed, as linear._Sidecars.stored_x
+        xz = x.copy()
+        cols = carray(_address(table[i, FP_COLS]), (n_fp,), np.int32)
+        for c in range(n_fp):
+            xz[cols[c]] = 0.0
+    if table[i, PERM] != 0:  # act-order: gather x once into stored column order (spec §6.1)
         k = table[i, IN]
         perm = carray(_address(table[i, PERM]), (k,), np.int32)
         xs = np.empty(k, np.float32)
         for j in range(k):
-            xs[j] = x[perm[j]]
+            xs[j] = xz[perm[j]]
         _gemv_stored(table, i, h2f, xs, out)
     else:
-        _gemv_stored(table, i, h2f, x, out)
+        _gemv_stored(table, i, h2f, xz, out)
     if table[i, OUT_PTR] != 0 or table[i, N_FP] != 0:
         _add_sidecars(table, i, x, out)
 

@@ -57,7 +57,12 @@ class _Sidecars:
         self.any = self.perm is not None or self.outliers is not None or self.fp is not None
 
     def stored_x(self, x: np.ndarray) -> np.ndarray:
-        """Input in stored column order (x[..., perm])."""
+        """The dense part's input: x with the 16-bit columns zeroed (their dense weights are zero,
+        so this changes no float product, but an int8-activation kernel then scales each group
+        by its ordinary channels instead of an outlier's), in stored column order (x[..., perm])."""
+        if self.fp is not None:
+            x = x.copy()
+            x[..., self.fp[0]] = 0.0
         return x if self.perm is None else np.ascontiguousarray(x[..., self.perm])
 
     def add_gemv(self, x: np.ndarray, out: np.ndarray) -> None:
