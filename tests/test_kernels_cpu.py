@@ -203,18 +203,22 @@ def test_attention_matches_reference(window):
 
 
 def test_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypatch):
-    from qformat.kernels.cpu import cache_dir
+    from qformat.kernels.cpu import cache_dir, sources_key
 
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     ro = tmp_path / "pkg"
     ro.mkdir()
+    (ro / "kernel.py").write_text("x = 1\n")
+    key = sources_key(ro)
     ro.chmod(0o500)
     try:
         if not __import__("os").access(ro, __import__("os").W_OK):  # root ignores permissions
-            assert cache_dir(ro) == tmp_path / "xdg" / "qformat" / "numba"
-        assert cache_dir(tmp_path) is None  # writable: numba's default (beside the sources)
+            assert cache_dir(ro) == tmp_path / "xdg" / "qformat" / "numba" / key
+        assert cache_dir(tmp_path) == tmp_path / "__pycache__" / "numba" / sources_key(tmp_path)
         monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
         assert cache_dir(ro) is None  # the user's choice wins
     finally:
         ro.chmod(0o700)
+    (ro / "kernel.py").write_text("x = 2\n")
+    assert sources_key(ro) != key  # an edited kernel gets a fresh cache

@@ -111,6 +111,30 @@ def test_sparse_with_every_sidecar(scheme):
     np.testing.assert_allclose(op.rows(np.arange(40)), t.dequantize(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("scheme,n,rows,k", [("int4-g64", 2, 37, 576), ("int4-g24-sym", 2, 19, 200),
+                                             ("int4-g32", 1, 70, 96), ("int4-g64", 3, 33, 192)])
+def test_shuffle_vnni_tiles_equal_portable_tiles(scheme, n, rows, k):
+    """The AVX512 shuffle + VNNI n:4 tile kernel (kernels/cpu/nm_vnni.py) computes exactly the
+    portable kernel's integer sums (skipped on CPUs without AVX512-VNNI/BW, where only the
+    portable one runs)."""
+    from qformat.kernels.cpu import nm_vnni, quant
+    from qformat.kernels.cpu.linear import H2F
+
+    if not nm_vnni.has_nm_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI/BW")
+    t = make_sparse(scheme, rows, k, n, 4, seed=3)
+    lay = sparse.NmLayout(t)
+    x = np.random.default_rng(4).standard_normal(k).astype(np.float32)
+    xq, d, _ = quant.quantize_x(x, k, lay.group, (lay.group + 7) // 8 * 8)
+    tiles = lay.codes.shape[0]
+    portable, shuffled = np.empty(rows, np.float32), np.empty(rows, np.float32)
+    cand = sparse.candidates(xq, k, lay.group, n, 4).astype(np.int32)
+    sparse._tiles_n4(lay.codes, lay.scales, lay.zeros, lay.has_zeros, H2F, lay.index, cand, d, 0, tiles, portable)
+    nm_vnni.tiles_n4(lay.codes, lay.scales, lay.zeros, lay.has_zeros, H2F, lay.index,
+                     nm_vnni.step_table(xq, k, lay.group, n), d, 0, tiles, shuffled)
+    np.testing.assert_allclose(shuffled, portable, rtol=1e-6, atol=1e-6 * float(np.abs(portable).max()))
+
+
 def test_tile_layout_round_trips():
     a = np.arange(37 * 5, dtype=np.uint8).reshape(37, 5)
     tiles = sparse.tile_rows(a)

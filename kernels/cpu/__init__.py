@@ -1,11 +1,15 @@
 """CPU backend: Numba kernels (parallel, compiled once and cached on disk).
 
 Numba reads its cache location when it is first imported, so it is chosen here, before the
-kernels import numba: beside the package when that directory is writable (numba's default),
-otherwise in the user's cache directory, unless the user already set NUMBA_CACHE_DIR.
+kernels import numba: beside the package when that directory is writable, otherwise in the
+user's cache directory, unless the user already set NUMBA_CACHE_DIR. Either way in a folder
+named by a hash of this package's sources: numba keys a cached function on its own file only,
+so a kernel that another module calls (sparse.gemv_nm_q4_q8act from fused.decode_step) would
+otherwise run stale after an edit.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -15,12 +19,22 @@ def _user_cache_dir() -> Path:
     return Path(base) / "qformat" / "numba"
 
 
+def sources_key(package_dir: Path) -> str:
+    """16 hex digits of the SHA-256 of the package's Python sources (names and contents)."""
+    h = hashlib.sha256()
+    for path in sorted(package_dir.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def cache_dir(package_dir: Path) -> Path | None:
-    """Where numba should cache the kernels: None for numba's default (beside the sources, or the
-    user's NUMBA_CACHE_DIR); the user cache directory when the package directory is read-only."""
-    if os.environ.get("NUMBA_CACHE_DIR") or os.access(package_dir, os.W_OK):
+    """Where numba should cache the kernels: None when the user set NUMBA_CACHE_DIR; else
+    package_dir/__pycache__/numba/<sources_key>, or the user cache directory's
+    qformat/numba/<sources_key> when the package directory is read-only."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
         return None
-    return _user_cache_dir()
+    base = package_dir / "__pycache__" / "numba" if os.access(package_dir, os.W_OK) else _user_cache_dir()
+    return base / sources_key(package_dir)
 
 
 def _choose_cache_dir() -> None:
@@ -42,4 +56,4 @@ from .threads import set_threads  # noqa: E402
 
 register_all()
 
-__all__ = ["cache_dir", "set_threads"]
+__all__ = ["cache_dir", "set_threads", "sources_key"]

@@ -29,7 +29,7 @@ from numba import njit, prange
 from qformat.packing import pack_codes, padded_len
 from qformat.schemes import KINDS, Tensor, unpack_nm_index
 
-from . import quant
+from . import nm_vnni, quant
 from .quant import FAST, NF4_TABLE, _dot2, _dot3, _dot4, _dot8, _dot_nf4
 
 # Rows per parallel task (as quant.ROW_BLOCK: two threads split a 192-row projection evenly).
@@ -249,6 +249,12 @@ def _tiles_n8(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out)
 # Tiles per parallel task: one tile is 32 rows, as quant.ROW_BLOCK.
 TILE_BLOCK = 1
 
+# The n:4 tile kernel this CPU runs, chosen here and never by a branch in compiled code (see
+# nm_vnni): byte shuffles + vpdpbusd on AVX512-VNNI/BW, else the portable shifts above.
+NM4_VNNI = nm_vnni.has_nm_vnni() and TILE == nm_vnni.TILE
+TILES_N4 = nm_vnni.tiles_n4 if NM4_VNNI else _tiles_n4
+NM4_TABLES = 1 if NM4_VNNI else 0  # tested inside gemv_nm_q4_q8act (as an int: a global bool there failed LLVM IR parsing)
+
 
 @njit(cache=True, parallel=True)
 def gemv_nm_q4_q8act(codes, scales, zeros, has_zeros, h2f, index, x, k, group, n, m, out):
@@ -256,15 +262,19 @@ def gemv_nm_q4_q8act(codes, scales, zeros, has_zeros, h2f, index, x, k, group, n
     and positions, tile_rows of the scales' uint16 bits and of the zeros); x float32 (k,) in stored
     column order, quantized here to int8 per `group` input columns (quant.quantize_x)."""
     xq, d, _ = quant.quantize_x(x, k, group, (group + 7) // 8 * 8)
-    cand = candidates(xq, k, group, n, m)
-    cand32 = cand.astype(np.int32)  # m = 4: the 4 bytes fit (the upper half is zero)
+    if m == 4 and NM4_TABLES == 1:
+        cand = np.zeros((1, 1, 1), np.int64)
+        table = nm_vnni.step_table(xq, k, group, n)
+    else:
+        cand = candidates(xq, k, group, n, m)
+        table = cand.astype(np.int32)  # m = 4: the 4 bytes fit (the upper half is zero)
     n_tiles = codes.shape[0]
     n_tasks = (n_tiles + TILE_BLOCK - 1) // TILE_BLOCK
     for i in prange(n_tasks):
         b0 = i * TILE_BLOCK
         b1 = min(n_tiles, b0 + TILE_BLOCK)
         if m == 4:
-            _tiles_n4(codes, scales, zeros, has_zeros, h2f, index, cand32, d, b0, b1, out)
+            TILES_N4(codes, scales, zeros, has_zeros, h2f, index, table, d, b0, b1, out)
         else:
             _tiles_n8(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out)
 
