@@ -72,6 +72,29 @@ def with_sidecars(t: Tensor, rng) -> Tensor:
     return add_fp_cols(Tensor(t.name, t.kind, t.shape, arrays, t.group_size, t.symmetric), rng)
 
 
+@pytest.mark.parametrize("scheme,rows,k", [("int4-g64", 37, 576), ("int4-g128", 19, 4160), ("int4-g64-sym", 5, 200)])
+def test_vnni_q4_rows_equal_portable_rows(scheme, rows, k):
+    """The AVX512-VNNI q4 row kernel (kernels/cpu/q4_vnni.py) gives the portable kernel's sums
+    up to float rounding order (skipped on CPUs without AVX512-VNNI/BW)."""
+    from qformat.kernels.cpu import q4_vnni
+    from qformat.kernels.cpu.features import VNNI_BW
+    from qformat.kernels.cpu.linear import H2F
+
+    if not VNNI_BW:
+        pytest.skip("this CPU has no AVX512-VNNI/BW")
+    t = make(scheme, rows, k, seed=6)
+    group = min(t.group_size, k)
+    x = np.random.default_rng(7).standard_normal(k).astype(np.float32)
+    xq, d, sums = quant.quantize_x(x, k, group, group)
+    lo, hi = quant.split_slices(xq, k, group)
+    a = t.arrays
+    args = (a["codes"], a["scales"].view(np.uint16), a.get("zeros", np.zeros((1, 1), np.uint8)), "zeros" in a, H2F)
+    portable, wide = np.empty(rows, np.float32), np.empty(rows, np.float32)
+    quant._rows_q4_q8act(*args, lo, hi, d, sums, k, group, 0, rows, portable)
+    q4_vnni.rows(*args, lo, hi, xq, d, sums, k, group, 0, rows, wide)
+    assert close(wide, portable, 1e-6)
+
+
 def test_int8_activations_skip_16bit_columns():
     """A ×100 channel kept in 16 bits (LLM.int8()) does not coarsen its group's int8 activation
     codes: the q4 GEMV zeroes it before quantizing, so it matches float activations closely."""

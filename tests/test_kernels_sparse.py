@@ -115,13 +115,14 @@ def test_sparse_with_every_sidecar(scheme):
                                              ("int4-g32", 1, 70, 96), ("int4-g64", 3, 33, 192)])
 def test_shuffle_vnni_tiles_equal_portable_tiles(scheme, n, rows, k):
     """The AVX512 shuffle + VNNI n:4 tile kernel (kernels/cpu/nm_vnni.py) computes exactly the
-    portable kernel's integer sums (skipped on CPUs without AVX512-VNNI/BW, where only the
+    portable kernel's integer sums (skipped on CPUs without AVX512-VNNI/BW/VBMI, where only the
     portable one runs)."""
     from qformat.kernels.cpu import nm_vnni, quant
+    from qformat.kernels.cpu.features import VNNI_VBMI
     from qformat.kernels.cpu.linear import H2F
 
-    if not nm_vnni.has_nm_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI/BW")
+    if not VNNI_VBMI:
+        pytest.skip("this CPU has no AVX512-VNNI/BW/VBMI")
     t = make_sparse(scheme, rows, k, n, 4, seed=3)
     lay = sparse.NmLayout(t)
     x = np.random.default_rng(4).standard_normal(k).astype(np.float32)
@@ -129,9 +130,11 @@ def test_shuffle_vnni_tiles_equal_portable_tiles(scheme, n, rows, k):
     tiles = lay.codes.shape[0]
     portable, shuffled = np.empty(rows, np.float32), np.empty(rows, np.float32)
     cand = sparse.candidates(xq, k, lay.group, n, 4).astype(np.int32)
-    sparse._tiles_n4(lay.codes, lay.scales, lay.zeros, lay.has_zeros, H2F, lay.index, cand, d, 0, tiles, portable)
+    scratch = (np.empty((2, sparse.TILE), np.int32), np.empty(sparse.TILE, np.float32))
+    sparse._tiles_n4(lay.codes, lay.scales, lay.zeros, lay.has_zeros, H2F, lay.index, cand, d, 0, tiles, portable,
+                     *scratch)
     nm_vnni.tiles_n4(lay.codes, lay.scales, lay.zeros, lay.has_zeros, H2F, lay.index,
-                     nm_vnni.step_table(xq, k, lay.group, n), d, 0, tiles, shuffled)
+                     nm_vnni.step_table(xq, k, lay.group, n), d, 0, tiles, shuffled, *scratch)
     np.testing.assert_allclose(shuffled, portable, rtol=1e-6, atol=1e-6 * float(np.abs(portable).max()))
 
 

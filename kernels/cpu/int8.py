@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from llvmlite.binding import get_host_cpu_features
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qformat.schemes import Tensor
 
+from .features import VNNI
 from .linear import H2F, _Sidecars, group_quant_op
 
 # int32 accumulation of up to 255 * 127 per column
@@ -36,15 +36,6 @@ MAX_COLUMNS = (2**31 - 1) // (255 * 127)
 ROW_BLOCK = 32
 
 
-def has_vnni512() -> bool:
-    """Whether this CPU has AVX512-VNNI (vpdpbusd on 512-bit vectors)."""
-    try:
-        return bool(get_host_cpu_features().get("avx512vnni", False))
-    except RuntimeError:  # features unknown on this platform: take the portable loops
-        return False
-
-
-VNNI = has_vnni512()
 
 
 def check_width(k: int, name: str) -> None:

@@ -326,6 +326,12 @@ def _tail_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, gro
         out[r] += h2f[scales[r, g]] * d[g] * np.float32(dot - z * sums[g])
 
 
+@njit(cache=True, fastmath=FAST)
+def _rows_q4_any(codes, scales, zeros, has_zeros, h2f, lo, hi, xq, d, sums, k, group, r0, r1, out):
+    """_rows_q4_q8act with q4_vnni.rows's arguments (the portable kernel for groups of 64k)."""
+    _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out)
+
+
 # Rows per parallel task of the int8-activation GEMV: enough to amortize a task, few enough that
 # two threads split a 192-row projection evenly.
 ROW_BLOCK = 32
@@ -337,11 +343,15 @@ def gemv_q4_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, o
     rows = scales.shape[0]
     lo, hi = split_slices(xq, k, group)
     has_tail = k % group != 0
+    wide = group % 64 == 0
     n_blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
     for b in prange(n_blocks):
         r0 = b * ROW_BLOCK
         r1 = min(rows, r0 + ROW_BLOCK)
-        _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out)
+        if wide:
+            ROWS_Q4_64(codes, scales, zeros, has_zeros, h2f, lo, hi, xq, d, sums, k, group, r0, r1, out)
+        else:
+            _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out)
         if has_tail:
             _tail_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out)
 
@@ -515,3 +525,11 @@ def logical_columns(k: int, group: int) -> np.ndarray:
     padded = (group + 7) // 8 * 8
     c = np.arange(k)
     return (c // group) * padded + c % group
+
+
+# The full-group kernel for groups of a multiple of 64 columns, chosen here (features): vpdpbusd
+# on AVX512-VNNI/BW CPUs. Imported last: q4_vnni uses FAST from this module.
+from . import q4_vnni  # noqa: E402
+from .features import VNNI_BW  # noqa: E402
+
+ROWS_Q4_64 = q4_vnni.rows if VNNI_BW else _rows_q4_any

@@ -30,6 +30,7 @@ from qformat.packing import pack_codes, padded_len
 from qformat.schemes import KINDS, Tensor, unpack_nm_index
 
 from . import nm_vnni, quant
+from .features import VNNI_VBMI
 from .quant import FAST, NF4_TABLE, _dot2, _dot3, _dot4, _dot8, _dot_nf4
 
 # Rows per parallel task (as quant.ROW_BLOCK: two threads split a 192-row projection evenly).
@@ -160,15 +161,17 @@ def _pick8(c, p):
 
 
 @njit(cache=True, fastmath=FAST)
-def _tiles_n4(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out):
+def _tiles_n4(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out, iscratch, fscratch):
     """out rows of tiles b0..b1-1 = W @ x, n:4. codes (tiles, groups, 2L, TILE), index (tiles,
-    groups, L, TILE), cand (groups, 4, L) int32 (byte c = block column c)."""
+    groups, L, TILE), cand (groups, 4, L) int32 (byte c = block column c); scratch: (2, TILE)
+    int32 and (TILE,) float32 of the caller's (see gemv_nm_q4_int8)."""
     n_groups = codes.shape[1]
     ll = index.shape[2]
     rows = out.shape[0]
-    dot = np.zeros(TILE, np.int32)
-    acc = np.zeros(TILE, np.float32)
-    zz = np.full(TILE, 8, np.int32)
+    dot = iscratch[0]
+    acc = fscratch
+    zz = iscratch[1]
+    zz[:] = 8
     for b in range(b0, b1):
         acc[:] = 0.0
         for g in range(n_groups):
@@ -208,15 +211,16 @@ def _tiles_n4(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out)
 
 
 @njit(cache=True, fastmath=FAST)
-def _tiles_n8(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out):
+def _tiles_n8(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out, iscratch, fscratch):
     """out rows of tiles b0..b1-1 = W @ x, n:8. codes and index (tiles, groups, L, TILE), cand
-    (groups, 2, L) int64 (byte c = block column c)."""
+    (groups, 2, L) int64 (byte c = block column c); scratch as _tiles_n4."""
     n_groups = codes.shape[1]
     ll = codes.shape[2]
     rows = out.shape[0]
-    dot = np.zeros(TILE, np.int32)
-    acc = np.zeros(TILE, np.float32)
-    zz = np.full(TILE, 8, np.int32)
+    dot = iscratch[0]
+    acc = fscratch
+    zz = iscratch[1]
+    zz[:] = 8
     for b in range(b0, b1):
         acc[:] = 0.0
         for g in range(n_groups):
@@ -250,8 +254,9 @@ def _tiles_n8(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out)
 TILE_BLOCK = 1
 
 # The n:4 tile kernel this CPU runs, chosen here and never by a branch in compiled code (see
-# nm_vnni): byte shuffles + vpdpbusd on AVX512-VNNI/BW, else the portable shifts above.
-NM4_VNNI = nm_vnni.has_nm_vnni() and TILE == nm_vnni.TILE
+# nm_vnni): bit-field and byte shuffles + vpdpbusd on AVX512-VNNI/BW/VBMI, else the portable
+# shifts above.
+NM4_VNNI = VNNI_VBMI and TILE == nm_vnni.TILE
 TILES_N4 = nm_vnni.tiles_n4 if NM4_VNNI else _tiles_n4
 NM4_TABLES = 1 if NM4_VNNI else 0  # tested inside gemv_nm_q4_q8act (as an int: a global bool there failed LLVM IR parsing)
 
@@ -270,13 +275,17 @@ def gemv_nm_q4_q8act(codes, scales, zeros, has_zeros, h2f, index, x, k, group, n
         table = cand.astype(np.int32)  # m = 4: the 4 bytes fit (the upper half is zero)
     n_tiles = codes.shape[0]
     n_tasks = (n_tiles + TILE_BLOCK - 1) // TILE_BLOCK
+    # every task's scratch allocated here: allocations inside the parallel loop made two threads
+    # slower than one on SmolLM2's 192- and 576-row layers
+    iscratch = np.empty((n_tasks, 2, TILE), np.int32)
+    fscratch = np.empty((n_tasks, TILE), np.float32)
     for i in prange(n_tasks):
         b0 = i * TILE_BLOCK
         b1 = min(n_tiles, b0 + TILE_BLOCK)
         if m == 4:
-            TILES_N4(codes, scales, zeros, has_zeros, h2f, index, table, d, b0, b1, out)
+            TILES_N4(codes, scales, zeros, has_zeros, h2f, index, table, d, b0, b1, out, iscratch[i], fscratch[i])
         else:
-            _tiles_n8(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out)
+            _tiles_n8(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out, iscratch[i], fscratch[i])
 
 
 @njit(cache=True, parallel=True)
