@@ -164,7 +164,7 @@ def _pick8(c, p):
 def _tiles_n4(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out, iscratch, fscratch):
     """out rows of tiles b0..b1-1 = W @ x, n:4. codes (tiles, groups, 2L, TILE), index (tiles,
     groups, L, TILE), cand (groups, 4, L) int32 (byte c = block column c); scratch: (2, TILE)
-    int32 and (TILE,) float32 of the caller's (see gemv_nm_q4_int8)."""
+    int32 and (TILE,) float32 of the caller's (see gemv_nm_q4_q8act)."""
     n_groups = codes.shape[1]
     ll = index.shape[2]
     rows = out.shape[0]
