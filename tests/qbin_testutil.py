@@ -150,7 +150,8 @@ def zero_dense_channels(t: Tensor, channels: np.ndarray) -> None:
     if "zeros" in a:
         zero = np.asarray(a["zeros"])[:, np.arange(kc) // gc]
     else:
-        zero = np.full((rows, kc), int(np.flatnonzero(NF4_LEVELS == 0.0)[0]) if KINDS[t.kind].nf4 else 2 ** (bits - 1), np.uint8)
+        code = int(np.flatnonzero(NF4_LEVELS == 0.0)[0]) if KINDS[t.kind].nf4 else 2 ** (bits - 1)
+        zero = np.full((rows, kc), code, np.uint8)
     hit = np.isin(channel, channels)
     codes[hit] = zero[hit]
     a["codes"] = pack_codes(codes, gc, bits)

@@ -258,7 +258,8 @@ TILE_BLOCK = 1
 # shifts above.
 NM4_VNNI = VNNI_VBMI and TILE == nm_vnni.TILE
 TILES_N4 = nm_vnni.tiles_n4 if NM4_VNNI else _tiles_n4
-NM4_TABLES = 1 if NM4_VNNI else 0  # tested inside gemv_nm_q4_q8act (as an int: a global bool there failed LLVM IR parsing)
+# tested inside gemv_nm_q4_q8act; an int, as a global bool there failed LLVM IR parsing
+NM4_TABLES = 1 if NM4_VNNI else 0
 
 
 @njit(cache=True, parallel=True)
