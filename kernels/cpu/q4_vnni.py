@@ -25,7 +25,6 @@ from .quant import FAST
 
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 _B32 = ir.VectorType(_I8, 32)
-_B64 = ir.VectorType(_I8, 64)
 _V16 = ir.VectorType(_I32, 16)
 _F16 = ir.VectorType(_F32, 16)
 
