@@ -20,11 +20,14 @@ def _user_cache_dir() -> Path:
 
 
 def sources_key(package_dir: Path) -> str:
-    """16 hex digits of the SHA-256 of the package's Python sources (names and contents)."""
+    """16 hex digits of the SHA-256 of the package's Python sources (names and contents), and
+    "-portable" under QFORMAT_PORTABLE_KERNELS=1 (kernels compiled without the AVX-512 paths)."""
+    from .features import PORTABLE
+
     h = hashlib.sha256()
     for path in sorted(package_dir.glob("*.py")):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:16] + ("-portable" if PORTABLE else "")
 
 
 def cache_dir(package_dir: Path) -> Path | None:

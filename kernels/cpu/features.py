@@ -2,10 +2,14 @@
 
 Kernels built on AVX-512 intrinsics are chosen by these flags at import time, never by a branch
 inside compiled code: compiling such an intrinsic for a CPU without it is a fatal LLVM error,
-not an exception.
+not an exception. QFORMAT_PORTABLE_KERNELS=1 turns them all off, so that the portable kernels
+can be run (and tested) on any CPU; the compiled-kernel cache is then kept apart.
 """
 from __future__ import annotations
 
+import os
+
+PORTABLE = os.environ.get("QFORMAT_PORTABLE_KERNELS", "") == "1"
 
 def host_features() -> dict[str, bool]:
     """LLVM's feature flags of the host CPU ({} where they cannot be read)."""
@@ -17,7 +21,7 @@ def host_features() -> dict[str, bool]:
         return {}
 
 
-_FEATURES = host_features()
+_FEATURES = {} if PORTABLE else host_features()
 # AVX512-VNNI: vpdpbusd on 512-bit vectors (64 unsigned-by-signed byte products per instruction)
 VNNI = bool(_FEATURES.get("avx512vnni", False))
 # ... and AVX512-BW: byte shuffles and byte arithmetic on 512-bit vectors
