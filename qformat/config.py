@@ -102,5 +102,16 @@ class Provenance:
     calibration_sha256: str | None = None
     created: str = ""  # ISO 8601 UTC; the one field that differs between identical conversions
 
+    def __post_init__(self) -> None:
+        # a header is untrusted input: wrong types must fail here, not later in qinfo
+        for name in ("source", "converter", "command", "scheme", "method", "created"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string")
+        if self.calibration_sha256 is not None and not isinstance(self.calibration_sha256, str):
+            raise TypeError("calibration_sha256 must be a string or null")
+        if not isinstance(self.source_files, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.source_files.items()):
+            raise TypeError("source_files must map file names to SHA-256 strings")
+
 
 _NESTED = {("ModelArgs", "rope_scaling"): RopeScaling}
