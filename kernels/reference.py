@@ -71,6 +71,17 @@ def dense_input(a: dict, x: np.ndarray) -> np.ndarray:
     return x[a["perm"]] if "perm" in a else x
 
 
+def _add_sidecars(a: dict, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (rows,) float64 += sparse outliers · x and 16-bit columns · x (x unquantized, original
+    channel order), as a GEMV adds them after its dense part."""
+    if "outlier_rowptr" in a:
+        row_of = np.repeat(np.arange(out.size), np.diff(np.asarray(a["outlier_rowptr"], np.int64)))
+        np.add.at(out, row_of, np.asarray(a["outlier_values"], np.float64) * x[np.asarray(a["outlier_cols"], np.int64)])
+    if "fp_cols" in a:
+        out += np.asarray(a["fp_weight"], np.float64) @ x[np.asarray(a["fp_cols"], np.int64)]
+    return out
+
+
 def gemv_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
     """W @ x as the CPU's int8-activation GEMV computes it (q4 kinds): the activations, in stored
     column order with the 16-bit columns zeroed (dense_input), quantized per weight group by
@@ -96,12 +107,7 @@ def gemv_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
         sel = cols == g
         dots = (codes[:, sel] - z[:, g:g + 1]) @ q[sel]  # exact integers
         out += np.asarray(a["scales"][:, g], np.float64) * np.float64(d[g]) * dots
-    if "outlier_rowptr" in a:
-        row_of = np.repeat(np.arange(rows), np.diff(np.asarray(a["outlier_rowptr"], np.int64)))
-        np.add.at(out, row_of, np.asarray(a["outlier_values"], np.float64) * x[np.asarray(a["outlier_cols"], np.int64)])
-    if "fp_cols" in a:
-        out += np.asarray(a["fp_weight"], np.float64) @ x[np.asarray(a["fp_cols"], np.int64)]
-    return out.astype(np.float32)
+    return _add_sidecars(a, x, out).astype(np.float32)
 
 
 def quantize_tokens(x: np.ndarray, act_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -192,9 +198,4 @@ def gemv_nm_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
         sel = kept_group == g
         dots = ((codes[:, sel] - z[:, g:g + 1]) * q[cols[:, sel]]).sum(axis=1)  # exact integers
         out += np.asarray(a["scales"][:, g], np.float64) * np.float64(d[g]) * dots
-    if "outlier_rowptr" in a:
-        row_of = np.repeat(np.arange(rows), np.diff(np.asarray(a["outlier_rowptr"], np.int64)))
-        np.add.at(out, row_of, np.asarray(a["outlier_values"], np.float64) * x[np.asarray(a["outlier_cols"], np.int64)])
-    if "fp_cols" in a:
-        out += np.asarray(a["fp_weight"], np.float64) @ x[np.asarray(a["fp_cols"], np.int64)]
-    return out.astype(np.float32)
+    return _add_sidecars(a, x, out).astype(np.float32)

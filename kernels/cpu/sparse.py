@@ -31,6 +31,7 @@ from qformat.schemes import KINDS, Tensor, unpack_nm_index
 
 from . import nm_vnni, quant
 from .features import VNNI_VBMI
+from .linear import _KERNELS, H2F, _Base, _Sidecars
 from .quant import FAST, NF4_TABLE, _dot2, _dot3, _dot4, _dot8, _dot_nf4
 
 # Rows per parallel task (as quant.ROW_BLOCK: two threads split a 192-row projection evenly).
@@ -466,59 +467,38 @@ class NmLayout:
         return out
 
 
-class SparseGroupQuantOp:
-    """The linear op (qformat.kernels.registry.LinearOp) of an n:m sparse grouped weight."""
+class SparseGroupQuantOp(_Base):
+    """The linear op (qformat.kernels.registry.LinearOp) of an n:m sparse grouped weight: GEMV on
+    the sparse kernels, prefill (linear._Base.gemm) on blocks of rows dequantized and scattered
+    once per block, then BLAS."""
 
     def __init__(self, t: Tensor):
-        from .linear import _KERNELS, GEMM_BLOCK_BYTES, _Sidecars
-
-        if len(t.shape) != 2:
-            raise ValueError(f"tensor {t.name}: a linear weight is 2-D, got shape {list(t.shape)}")
+        super().__init__(t)
         if t.activation is not None:
             raise NotImplementedError(f"tensor {t.name}: sparse {t.kind} with 8-bit activations has no CPU kernel yet")
-        self.name = t.name
-        self.out_features, self.in_features = t.shape
         self.nm = NmLayout(t)
         self.side = _Sidecars(t)
         self._dequant = _KERNELS[t.kind][1]
-        self._block = max(1, GEMM_BLOCK_BYTES // (4 * max(1, self.in_features)))
 
     def gemv(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        from .linear import H2F
-
         xs = np.ascontiguousarray(self.side.stored_x(x), np.float32)
         self.nm.gemv(H2F, xs, out)
         if self.side.any:
             self.side.add_gemv(x, out)
         return out
 
-    def _stored_rows(self, ids: np.ndarray) -> np.ndarray:
-        """float32 rows `ids` in stored column order (pruned columns zero), sidecars not added."""
-        from .linear import H2F
+    def _prep_x(self, x: np.ndarray) -> np.ndarray:
+        return self.side.stored_x(x)
 
+    def _weight_block(self, ids: np.ndarray) -> np.ndarray:
+        """float32 rows `ids` in stored column order (pruned columns zero), sidecars not added."""
         return self.nm.dense_rows(H2F, self._dequant, ids)
 
-    def gemm(self, x: np.ndarray) -> np.ndarray:
-        """(n, out) = x @ W.T: a few tokens by GEMV, more by blocks of rows dequantized and
-        scattered once per block, then BLAS."""
-        from .linear import GEMM_MIN_TOKENS
-
-        x = np.ascontiguousarray(x, np.float32)
-        n = x.shape[0]
-        out = np.empty((n, self.out_features), np.float32)
-        if n < GEMM_MIN_TOKENS:
-            for i in range(n):
-                self.gemv(x[i], out[i])
-            return out
-        xs = self.side.stored_x(x)
-        for r0 in range(0, self.out_features, self._block):
-            ids = np.arange(r0, min(self.out_features, r0 + self._block), dtype=np.int64)
-            np.matmul(xs, self._stored_rows(ids).T, out=out[:, r0:ids[-1] + 1])
+    def _add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:
         if self.side.any:
             self.side.add_gemm(x, out)
-        return out
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
-        stored = self._stored_rows(ids)
+        stored = self._weight_block(ids)
         return self.side.fix_rows(ids, stored) if self.side.any else stored
