@@ -82,31 +82,33 @@ def _add_sidecars(a: dict, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def gemv_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
-    """W @ x as the CPU's int8-activation GEMV computes it (q4 kinds): the activations, in stored
-    column order with the 16-bit columns zeroed (dense_input), quantized per weight group by
-    `quantize_activations`; the codes' dot products
-    exact in integers; each group scaled by weight scale x activation scale; sidecars (outliers,
-    16-bit columns) added in float from the unquantized x."""
+def gemv_q8act_reference(t: Tensor, x: np.ndarray, act_group: int | None = None) -> np.ndarray:
+    """W @ x as the CPU's int8-activation kernels compute it (the q4 GEMV, the q4/q8 prefill
+    GEMM): the activations, in stored column order with the 16-bit columns zeroed (dense_input),
+    quantized by `quantize_activations` per `act_group` columns (default: the weight group; an
+    activation group lies inside one weight group); the codes' dot products exact in integers;
+    each activation group scaled by weight scale x activation scale; sidecars (outliers, 16-bit
+    columns) added in float from the unquantized x."""
     from qformat.packing import unpack_codes
     from qformat.schemes import KINDS
 
     a = t.arrays
     rows, k = t.shape
     group = min(t.group_size, k)
+    act_group = act_group or group
     bits = KINDS[t.kind].bits
     x = np.asarray(x, np.float32)
-    q, d = quantize_activations(dense_input(a, x), group)
+    q, d = quantize_activations(dense_input(a, x), act_group)
     codes = unpack_codes(np.asarray(a["codes"]), k, group, bits).astype(np.int64)  # (rows, k)
-    n_groups = d.size
     z = (np.asarray(a["zeros"], np.int64) if "zeros" in a
-         else np.full((rows, n_groups), 2 ** (bits - 1), np.int64))
-    cols = np.arange(k) // group
+         else np.full((rows, -(-k // group)), 2 ** (bits - 1), np.int64))
+    cols = np.arange(k) // act_group
     out = np.zeros(rows, np.float64)
-    for g in range(n_groups):
-        sel = cols == g
+    for ga in range(d.size):
+        sel = cols == ga
+        g = ga * act_group // group
         dots = (codes[:, sel] - z[:, g:g + 1]) @ q[sel]  # exact integers
-        out += np.asarray(a["scales"][:, g], np.float64) * np.float64(d[g]) * dots
+        out += np.asarray(a["scales"][:, g], np.float64) * np.float64(d[ga]) * dots
     return _add_sidecars(a, x, out).astype(np.float32)
 
 

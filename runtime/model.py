@@ -136,7 +136,7 @@ class FeedForward:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         gate = self.w1(x)
-        ops.silu_mul(gate, self.w3(x))
+        ops.silu_mul_rows(gate, self.w3(x))
         return self.w2(gate)
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from qformat.kernels import linear_op, reference, registered
-from qformat.kernels.cpu import ops, quant
-from qformat.kernels.cpu.linear import q8act
+from qformat.kernels.cpu import gemm_vnni, ops, quant
+from qformat.kernels.cpu.features import VNNI
+from qformat.kernels.cpu.linear import H2F, q8act
 from qformat.schemes import Tensor, parse_scheme
 
 from qbin_testutil import add_fp_cols
@@ -42,6 +43,17 @@ def gemv_reference(t, x):
     return reference.linear(t, x)
 
 
+def gemm_reference(t, xs):
+    """What the CPU prefill GEMM computes: on AVX512-VNNI CPUs int8 activations where the GEMV
+    takes them (kernels/cpu/gemm_vnni.py), else dequantized rows times float activations."""
+    k = t.shape[1]
+    uses = VNNI and q8act(t.kind, min(t.group_size, k))
+    group = gemm_vnni.act_group(t.kind, min(t.group_size, k), k) if uses else None
+    if group is None:
+        return reference.linear(t, xs)
+    return np.stack([reference.gemv_q8act_reference(t, x, group) for x in xs])
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("rows,k", SHAPES)
 def test_linear_matches_reference(scheme, rows, k):
@@ -54,8 +66,8 @@ def test_linear_matches_reference(scheme, rows, k):
     assert close(out, gemv_reference(t, x))
     xs = rng.standard_normal((2, k)).astype(np.float32)  # below the GEMM switch: one GEMV per row
     assert close(op.gemm(xs), np.stack([gemv_reference(t, row) for row in xs]))
-    xs = rng.standard_normal((11, k)).astype(np.float32)  # dequantize + BLAS, float activations
-    assert close(op.gemm(xs), reference.linear(t, xs))
+    xs = rng.standard_normal((11, k)).astype(np.float32)  # the GEMM
+    assert close(op.gemm(xs), gemm_reference(t, xs))
     ids = np.array([0, rows - 1, rows // 2])
     np.testing.assert_array_equal(op.rows(ids), t.dequantize()[ids])
 
@@ -78,7 +90,6 @@ def test_vnni_q4_rows_equal_portable_rows(scheme, rows, k):
     up to float rounding order (skipped on CPUs without AVX512-VNNI/BW)."""
     from qformat.kernels.cpu import q4_vnni
     from qformat.kernels.cpu.features import VNNI_BW
-    from qformat.kernels.cpu.linear import H2F
 
     if not VNNI_BW:
         pytest.skip("this CPU has no AVX512-VNNI/BW")
@@ -93,6 +104,30 @@ def test_vnni_q4_rows_equal_portable_rows(scheme, rows, k):
     quant._rows_q4_q8act(*args, lo, hi, d, sums, k, group, 0, rows, portable)
     q4_vnni.rows(*args, lo, hi, xq, d, sums, k, group, 0, rows, wide)
     assert close(wide, portable, 1e-6)
+
+
+@pytest.mark.parametrize("scheme,k,agroup", [("int4-g64", 576, 64), ("int4-g32-sym", 200, 32), ("int4-g128", 1000, 128),
+                                              ("int8", 576, 64), ("int8", 100, 64), ("int8-g128-sym", 320, 64),
+                                              ("int8-g32", 96, 32)])
+@pytest.mark.parametrize("n", [1, 9, 21])
+def test_vnni_gemm_matches_reference(scheme, k, agroup, n):
+    """kernels/cpu/gemm_vnni.py (q4 and q8 codes times int8 activations, 16-row blocks, 8-token
+    tiles) against the NumPy model of its integers, for rows and tokens that fill no block or
+    tile, partial last groups, a zero token and a zero group (skipped without AVX512-VNNI)."""
+    if not VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    rows = 53
+    t = make(scheme, rows, k, seed=8)
+    group = min(t.group_size, k)
+    assert gemm_vnni.act_group(t.kind, group, k) == agroup
+    xs = np.random.default_rng(9).standard_normal((n, k)).astype(np.float32) * 3
+    xs[0, :agroup] = 0.0
+    if n > 1:
+        xs[1] = 0.0
+    a = t.arrays
+    out = gemm_vnni.gemm_q8act(a["codes"], a["scales"].view(np.uint16), a.get("zeros", np.zeros((1, 1), np.uint8)),
+                               "zeros" in a, H2F, {"q4": 4, "q8": 8}[t.kind], k, group, agroup, xs)
+    assert close(out, np.stack([reference.gemv_q8act_reference(t, x, agroup) for x in xs]), 1e-6)
 
 
 def test_int8_activations_skip_16bit_columns():
@@ -123,7 +158,7 @@ def test_sidecars_match_reference(scheme):
     op.gemv(x, out)
     assert close(out, gemv_reference(t, x))
     xs = rng.standard_normal((12, 100)).astype(np.float32)
-    assert close(op.gemm(xs), reference.linear(t, xs))
+    assert close(op.gemm(xs), gemm_reference(t, xs))
     ids = np.array([0, 5, 22])
     assert close(op.rows(ids), t.dequantize()[ids], 1e-6)
 

@@ -29,7 +29,11 @@ def check(out, ref):
 for scheme, rows, k in (("int4-g64", 70, 576), ("int4-g128", 33, 384), ("int4-g64", 19, 200)):
     t = parse_scheme(scheme).quantize("w", rng.standard_normal((rows, k)).astype(np.float32))
     x = rng.standard_normal(k).astype(np.float32)
-    check(linear_op("cpu", t).gemv(x, np.empty(rows, np.float32)), reference.gemv_q8act_reference(t, x))
+    op = linear_op("cpu", t)
+    check(op.gemv(x, np.empty(rows, np.float32)), reference.gemv_q8act_reference(t, x))
+    xs = rng.standard_normal((11, k)).astype(np.float32)  # prefill: dequantized rows, float activations
+    assert op.act_group is None
+    check(op.gemm(xs), reference.linear(t, xs))
 
 w = rng.standard_normal((40, 256)).astype(np.float32)
 blocks = np.abs(w).reshape(40, 64, 4)

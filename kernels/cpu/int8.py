@@ -27,6 +27,7 @@ from numba.extending import intrinsic
 
 from qformat.schemes import Tensor
 
+from . import gemm_vnni
 from .features import VNNI
 from .linear import H2F, _Sidecars, group_quant_op
 
@@ -295,21 +296,25 @@ class W8A8Op:
         self.act_scale = np.float32(a["act_scale"][0]) if self.static else np.float32(0.0)
         self.perm = np.asarray(a["perm"], np.int64) if "perm" in a else None
         self.integer = t.kind == "q8" and t.sparsity is None and min(t.group_size, k) == k
+        # prefill through the VNNI GEMM of gemm_vnni (q4/q8 without n:m): the same integers
+        self.act_group = (gemm_vnni.act_group(t.kind, min(t.group_size, k), k)
+                          if VNNI and t.sparsity is None else None)
         self.codes = a["codes"]
         self.scales = a["scales"].view(np.uint16)
         self.has_zeros = "zeros" in a
         self.zeros = a["zeros"] if self.has_zeros else np.zeros((1, 1), np.uint8)
         self._gemv, self._gemm = GEMV, GEMM
 
-    def _inputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(x', the int8 part's input in stored column order), both (n, k) float32."""
+    def _inputs(self, x: np.ndarray, gemm: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(x', the int8 part's input), both (n, k) float32; in stored column order where the
+        integer kernels read it (else the dense op's float kernels gather it themselves)."""
         if self.inv_scale is not None:
             x = x * self.inv_scale
         xi = x
         if self.fp_cols is not None:
             xi = x.copy()
             xi[:, self.fp_cols] = 0.0
-        if self.perm is not None and self.integer:  # the float fallback's dense op gathers itself
+        if self.perm is not None and (self.integer or (gemm and self.act_group)):
             xi = xi[:, self.perm]
         return x, np.ascontiguousarray(xi, np.float32)
 
@@ -322,7 +327,7 @@ class W8A8Op:
         return xq, d, sums
 
     def gemv(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        x1, xi = self._inputs(np.asarray(x, np.float32).reshape(1, -1))
+        x1, xi = self._inputs(np.asarray(x, np.float32).reshape(1, -1), gemm=False)
         xq, d, sums = self._quantize(xi)
         if self.integer:
             self._gemv(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xq[0], d[0], sums[0],
@@ -336,7 +341,12 @@ class W8A8Op:
     def gemm(self, x: np.ndarray) -> np.ndarray:
         x1, xi = self._inputs(np.ascontiguousarray(x, np.float32))
         xq, d, sums = self._quantize(xi)
-        if self.integer:
+        if self.act_group:
+            op = self.dense
+            xg, dg, sg = gemm_vnni.per_token_input(xq, d, self.in_features, self.act_group)
+            out = gemm_vnni.gemm_codes(op.codes, op.scales, op.zeros, op.has_zeros, H2F, op.bits, self.in_features,
+                                       op.group, self.act_group, xg, dg, sg, xq.shape[0])
+        elif self.integer:
             out = np.empty((x1.shape[0], self.out_features), np.float32)
             self._gemm(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xq, d, sums, self.in_features, out)
         else:

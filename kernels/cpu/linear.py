@@ -6,12 +6,15 @@ codes or the 16-bit data (the only copies are the small f16 sidecars widened to 
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from qformat.packing import padded_len
 from qformat.schemes import KINDS, Tensor
 
-from . import dense, quant
+from . import dense, gemm_vnni, quant
+from .features import VNNI
+from .threads import run_tasks
 from ..registry import register
 
 H2F = quant.half_table()
@@ -125,9 +128,14 @@ class _Base:
                 self.gemv(x[i], out[i])
             return out
         xs = self._prep_x(x)
-        for r0 in range(0, self.out_features, self._block):
-            ids = np.arange(r0, min(self.out_features, r0 + self._block), dtype=np.int64)
+        # at least one block per thread; each dequantizes its rows and multiplies them (threads.py)
+        step = max(1, min(self._block, -(-self.out_features // numba.get_num_threads())))
+
+        def block(r0: int) -> None:
+            ids = np.arange(r0, min(self.out_features, r0 + step), dtype=np.int64)
             np.matmul(xs, self._weight_block(ids).T, out=out[:, r0:ids[-1] + 1])
+
+        run_tasks(block, range(0, self.out_features, step))
         self._add_gemm(x, out)
         return out
 
@@ -181,6 +189,9 @@ class GroupQuantOp(_Base):
         # GEMV on int8 activations (see quant.py); prefill's GEMM path keeps float activations
         self.q8act = q8act(t.kind, self.group)
         self.side = _Sidecars(t)
+        # prefill on int8 activations where decode runs on them (q4), through gemm_vnni
+        self.act_group = (gemm_vnni.act_group(t.kind, self.group, self.in_features)
+                          if VNNI and self.q8act else None)
         self._width = -(-self.in_features // self.group) * padded_len(self.group)
         self._logical = quant.logical_columns(self.in_features, self.group)
         tail = self.in_features % self.group
@@ -200,11 +211,23 @@ class GroupQuantOp(_Base):
             self.side.add_gemv(x, out)
         return out
 
+    def gemm(self, x: np.ndarray) -> np.ndarray:
+        if self.act_group is None or x.shape[0] < GEMM_MIN_TOKENS:
+            return super().gemm(x)
+        x = np.ascontiguousarray(x, np.float32)
+        xs = self.side.stored_x(x) if self.side.any else x
+        out = gemm_vnni.gemm_q8act(self.codes, self.scales, self.zeros, self.has_zeros, H2F, self.bits,
+                                   self.in_features, self.group, self.act_group, xs)
+        self._add_gemm(x, out)
+        return out
+
     def _prep_x(self, x: np.ndarray) -> np.ndarray:
         """Activations in stored column order, each group zero-padded to P columns."""
         xs = self.side.stored_x(x) if self.side.any else x
         out = np.empty((x.shape[0], self._width), np.float32)
-        quant.pad_rows(xs, self.in_features, self.group, out)
+        step = max(1, -(-x.shape[0] // numba.get_num_threads()))
+        run_tasks(lambda i: quant.pad_rows(xs[i:i + step], self.in_features, self.group, out[i:i + step]),
+                  range(0, x.shape[0], step))
         return out
 
     def _add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:

@@ -5,11 +5,15 @@ few microseconds each, which adds up over 30 layers). References: qformat.kernel
 """
 from __future__ import annotations
 
-
+import numba
 import numpy as np
 from numba import njit, prange
 
 from .quant import FAST
+from .threads import run_tasks
+
+# Queries per prefill-attention task: small blocks skip more of the causally masked keys.
+QUERY_BLOCK = 128
 
 
 @njit(cache=True, fastmath=FAST)
@@ -39,7 +43,7 @@ def rope(x, cos, sin):
                 x[i, h, half + j] = b * cos[i, j] + a * sin[i, j]
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def silu_mul(gate, up):
     """gate <- silu(gate) * up, in place; (n, ffn_dim)."""
     n, d = gate.shape
@@ -47,6 +51,12 @@ def silu_mul(gate, up):
         for j in range(d):
             g = gate[i, j]
             gate[i, j] = g / (np.float32(1.0) + np.exp(-g)) * up[i, j]
+
+
+def silu_mul_rows(gate: np.ndarray, up: np.ndarray) -> None:
+    """silu_mul over many rows, split over the kernel threads (threads.run_tasks)."""
+    step = max(1, -(-gate.shape[0] // numba.get_num_threads()))
+    run_tasks(lambda i: silu_mul(gate[i:i + step], up[i:i + step]), range(0, gate.shape[0], step))
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
@@ -88,31 +98,41 @@ def attention_prefill(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: in
     """Causal attention of n new queries over all keys so far, through BLAS.
 
     q (n, n_heads, hd) at positions start_pos..start_pos+n-1; k, v (start_pos+n, n_kv, hd).
-    Queries are processed in blocks so the score matrix stays small for long prompts.
+    Queries go in blocks of QUERY_BLOCK, one task per (block, KV head) on the kernel threads
+    (threads.run_tasks): a block reads only the keys up to its last query, and the score matrix
+    stays small for long prompts.
     """
     n, n_heads, hd = q.shape
     total, n_kv, _ = k.shape
     group = n_heads // n_kv
     out = np.empty((n, n_heads, hd), np.float32)
-    block = 256
+    qs = q * np.float32(scale)
     key_pos = np.arange(total)
-    for b0 in range(0, n, block):
-        b1 = min(n, b0 + block)
-        qpos = start_pos + np.arange(b0, b1)
-        mask = key_pos[None, :] > qpos[:, None]
-        if window is not None:
-            mask |= key_pos[None, :] <= qpos[:, None] - window
+    # scores of a block are rows (query, head of the KV group): one GEMM, no transposes; the
+    # causal mask is a bias on the block's own (last) keys, the only ones a query may not see
+    diagonal = np.triu(np.full((QUERY_BLOCK, QUERY_BLOCK), -np.inf, np.float32), 1)
+    diagonal = np.repeat(diagonal, group, axis=0)
+
+    def task(job: tuple[int, int]) -> None:
+        b0, kvh = job
+        b1 = min(n, b0 + QUERY_BLOCK)
+        b = b1 - b0
         hi = start_pos + b1  # keys past the block's last query are all masked
-        for kvh in range(n_kv):
-            kh = k[:hi, kvh]  # (hi, hd)
-            vh = v[:hi, kvh]
-            qg = q[b0:b1, kvh * group:(kvh + 1) * group].transpose(1, 0, 2)  # (group, b, hd)
-            s = np.matmul(qg, kh.T) * np.float32(scale)  # (group, b, hi)
-            s[:, mask[:, :hi]] = -np.inf
-            s -= s.max(axis=-1, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True)
-            out[b0:b1, kvh * group:(kvh + 1) * group] = np.matmul(s, vh).transpose(1, 0, 2)
+        lo = 0 if window is None else max(0, start_pos + b0 + 1 - window)
+        heads = slice(kvh * group, (kvh + 1) * group)
+        s = qs[b0:b1, heads].reshape(b * group, hd) @ k[lo:hi, kvh].T  # (b·group, hi - lo)
+        if window is None:
+            s[:, hi - lo - b:] += diagonal[:b * group, :b]
+        else:
+            qpos = np.repeat(start_pos + np.arange(b0, b1), group)[:, None]
+            s[(key_pos[None, lo:hi] > qpos) | (key_pos[None, lo:hi] <= qpos - window)] = -np.inf
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        o = s @ v[lo:hi, kvh]  # normalized after the product: (b·group, hd) values, not scores
+        o /= s.sum(axis=-1, keepdims=True)
+        out[b0:b1, heads] = o.reshape(b, group, hd)
+
+    run_tasks(task, [(b0, kvh) for b0 in range(0, n, QUERY_BLOCK) for kvh in range(n_kv)])
     return out
 
 

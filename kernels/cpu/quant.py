@@ -506,13 +506,15 @@ def dequant_nf4(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
                 out[i, base + h + j] = s * levels[c >> 4]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def pad_rows(x, k, group, out):
-    """x (n, k) -> out (n, n_groups * P): each group's columns at g*P, zeros in the padding."""
+    """x (n, k) -> out (n, n_groups * P): each group's columns at g*P, zeros in the padding.
+    Serial: prefill runs it on the kernel threads' pool (threads.run_tasks), where a numba
+    parallel loop would leave its own threads spinning beside BLAS."""
     n = x.shape[0]
     padded = (group + 7) // 8 * 8
     n_groups = (k + group - 1) // group
-    for i in prange(n):
+    for i in range(n):
         for g in range(n_groups):
             start = g * group
             length = min(k, start + group) - start

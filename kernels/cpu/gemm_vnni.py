@@ -1,0 +1,268 @@
+"""Prefill GEMM of q4 and q8 weights on int8 activations through AVX512-VNNI.
+
+The float path dequantizes rows and calls BLAS: a weight is widened to 4 bytes per value and
+multiplied in f32, single-threaded. Here the activations are quantized per token and weight group
+exactly as the decode GEMV quantizes them (quant.quantize_x: d = max|x|/127, round half even),
+so prompt and decode steps see the same numbers, and the products are bytes:
+
+  For a block of 16 rows, the codes are unpacked once into a scratch buffer of steps of 4
+  columns: step s is 64 bytes, 4 consecutive columns of each of the 16 rows (one 32-bit lane per
+  row). A tile of TOKENS tokens then runs through the block: per step, one vpdpbusd per token
+  multiplies the 64 code bytes by that token's 4 activation bytes broadcast to every lane, so a
+  lane accumulates its row's dot product and no horizontal sum is ever needed. Each group's
+  int32 accumulators start at -z·Σa (the zero-point term, exact in integers) and end in one
+  float multiply-add by s·d per token: lanes are rows, so the scales are a vector load.
+
+  out[t, r] = Σ_g s_rg · d_tg · (Σ_j c_rj a_tj − z_rg Σ_j a_tj),  the same integers as
+  qformat.kernels.reference.gemv_q8act_reference per token; only the float sum's order differs.
+
+The unpacked block (16 rows × padded columns) stays in L1/L2 while every token tile passes over
+it. Compiled only on CPUs with AVX512-VNNI (features.VNNI); elsewhere prefill keeps the float
+path. Measured on SmolLM2-135M, see bench/bench_decode.py.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .threads import run_tasks
+
+# Rows per block: one 32-bit lane each in a 512-bit vector.
+LANES = 16
+# Tokens per tile: TOKENS int32 and TOKENS float accumulators plus the code vector fit the 32
+# vector registers.
+TOKENS = 8
+# Kinds this GEMM unpacks (bits per code); the zero point of symmetric codes is the middle code.
+BITS = {"q4": 4, "q8": 8}
+
+_I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+_V16 = ir.VectorType(_I32, 16)
+_F16V = ir.VectorType(_F32, 16)
+_B64 = ir.VectorType(_I8, 64)
+
+
+def act_group(kind: str, group: int, k: int) -> int | None:
+    """Columns per activation scale when a `kind` weight of k columns in groups of `group` takes
+    this GEMM, else None. q4: the weight group, as its decode GEMV quantizes. q8: 64 where the
+    weight groups are whole multiples of 64 (per-channel rows among them: W8A8's per-token
+    scale is then the same for every group of a token), else the weight group."""
+    if kind == "q8" and (group % 64 == 0 or group >= k):
+        return 64
+    if kind not in BITS or group % 8:
+        return None
+    return group
+
+
+@njit(cache=True, nogil=True)
+def _amax_bits(b):
+    m = np.int32(0)
+    for e in range(b.size):
+        m = max(m, b[e] & np.int32(0x7FFFFFFF))
+    return m
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _round_group(xs, dg, q):
+    total = np.int32(0)
+    for e in range(xs.size):
+        c = np.int32(min(np.float32(127.0), max(np.float32(-127.0), np.rint(xs[e] / dg))))
+        q[e] = c
+        total = np.int32(total + c)
+    return total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def quantize_rows(x, k, group, xq, d, sums):
+    """x (n, k) -> xq (≥n, n_groups·group) int8, d and sums (≥n, n_groups): quant.quantize_x of
+    every token (rows of xq past n, and columns past k, must already be zero).
+
+    Written so that LLVM vectorizes the loops over a group (2.4x faster on 512x1536): max|x| as
+    the integer maximum of the bit patterns without the sign (the same order for every non-NaN
+    float; a non-finite maximum gives a zero group), one flat loop per group, and numpy's error
+    model, which drops the per-division zero check. No fastmath: x / d rounds as the reference."""
+    n_groups = d.shape[1]
+    bits = x.view(np.int32)
+    amax = np.zeros(1, np.int32)
+    amax_f = amax.view(np.float32)  # the bits back as a float, without a scalar bitcast
+    for i in range(x.shape[0]):
+        for g in range(n_groups):
+            start = g * group
+            stop = min(k, start + group)
+            amax[0] = _amax_bits(bits[i, start:stop])
+            if not (amax_f[0] > 0 and amax[0] < np.int32(0x7F800000)):
+                d[i, g] = 0.0
+                sums[i, g] = 0
+                xq[i, start:stop] = 0
+                continue
+            dg = amax_f[0] / np.float32(127.0)
+            d[i, g] = dg
+            sums[i, g] = _round_group(x[i, start:stop], dg, xq[i, start:stop])
+
+
+@njit(cache=True, inline="always")
+def _unpack_block(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb, sb, zb):
+    """Rows r0..r0+15 -> wb (steps·64,) u8 codes in lanes, sb / zb (n_agroups·16,) scales and
+    zero points per activation group and lane (rows past the weight's end: all zero)."""
+    rows, n_groups = scales.shape
+    n_agroups = sb.size // LANES
+    n_full = k // group
+    wb[:] = 0
+    sb[:] = 0.0
+    zb[:] = 0
+    mid = np.int32(1 << (bits - 1))
+    gbytes = group * bits // 8
+    for lane in range(min(LANES, rows - r0)):
+        r = r0 + lane
+        crow = codes[r]
+        for a in range(n_agroups):  # an activation group lies inside one weight group
+            g = a * agroup // group
+            sb[a * LANES + lane] = h2f[scales[r, g]]
+            zb[a * LANES + lane] = np.int32(zeros[r, g]) if has_zeros else mid
+        for g in range(n_groups):
+            plen = group if g < n_full else (k - n_full * group + 7) // 8 * 8
+            col0 = g * group
+            if bits == 8:
+                for j in range(plen):
+                    c = col0 + j
+                    wb[(c >> 2) * 64 + lane * 4 + (c & 3)] = crow[g * gbytes + j]
+            else:  # planar nibbles: byte j holds column j (low) and column plen/2 + j (high)
+                half = plen // 2
+                for j in range(half):
+                    b = crow[g * gbytes + j]
+                    c = col0 + j
+                    wb[(c >> 2) * 64 + lane * 4 + (c & 3)] = b & np.uint8(15)
+                    c = col0 + half + j
+                    wb[(c >> 2) * 64 + lane * 4 + (c & 3)] = b >> np.uint8(4)
+
+
+@intrinsic
+def _tile(typingctx, wb, sb, zb, xq, d, sums, t0, n_groups, steps_per_group, acc_out):
+    """acc_out (TOKENS·16,) f32 = the block's products for tokens t0..t0+TOKENS-1 (module
+    docstring): wb, sb, zb from _unpack_block; xq (n, W) int8, d and sums (n, n_groups)."""
+    sig = types.void(wb, sb, zb, xq, d, sums, t0, n_groups, steps_per_group, acc_out)
+
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in range(6)]
+        w_ptr, s_ptr, z_ptr, x_ptr, d_ptr, sum_ptr = (a.data for a in arrays)
+        t0_v, n_groups_v, spg_v = args[6], args[7], args[8]
+        out_ptr = context.make_array(signature.args[9])(context, builder, args[9]).data
+        i64 = t0_v.type
+        row_bytes = cgutils.unpack_tuple(builder, arrays[3].strides, 2)[0]  # xq's row stride
+        vnni = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]),
+                                              "llvm.x86.avx512.vpdpbusd.512")
+
+        def splat(value, vtype):
+            v = builder.insert_element(ir.Constant(vtype, None), value, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vtype, None), ir.Constant(_V16, [0] * 16))
+
+        def vload(ptr, offset, vtype):
+            return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vtype.as_pointer()), align=1)
+
+        tokens = [builder.add(t0_v, ir.Constant(i64, t)) for t in range(TOKENS)]
+        x_rows = [builder.gep(x_ptr, [builder.mul(t, row_bytes)]) for t in tokens]
+        acc = [cgutils.alloca_once(builder, _V16) for _ in range(TOKENS)]
+        facc = [cgutils.alloca_once(builder, _F16V) for _ in range(TOKENS)]
+        for f in facc:
+            builder.store(ir.Constant(_F16V, [0.0] * 16), f)
+        with cgutils.for_range(builder, n_groups_v) as groups:
+            g = groups.index
+            lane0 = builder.mul(g, ir.Constant(i64, LANES))
+            zv = vload(z_ptr, lane0, _V16)
+            tg = [builder.add(builder.mul(t, n_groups_v), g) for t in tokens]
+            for t in range(TOKENS):  # start at -z·Σa: the zero point's part, in integers
+                asum = splat(builder.load(builder.gep(sum_ptr, [tg[t]])), _V16)
+                builder.store(builder.sub(ir.Constant(_V16, [0] * 16), builder.mul(zv, asum)), acc[t])
+            step0 = builder.mul(g, spg_v)
+            with cgutils.for_range(builder, spg_v) as steps:
+                step = builder.add(step0, steps.index)
+                w = builder.bitcast(vload(w_ptr, builder.mul(step, ir.Constant(i64, 64)), _B64), _V16)
+                col = builder.mul(step, ir.Constant(i64, 4))
+                for t in range(TOKENS):
+                    a4 = builder.load(builder.bitcast(builder.gep(x_rows[t], [col]), _I32.as_pointer()), align=1)
+                    builder.store(builder.call(vnni, [builder.load(acc[t]), w, splat(a4, _V16)]), acc[t])
+            sv = vload(s_ptr, lane0, _F16V)
+            for t in range(TOKENS):
+                f = builder.fmul(sv, splat(builder.load(builder.gep(d_ptr, [tg[t]])), _F16V))
+                prod = builder.fmul(builder.sitofp(builder.load(acc[t]), _F16V), f)
+                builder.store(builder.fadd(builder.load(facc[t]), prod), facc[t])
+        for t in range(TOKENS):
+            dst = builder.gep(out_ptr, [ir.Constant(i64, t * LANES)])
+            builder.store(builder.load(facc[t]), builder.bitcast(dst, _F16V.as_pointer()), align=4)
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _gemm_part(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n,
+               worker, n_workers, wb, sb, zb, tile, out):
+    """Row blocks worker, worker + n_workers, ... of gemm_q8act (one thread; wb, sb, zb, tile
+    its scratch)."""
+    rows = scales.shape[0]
+    n_groups = d.shape[1]  # activation groups from here on
+    steps_per_group = agroup // 4
+    n_blocks = (rows + LANES - 1) // LANES
+    for b in range(worker, n_blocks, n_workers):
+        r0 = b * LANES
+        _unpack_block(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb, sb, zb)
+        n_rows = min(LANES, rows - r0)
+        for t0 in range(0, xq.shape[0], TOKENS):
+            _tile(wb, sb, zb, xq, d, sums, t0, n_groups, steps_per_group, tile)
+            for t in range(min(TOKENS, n - t0)):
+                for lane in range(n_rows):
+                    out[t0 + t, r0 + lane] = tile[t * LANES + lane]
+
+
+def gemm_q8act(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zeros: bool,
+               h2f: np.ndarray, bits: int, k: int, group: int, agroup: int, x: np.ndarray) -> np.ndarray:
+    """x (n, k) float32 @ W.T for `bits`-bit codes (4 or 8) in groups of `group` columns, the
+    activations quantized per `agroup` columns (act_group's choice)."""
+    n = x.shape[0]
+    n_groups = -(-k // agroup)
+    n_pad = -(-n // TOKENS) * TOKENS
+    xq = np.zeros((n_pad, n_groups * agroup), np.int8)
+    d = np.zeros((n_pad, n_groups), np.float32)
+    sums = np.zeros((n_pad, n_groups), np.int32)
+    step = max(1, -(-n // numba.get_num_threads()))
+    run_tasks(lambda i: quantize_rows(x[i:i + step], k, agroup, xq[i:i + step], d[i:i + step],
+                                      sums[i:i + step]), range(0, n, step))
+    return gemm_codes(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n)
+
+
+def per_token_input(xq: np.ndarray, d: np.ndarray, k: int, agroup: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activations quantized with one scale per token (W8A8: xq (n, k) int8, d (n,)) in
+    gemm_codes's layout: every activation group of a token carries the token's scale."""
+    n = xq.shape[0]
+    n_groups = -(-k // agroup)
+    n_pad = -(-n // TOKENS) * TOKENS
+    xg = np.zeros((n_pad, n_groups * agroup), np.int8)
+    xg[:n, :k] = xq
+    dg = np.zeros((n_pad, n_groups), np.float32)
+    dg[:n] = d[:, None]
+    sums = xg.reshape(n_pad, n_groups, agroup).sum(axis=2, dtype=np.int32)
+    return xg, dg, sums
+
+
+def gemm_codes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zeros: bool,
+               h2f: np.ndarray, bits: int, k: int, group: int, agroup: int, xq: np.ndarray,
+               d: np.ndarray, sums: np.ndarray, n: int) -> np.ndarray:
+    """out (n, rows) from activations already quantized (xq (n_pad, W) int8, d and sums
+    (n_pad, W / agroup); n_pad a multiple of TOKENS, W = ceil(k / agroup)·agroup, zero past k).
+    Row blocks are spread over the kernel threads by threads.run_tasks: numba's own pool would
+    spin after the call and slow the BLAS-bound attention that follows on the same cores."""
+    n_groups = d.shape[1]
+    out = np.empty((n, scales.shape[0]), np.float32)
+    n_workers = max(1, min(numba.get_num_threads(), -(-scales.shape[0] // LANES)))
+
+    def part(worker: int) -> None:
+        wb = np.empty(xq.shape[1] * LANES, np.uint8)
+        sb = np.empty(n_groups * LANES, np.float32)
+        zb = np.empty(n_groups * LANES, np.int32)
+        tile = np.empty(TOKENS * LANES, np.float32)
+        _gemm_part(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n,
+                   worker, n_workers, wb, sb, zb, tile, out)
+
+    run_tasks(part, range(n_workers))
+    return out
