@@ -66,7 +66,7 @@ def test_linear_matches_reference(scheme, rows, k):
     assert close(out, gemv_reference(t, x))
     xs = rng.standard_normal((2, k)).astype(np.float32)  # below the GEMM switch: one GEMV per row
     assert close(op.gemm(xs), np.stack([gemv_reference(t, row) for row in xs]))
-    xs = rng.standard_normal((11, k)).astype(np.float32)  # the GEMM
+    xs = rng.standard_normal((19, k)).astype(np.float32)  # the GEMM
     assert close(op.gemm(xs), gemm_reference(t, xs))
     ids = np.array([0, rows - 1, rows // 2])
     np.testing.assert_array_equal(op.rows(ids), t.dequantize()[ids])
@@ -157,7 +157,7 @@ def test_sidecars_match_reference(scheme):
     out = np.empty(23, np.float32)
     op.gemv(x, out)
     assert close(out, gemv_reference(t, x))
-    xs = rng.standard_normal((12, 100)).astype(np.float32)
+    xs = rng.standard_normal((20, 100)).astype(np.float32)
     assert close(op.gemm(xs), gemm_reference(t, xs))
     ids = np.array([0, 5, 22])
     assert close(op.rows(ids), t.dequantize()[ids], 1e-6)

@@ -1,9 +1,9 @@
 """Prefill GEMM of q4 and q8 weights on int8 activations through AVX512-VNNI.
 
-The float path dequantizes rows and calls BLAS: a weight is widened to 4 bytes per value and
-multiplied in f32, single-threaded. Here the activations are quantized per token and weight group
-exactly as the decode GEMV quantizes them (quant.quantize_x: d = max|x|/127, round half even),
-so prompt and decode steps see the same numbers, and the products are bytes:
+The float path dequantizes rows to f32 and calls BLAS. Here the products are bytes. For q4
+weights the activations are quantized per token and weight group exactly as the decode GEMV
+quantizes them (quant.quantize_x: d = max|x|/127, round half even), so prompt and decode
+steps see the same numbers; W8A8 passes its own per-token codes (per_token_input).
 
   For a block of 16 rows, the codes are unpacked once into a scratch buffer of steps of 4
   columns: step s is 64 bytes, 4 consecutive columns of each of the 16 rows (one 32-bit lane per
@@ -17,8 +17,10 @@ so prompt and decode steps see the same numbers, and the products are bytes:
   qformat.kernels.reference.gemv_q8act_reference per token; only the float sum's order differs.
 
 The unpacked block (16 rows × padded columns) stays in L1/L2 while every token tile passes over
-it. Compiled only on CPUs with AVX512-VNNI (features.VNNI); elsewhere prefill keeps the float
-path. Measured on SmolLM2-135M, see bench/bench_decode.py.
+it. 330-365 G multiply-adds/s on two Zen 4 cores (1536x576 and 576x1536, 512 tokens), against
+~100 G float multiply-adds/s for the dequantize + BLAS path; SmolLM2-135M int4-g64 prefill went
+from 449 to 1597 tok/s (README). Compiled only on CPUs with AVX512-VNNI (features.VNNI);
+elsewhere prefill keeps the float path.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ LANES = 16
 # Tokens per tile: TOKENS int32 and TOKENS float accumulators plus the code vector fit the 32
 # vector registers.
 TOKENS = 8
+# Below this many tokens a GEMV per token is faster: unpacking every row's codes costs as much
+# as ~16 GEMVs (measured crossover 16-24 tokens on SmolLM2's projections, two threads).
+MIN_TOKENS = 16
 # Kinds this GEMM unpacks (bits per code); the zero point of symmetric codes is the middle code.
 BITS = {"q4": 4, "q8": 8}
 
@@ -104,39 +109,42 @@ def quantize_rows(x, k, group, xq, d, sums):
 
 
 @njit(cache=True, inline="always")
-def _unpack_block(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb, sb, zb):
-    """Rows r0..r0+15 -> wb (steps·64,) u8 codes in lanes, sb / zb (n_agroups·16,) scales and
-    zero points per activation group and lane (rows past the weight's end: all zero)."""
+def _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb32, sb, zb):
+    """Rows r0..r0+15 -> wb32 (steps·16,) uint32: step s, lane l = columns 4s..4s+3 of row r0+l as
+    bytes; sb / zb (n_agroups·16,) scales and zero points per activation group and lane (rows
+    past the weight's end: all zero). codes32: the code bytes read 4 at a time. Every offset is a
+    multiple of 4 columns (act_group), so 4 planar q4 code bytes give the low nibbles of 4
+    consecutive columns by one mask and the high nibbles of 4 others by a shift and a mask."""
     rows, n_groups = scales.shape
     n_agroups = sb.size // LANES
     n_full = k // group
-    wb[:] = 0
-    sb[:] = 0.0
-    zb[:] = 0
+    n_rows = min(LANES, rows - r0)
+    if n_rows < LANES or n_full < n_groups:  # lanes or a tail group's columns left unwritten
+        wb32[:] = 0
+        sb[:] = 0.0
+        zb[:] = 0
     mid = np.int32(1 << (bits - 1))
-    gbytes = group * bits // 8
-    for lane in range(min(LANES, rows - r0)):
+    gwords = group * bits // 32
+    low = np.uint32(0x0F0F0F0F)
+    for lane in range(n_rows):
         r = r0 + lane
-        crow = codes[r]
+        crow = codes32[r]
         for a in range(n_agroups):  # an activation group lies inside one weight group
             g = a * agroup // group
             sb[a * LANES + lane] = h2f[scales[r, g]]
             zb[a * LANES + lane] = np.int32(zeros[r, g]) if has_zeros else mid
         for g in range(n_groups):
             plen = group if g < n_full else (k - n_full * group + 7) // 8 * 8
-            col0 = g * group
+            step0 = g * group // 4
             if bits == 8:
-                for j in range(plen):
-                    c = col0 + j
-                    wb[(c >> 2) * 64 + lane * 4 + (c & 3)] = crow[g * gbytes + j]
+                for j in range((plen + 3) // 4):
+                    wb32[(step0 + j) * LANES + lane] = crow[g * gwords + j]
             else:  # planar nibbles: byte j holds column j (low) and column plen/2 + j (high)
-                half = plen // 2
+                half = plen // 8  # in words
                 for j in range(half):
-                    b = crow[g * gbytes + j]
-                    c = col0 + j
-                    wb[(c >> 2) * 64 + lane * 4 + (c & 3)] = b & np.uint8(15)
-                    c = col0 + half + j
-                    wb[(c >> 2) * 64 + lane * 4 + (c & 3)] = b >> np.uint8(4)
+                    w = crow[g * gwords + j]
+                    wb32[(step0 + j) * LANES + lane] = w & low
+                    wb32[(step0 + half + j) * LANES + lane] = (w >> np.uint32(4)) & low
 
 
 @intrinsic
@@ -196,7 +204,7 @@ def _tile(typingctx, wb, sb, zb, xq, d, sums, t0, n_groups, steps_per_group, acc
 
 
 @njit(cache=True, nogil=True)
-def _gemm_part(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n,
+def _gemm_part(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n,
                worker, n_workers, wb, sb, zb, tile, out):
     """Row blocks worker, worker + n_workers, ... of gemm_q8act (one thread; wb, sb, zb, tile
     its scratch)."""
@@ -206,7 +214,7 @@ def _gemm_part(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq,
     n_blocks = (rows + LANES - 1) // LANES
     for b in range(worker, n_blocks, n_workers):
         r0 = b * LANES
-        _unpack_block(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb, sb, zb)
+        _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb.view(np.uint32), sb, zb)
         n_rows = min(LANES, rows - r0)
         for t0 in range(0, xq.shape[0], TOKENS):
             _tile(wb, sb, zb, xq, d, sums, t0, n_groups, steps_per_group, tile)
@@ -225,7 +233,7 @@ def gemm_q8act(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zer
     xq = np.zeros((n_pad, n_groups * agroup), np.int8)
     d = np.zeros((n_pad, n_groups), np.float32)
     sums = np.zeros((n_pad, n_groups), np.int32)
-    step = max(1, -(-n // numba.get_num_threads()))
+    step = max(64, -(-n // numba.get_num_threads()))  # a few tokens: no pool round trip
     run_tasks(lambda i: quantize_rows(x[i:i + step], k, agroup, xq[i:i + step], d[i:i + step],
                                       sums[i:i + step]), range(0, n, step))
     return gemm_codes(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n)
@@ -253,6 +261,7 @@ def gemm_codes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zer
     Row blocks are spread over the kernel threads by threads.run_tasks: numba's own pool would
     spin after the call and slow the BLAS-bound attention that follows on the same cores."""
     n_groups = d.shape[1]
+    codes32 = np.ascontiguousarray(codes).view(np.uint32)  # rows are whole words (act_group)
     out = np.empty((n, scales.shape[0]), np.float32)
     n_workers = max(1, min(numba.get_num_threads(), -(-scales.shape[0] // LANES)))
 
@@ -261,7 +270,7 @@ def gemm_codes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zer
         sb = np.empty(n_groups * LANES, np.float32)
         zb = np.empty(n_groups * LANES, np.int32)
         tile = np.empty(TOKENS * LANES, np.float32)
-        _gemm_part(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n,
+        _gemm_part(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n,
                    worker, n_workers, wb, sb, zb, tile, out)
 
     run_tasks(part, range(n_workers))

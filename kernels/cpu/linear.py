@@ -109,6 +109,12 @@ class _Base:
         self.out_features, self.in_features = t.shape
         self._block = max(1, GEMM_BLOCK_BYTES // (4 * max(1, self.in_features)))
 
+    def _gemv_rows(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty((x.shape[0], self.out_features), np.float32)
+        for i in range(x.shape[0]):
+            self.gemv(x[i], out[i])
+        return out
+
     def _weight_block(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows `ids` in the layout that `_prep_x` gives the activations."""
         raise NotImplementedError
@@ -121,12 +127,9 @@ class _Base:
 
     def gemm(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
-        n = x.shape[0]
-        out = np.empty((n, self.out_features), np.float32)
-        if n < GEMM_MIN_TOKENS:
-            for i in range(n):
-                self.gemv(x[i], out[i])
-            return out
+        if x.shape[0] < GEMM_MIN_TOKENS:
+            return self._gemv_rows(x)
+        out = np.empty((x.shape[0], self.out_features), np.float32)
         xs = self._prep_x(x)
         # at least one block per thread; each dequantizes its rows and multiplies them (threads.py)
         step = max(1, min(self._block, -(-self.out_features // numba.get_num_threads())))
@@ -212,9 +215,11 @@ class GroupQuantOp(_Base):
         return out
 
     def gemm(self, x: np.ndarray) -> np.ndarray:
-        if self.act_group is None or x.shape[0] < GEMM_MIN_TOKENS:
+        if self.act_group is None:
             return super().gemm(x)
         x = np.ascontiguousarray(x, np.float32)
+        if x.shape[0] < gemm_vnni.MIN_TOKENS:  # the GEMV's int8 activations too
+            return self._gemv_rows(x)
         xs = self.side.stored_x(x) if self.side.any else x
         out = gemm_vnni.gemm_q8act(self.codes, self.scales, self.zeros, self.has_zeros, H2F, self.bits,
                                    self.in_features, self.group, self.act_group, xs)
