@@ -75,3 +75,5 @@ def _load_backend(device: str) -> None:
     # `import qformat` and lets a machine without CUDA use the CPU table.
     if device == "cpu":
         from . import cpu  # noqa: F401
+    elif device == "cuda":
+        from . import cuda  # noqa: F401  (needs CuPy)

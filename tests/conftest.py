@@ -5,6 +5,24 @@ from __future__ import annotations
 import pytest
 
 
+def _gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, no device
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped where CuPy sees no NVIDIA GPU."""
+    if any("gpu" in item.keywords for item in items) and not _gpu_available():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CuPy")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: tiny_checkpoint(arch="llama", tied=True, dtype="float32", sharded=False,

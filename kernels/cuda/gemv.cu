@@ -1,0 +1,148 @@
+// Decode GEMV, y = W x (batch 1), reading W in the qbin file's own layout (spec §5): no repack.
+//
+// A row is cut into groups of G columns (G % 8 == 0; the last group may be shorter), each group
+// padded to P = round_up(len, 8) codes. 4-bit groups are planar: byte j of a group holds column
+// j in its low nibble and column P/2 + j in its high nibble. So one 32-bit code word at byte j
+// (j % 4 == 0) is 4 consecutive columns in its low nibbles and 4 more, P/2 further, in its high
+// nibbles: both meet a float4 of x. 8-bit groups: byte j is column j. Scales are float16, one
+// per (row, group); zero points uint8 (affine) or the middle code (symmetric).
+//
+// One warp per row, ROWS warps per block. A lane reads VEC words (16 bytes when VEC == 4) per
+// step, strided by the warp, so each load instruction of the warp covers 512 contiguous bytes;
+// every load of a lane is issued before its arithmetic (unrolled), to keep many bytes in flight.
+// The warp's partial sums meet in a shuffle reduction.
+//
+// x is read through float4 loads: the caller passes it zero-padded to a multiple of 8 columns
+// past the last group's padded end (x_padded_len in linear.py), so padding codes meet zeros.
+#ifndef QFORMAT_HOST_EMULATION  // tests/cuda_host/shim.h runs these kernels on the CPU
+#include <cuda_fp16.h>
+#endif
+
+typedef unsigned int u32;
+typedef unsigned char u8;
+
+#define ROWS 4
+
+#ifndef QFORMAT_HOST_EMULATION
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+#endif
+
+__device__ __forceinline__ float dot4(float a0, float a1, float a2, float a3, float4 x) {
+    return a0 * x.x + a1 * x.y + a2 * x.z + a3 * x.w;
+}
+
+// Σ (q - z) x over one 4-bit code word: 4 low-nibble columns at xlo, 4 high-nibble ones at xhi.
+__device__ __forceinline__ float q4_word(u32 w, float z, const float* __restrict__ x, int lo, int hi) {
+    const float4 a = *reinterpret_cast<const float4*>(x + lo);
+    const float4 b = *reinterpret_cast<const float4*>(x + hi);
+    return dot4((float)(w & 15u) - z, (float)((w >> 8) & 15u) - z, (float)((w >> 16) & 15u) - z,
+                (float)((w >> 24) & 15u) - z, a)
+         + dot4((float)((w >> 4) & 15u) - z, (float)((w >> 12) & 15u) - z, (float)((w >> 20) & 15u) - z,
+                (float)(w >> 28) - z, b);
+}
+
+// Σ (q - z) x over one 8-bit code word: 4 consecutive columns.
+__device__ __forceinline__ float q8_word(u32 w, float z, const float* __restrict__ x, int col) {
+    const float4 a = *reinterpret_cast<const float4*>(x + col);
+    return dot4((float)(w & 255u) - z, (float)((w >> 8) & 255u) - z, (float)((w >> 16) & 255u) - z,
+                (float)(w >> 24) - z, a);
+}
+
+template <int BITS, int VEC>
+__device__ __forceinline__ void gemv_grouped(const u8* __restrict__ codes, const __half* __restrict__ scales,
+                                             const u8* __restrict__ zeros, int has_zeros,
+                                             const float* __restrict__ x, float* __restrict__ y,
+                                             int rows, int k, int group, int row_bytes) {
+    const int row = blockIdx.x * ROWS + threadIdx.y;
+    if (row >= rows) return;
+    const int lane = threadIdx.x;
+    const int n_groups = (k + group - 1) / group;
+    const int n_full = k / group;
+    const int gbytes = group * BITS / 8;             // bytes of a full group (G % 8 == 0: no padding)
+    const int tail_plen = ((k - n_full * group) + 7) / 8 * 8;
+    const int full_bytes = n_full * gbytes;
+    const float mid = (float)(1 << (BITS - 1));
+    const u32* crow = reinterpret_cast<const u32*>(codes + (size_t)row * row_bytes);
+    const __half* srow = scales + (size_t)row * n_groups;
+    const u8* zrow = zeros + (size_t)row * n_groups;
+    const int n_words = row_bytes / 4;
+    float acc = 0.0f;
+    for (int w0 = lane * VEC; w0 < n_words; w0 += 32 * VEC) {
+        u32 words[VEC];
+        if (VEC == 4) {
+            const uint4 v = *reinterpret_cast<const uint4*>(crow + w0);
+            words[0] = v.x; words[1] = v.y; words[2] = v.z; words[3] = v.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) words[i] = crow[w0 + i];
+        }
+        // VEC == 4 is launched only when no 16-byte chunk straddles two groups
+        const int byte0 = w0 * 4;
+        const int g = byte0 < full_bytes ? byte0 / gbytes : n_full;
+        const int j0 = byte0 - g * gbytes;            // byte of the group
+        const float s = __half2float(srow[g]);
+        const float z = has_zeros ? (float)zrow[g] : mid;
+        const int col0 = g * group;
+        float part = 0.0f;
+        if (BITS == 4) {
+            const int half = (g < n_full ? group : tail_plen) / 2;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) part += q4_word(words[i], z, x, col0 + j0 + 4 * i, col0 + half + j0 + 4 * i);
+        } else {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) part += q8_word(words[i], z, x, col0 + j0 + 4 * i);
+        }
+        acc += s * part;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[row] = acc;
+}
+
+extern "C" __global__ void gemv_q4_v4(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,
+                                      const float* x, float* y, int rows, int k, int group, int row_bytes) {
+    gemv_grouped<4, 4>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);
+}
+
+extern "C" __global__ void gemv_q4_v1(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,
+                                      const float* x, float* y, int rows, int k, int group, int row_bytes) {
+    gemv_grouped<4, 1>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);
+}
+
+extern "C" __global__ void gemv_q8_v4(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,
+                                      const float* x, float* y, int rows, int k, int group, int row_bytes) {
+    gemv_grouped<8, 4>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);
+}
+
+extern "C" __global__ void gemv_q8_v1(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,
+                                      const float* x, float* y, int rows, int k, int group, int row_bytes) {
+    gemv_grouped<8, 1>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);
+}
+
+// float16 rows: 8 columns (16 bytes) per lane step when k % 8 == 0, else one column.
+extern "C" __global__ void gemv_f16(const __half* w, const float* x, float* y, int rows, int k) {
+    const int row = blockIdx.x * ROWS + threadIdx.y;
+    if (row >= rows) return;
+    const int lane = threadIdx.x;
+    const __half* wrow = w + (size_t)row * k;
+    float acc = 0.0f;
+    if (k % 8 == 0) {
+        for (int c = lane * 8; c < k; c += 32 * 8) {
+            const uint4 v = *reinterpret_cast<const uint4*>(wrow + c);
+            const __half2* h = reinterpret_cast<const __half2*>(&v);
+            const float4 a = *reinterpret_cast<const float4*>(x + c);
+            const float4 b = *reinterpret_cast<const float4*>(x + c + 4);
+            const float2 h0 = __half22float2(h[0]), h1 = __half22float2(h[1]);
+            const float2 h2 = __half22float2(h[2]), h3 = __half22float2(h[3]);
+            acc += h0.x * a.x + h0.y * a.y + h1.x * a.z + h1.y * a.w
+                 + h2.x * b.x + h2.y * b.y + h3.x * b.z + h3.y * b.w;
+        }
+    } else {
+        for (int c = lane; c < k; c += 32) acc += __half2float(wrow[c]) * x[c];
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[row] = acc;
+}

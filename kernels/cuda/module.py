@@ -1,0 +1,28 @@
+"""The .cu sources of this folder as CuPy modules: compiled by NVRTC once per process and source,
+and cached on disk by CuPy (CUPY_CACHE_DIR, default ~/.cupy/kernel_cache)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+SOURCES = Path(__file__).resolve().parent
+# Flags the tests also give nvcc (tests/test_cuda_kernels.py), so both compilers see one dialect.
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+def source_files() -> list[Path]:
+    """Every CUDA C source of the backend."""
+    return sorted(SOURCES.glob("*.cu"))
+
+
+@lru_cache(maxsize=None)
+def module(name: str):
+    """cupy.RawModule of `name`.cu (its extern "C" kernels by name: module(name).get_function(k))."""
+    import cupy
+
+    return cupy.RawModule(code=(SOURCES / f"{name}.cu").read_text(), options=NVRTC_OPTIONS)
+
+
+def kernel(name: str, function: str):
+    """One compiled kernel, e.g. kernel("gemv", "gemv_q4_v4")."""
+    return module(name).get_function(function)
