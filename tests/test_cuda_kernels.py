@@ -52,7 +52,7 @@ def host(tmp_path_factory):
     if gxx is None:
         pytest.skip("g++ is not installed")
     lib = tmp_path_factory.mktemp("cuda-host") / "libqhost.so"
-    out = subprocess.run([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{HOST}", f"-I{SOURCES}",
+    out = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", f"-I{HOST}", f"-I{SOURCES}",
                           str(HOST / "driver.cpp"), "-o", str(lib)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return ctypes.CDLL(str(lib))
@@ -110,6 +110,48 @@ def test_host_gemv_f16_matches_reference(host, k):
     y = np.full(10, np.nan, np.float32)
     assert host.host_gemv_f16(3, 32, 4, ptr(w), ptr(x), ptr(y), 10, k) == 0
     assert close(y, w.astype(np.float32) @ x, 1e-5)
+
+
+def test_host_rmsnorm_rope_silu_match_reference(host):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3, 576)).astype(np.float32) * 4
+    w = rng.standard_normal(576).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    host.host_rmsnorm(3, 128, ptr(x), ptr(w), ptr(out), 576, ctypes.c_float(1e-5))
+    assert close(out, reference.rmsnorm(x, w, 1e-5), 1e-5)
+
+    n, heads, hd, pos0 = 5, 3, 64, 7
+    q = rng.standard_normal((n, heads, hd)).astype(np.float32)
+    ang = np.arange(40, dtype=np.float32)[:, None] * rng.random(hd // 2).astype(np.float32)[None]
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    got = q.copy()
+    total = n * heads * hd // 2
+    host.host_rope((total + 127) // 128, 128, ptr(got), ptr(cos), ptr(sin), n, heads, hd, pos0)
+    assert close(got, reference.rope(q, cos[pos0:pos0 + n], sin[pos0:pos0 + n]), 1e-6)
+
+    g, u = rng.standard_normal((2, 1000)).astype(np.float32) * 3
+    want = reference.silu_mul(g, u)
+    host.host_silu_mul(8, 128, ptr(g), ptr(u), ctypes.c_longlong(1000))
+    assert close(g, want, 1e-5)
+
+
+@pytest.mark.parametrize("start,stop", [(0, 1), (0, 300), (140, 700)])
+def test_host_attention_decode_matches_reference(host, start, stop):
+    """Flash-decoding over 1, 2 and 3 splits of 256 keys, GQA (6 heads on 2 KV heads), a
+    sliding window (start > 0), float16 cache."""
+    rng = np.random.default_rng(11)
+    n_heads, n_kv, hd = 6, 2, 64
+    k = rng.standard_normal((stop, n_kv, hd)).astype(np.float16)
+    v = rng.standard_normal((stop, n_kv, hd)).astype(np.float16)
+    q = rng.standard_normal((n_heads, hd)).astype(np.float32)
+    n_splits = -(-(stop - start) // 256)
+    part = np.full((n_heads, n_splits, hd + 2), np.nan, np.float32)
+    out = np.full((n_heads, hd), np.nan, np.float32)
+    host.host_attn_decode(128, ptr(q), ptr(k), ptr(v), ptr(part), ptr(out), n_heads, n_kv, hd, start, stop,
+                          ctypes.c_float(0.125))
+    window = None if start == 0 else stop - start
+    want = reference.attention(q[None], k.astype(np.float32), v.astype(np.float32), stop - 1, window, 0.125)[0]
+    assert close(out, want, 1e-5)
 
 
 @pytest.fixture

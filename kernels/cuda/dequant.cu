@@ -1,12 +1,7 @@
 // Rows of grouped codes (the layout of gemv.cu) to float16, w = s (q - z), in logical column
 // order (n_rows, k): the prefill GEMM multiplies them by f16 activations on the tensor cores
 // (cuBLAS through cupy.matmul). One thread per 32-bit code word of a row.
-#ifndef QFORMAT_HOST_EMULATION  // tests/cuda_host/shim.h runs these kernels on the CPU
-#include <cuda_fp16.h>
-#endif
-
-typedef unsigned int u32;
-typedef unsigned char u8;
+#include "common.cuh"
 
 template <int BITS>
 __device__ __forceinline__ void dequant_rows(const u8* __restrict__ codes, const __half* __restrict__ scales,

@@ -8,28 +8,15 @@
 // per (row, group); zero points uint8 (affine) or the middle code (symmetric).
 //
 // One warp per row, ROWS warps per block. A lane reads VEC words (16 bytes when VEC == 4) per
-// step, strided by the warp, so each load instruction of the warp covers 512 contiguous bytes;
-// every load of a lane is issued before its arithmetic (unrolled), to keep many bytes in flight.
-// The warp's partial sums meet in a shuffle reduction.
+// step, strided by the warp, so each load instruction of the warp covers 512 contiguous bytes.
+// The warp's partial sums meet in a shuffle reduction. Not yet tuned on a device (issue 5):
+// more loads in flight per lane and split-K for short, wide matrices are the first candidates.
 //
 // x is read through float4 loads: the caller passes it zero-padded to a multiple of 8 columns
 // past the last group's padded end (x_padded_len in linear.py), so padding codes meet zeros.
-#ifndef QFORMAT_HOST_EMULATION  // tests/cuda_host/shim.h runs these kernels on the CPU
-#include <cuda_fp16.h>
-#endif
-
-typedef unsigned int u32;
-typedef unsigned char u8;
+#include "common.cuh"
 
 #define ROWS 4
-
-#ifndef QFORMAT_HOST_EMULATION
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-#endif
 
 __device__ __forceinline__ float dot4(float a0, float a1, float a2, float a3, float4 x) {
     return a0 * x.x + a1 * x.y + a2 * x.z + a3 * x.w;

@@ -6,8 +6,9 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent
-# Flags the tests also give nvcc (tests/test_cuda_kernels.py), so both compilers see one dialect.
-NVRTC_OPTIONS = ("-std=c++17",)
+# Flags the tests also give nvcc (tests/test_cuda_kernels.py), so both compilers see one dialect;
+# -I: the sources include common.cuh.
+NVRTC_OPTIONS = ("-std=c++17", f"-I{SOURCES}")
 
 
 def source_files() -> list[Path]:

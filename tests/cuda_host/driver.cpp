@@ -2,25 +2,11 @@
 #include "shim.h"
 #include "gemv.cu"
 #include "dequant.cu"
+#include "ops.cu"
 
-#include <functional>
 #include <string>
 
-namespace {
-void launch(int grid, int bx, int by, const std::function<void()>& body) {
-    blockDim = {bx, by, 1};
-    for (int b = 0; b < grid; ++b) {
-        blockIdx = {b, 0, 0};
-        for (int y = 0; y < by; ++y) {
-            warp_total = 0.0f;
-            for (int x = bx - 1; x >= 0; --x) {
-                threadIdx = {x, y, 0};
-                body();
-            }
-        }
-    }
-}
-}  // namespace
+using emu::launch;
 
 // Each entry point takes the launch shape (grid, block x, block y) its CuPy launcher would use.
 
@@ -48,4 +34,25 @@ extern "C" int host_dequant(int bits, int grid, int bx, int by, const u8* codes,
     if (fn == nullptr || by != 1) return 1;
     launch(grid, bx, by, [&] { fn(codes, scales, zeros, has_zeros, out, row0, n_rows, k, group, row_bytes); });
     return 0;
+}
+
+extern "C" void host_rmsnorm(int rows, int threads, const float* x, const float* w, float* out, int d, float eps) {
+    launch(rows, threads, 1, [&] { rmsnorm_f32(x, w, out, d, eps); });
+}
+
+extern "C" void host_rope(int grid, int threads, float* x, const float* cos_t, const float* sin_t, int n, int heads,
+                          int hd, int pos0) {
+    launch(grid, threads, 1, [&] { rope_f32(x, cos_t, sin_t, n, heads, hd, pos0); });
+}
+
+extern "C" void host_silu_mul(int grid, int threads, float* gate, const float* up, long long n) {
+    launch(grid, threads, 1, [&] { silu_mul_f32(gate, up, n); });
+}
+
+extern "C" void host_attn_decode(int threads, const float* q, const __half* k, const __half* v, float* part,
+                                 float* out, int n_heads, int n_kv, int hd, int start, int stop, float scale) {
+    const int n_splits = (stop - start + CHUNK - 1) / CHUNK;
+    launch(n_heads * n_splits, threads, 1,
+           [&] { attn_decode_split(q, k, v, part, n_heads, n_kv, hd, start, stop, scale, n_splits); });
+    launch(n_heads, threads, 1, [&] { attn_decode_combine(part, out, hd, n_splits); });
 }

@@ -1,0 +1,117 @@
+// The per-token operations of a decoder layer on the GPU: RMSNorm, RoPE, the SiLU gate, and
+// decode attention over the KV cache split across the sequence (flash-decoding). Activations are
+// float32; the KV cache is float16, (max_seq, n_kv_heads, head_dim) per layer. References:
+// qformat.kernels.reference (rmsnorm, rope, silu_mul, attention).
+#include "common.cuh"
+
+// Keys per attention split: one block's scores stay in shared memory.
+#define CHUNK 256
+#define NEG_BIG (-3.0e38f)
+
+// Sum (or max) over the block, returned to every thread; blockDim.x a multiple of 32, y == 1.
+__device__ float block_reduce(float v, bool is_max) {
+    __shared__ float part[32];
+    v = is_max ? warp_max(v) : warp_sum(v);
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+    __syncthreads();
+    float total = part[0];
+    for (int i = 1; i < (int)blockDim.x / 32; ++i) total = is_max ? fmaxf(total, part[i]) : total + part[i];
+    __syncthreads();  // part is reused by the next call
+    return total;
+}
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, one block per row of d columns.
+extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                       float* __restrict__ out, int d, float eps) {
+    const float* xr = x + (size_t)blockIdx.x * d;
+    float* orow = out + (size_t)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    const float inv = rsqrtf(block_reduce(ss, false) / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = xr[i] * inv * w[i];
+}
+
+// Rotate-half RoPE in place: x (n, heads, hd) at positions pos0.., tables (positions, hd/2).
+extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restrict__ cos_t,
+                                    const float* __restrict__ sin_t, int n, int heads, int hd, int pos0) {
+    const int half = hd / 2;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n * heads * half) return;
+    const int j = (int)(i % half);
+    const long long th = i / half;  // token * heads + head
+    const int t = (int)(th / heads);
+    float* v = x + th * hd;
+    const float c = cos_t[(size_t)(pos0 + t) * half + j], s = sin_t[(size_t)(pos0 + t) * half + j];
+    const float a = v[j], b = v[half + j];
+    v[j] = a * c - b * s;
+    v[half + j] = b * c + a * s;
+}
+
+// gate <- silu(gate) * up over n elements.
+extern "C" __global__ void silu_mul_f32(float* __restrict__ gate, const float* __restrict__ up, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = gate[i];
+    gate[i] = g / (1.0f + __expf(-g)) * up[i];
+}
+
+// Decode attention, pass 1: block (head h, split s) over keys [start + s*CHUNK, ...) < stop.
+// Writes part[(h * n_splits + s) * (hd + 2) + ...] = (max score m, Σ exp(score - m), then the
+// hd unnormalized outputs Σ exp(score - m) v). GQA: head h reads KV head h / (n_heads / n_kv).
+extern "C" __global__ void attn_decode_split(const float* __restrict__ q, const __half* __restrict__ k,
+                                             const __half* __restrict__ v, float* __restrict__ part,
+                                             int n_heads, int n_kv, int hd, int start, int stop, float scale,
+                                             int n_splits) {
+    __shared__ float score[CHUNK];
+    __shared__ float qs[256];  // hd <= 256
+    const int h = blockIdx.x / n_splits, s = blockIdx.x % n_splits;
+    const int kvh = h / (n_heads / n_kv);
+    const int t0 = start + s * CHUNK;
+    const int t1 = min(stop, t0 + CHUNK);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = q[(size_t)h * hd + d] * scale;
+    __syncthreads();
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    for (int t = t0 + warp; t < t1; t += n_warps) {  // one warp per key, lanes over the head dim
+        const __half* kr = k + ((size_t)t * n_kv + kvh) * hd;
+        float acc = 0.0f;
+        for (int d = lane; d < hd; d += 32) acc += qs[d] * __half2float(kr[d]);
+        acc = warp_sum(acc);
+        if (lane == 0) score[t - t0] = acc;
+    }
+    __syncthreads();
+    float m = NEG_BIG;
+    for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) m = fmaxf(m, score[i]);
+    m = block_reduce(m, true);
+    float l = 0.0f;
+    for (int i = threadIdx.x; i < t1 - t0; i += blockDim.x) {
+        const float e = __expf(score[i] - m);
+        score[i] = e;
+        l += e;
+    }
+    l = block_reduce(l, false);  // its barriers also publish the exponentials
+    float* out = part + (size_t)blockIdx.x * (hd + 2);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {  // threads over the head dim: rows of V coalesced
+        float o = 0.0f;
+        for (int t = t0; t < t1; ++t) o += score[t - t0] * __half2float(v[((size_t)t * n_kv + kvh) * hd + d]);
+        out[2 + d] = o;
+    }
+    if (threadIdx.x == 0) {
+        out[0] = m;
+        out[1] = l;
+    }
+}
+
+// Decode attention, pass 2: one block per head merges its splits: out (n_heads, hd).
+extern "C" __global__ void attn_decode_combine(const float* __restrict__ part, float* __restrict__ out, int hd,
+                                               int n_splits) {
+    const float* p = part + (size_t)blockIdx.x * n_splits * (hd + 2);
+    float big = NEG_BIG;
+    for (int s = 0; s < n_splits; ++s) big = fmaxf(big, p[s * (hd + 2)]);
+    float total = 0.0f;
+    for (int s = 0; s < n_splits; ++s) total += __expf(p[s * (hd + 2)] - big) * p[s * (hd + 2) + 1];
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < n_splits; ++s) o += __expf(p[s * (hd + 2)] - big) * p[s * (hd + 2) + 2 + d];
+        out[(size_t)blockIdx.x * hd + d] = o / total;
+    }
+}
