@@ -64,6 +64,22 @@ def fused_decoder(device: str, reader, args, cache, cos, sin):
     return build(reader, args, cache, cos, sin) if build is not None else None
 
 
+_DEVICE_OPS: dict[str, object] = {}
+
+
+def register_device_ops(device: str, ops: object) -> None:
+    """`ops`: the model's per-token operations on `device` (kernels/cpu/device.py's methods)."""
+    _DEVICE_OPS[device] = ops
+
+
+def device_ops(device: str):
+    """The per-token operations (RMSNorm, RoPE, SiLU gate, attention, arrays) of `device`."""
+    _load_backend(device)
+    if device not in _DEVICE_OPS:
+        raise NotImplementedError(f"no backend for device {device!r} (known: cpu, cuda)")
+    return _DEVICE_OPS[device]
+
+
 def registered(device: str) -> list[str]:
     """Kinds that `device` has kernels for."""
     _load_backend(device)

@@ -14,7 +14,7 @@ from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
-DEVICES = ("cpu",)
+DEVICES = ("cpu", "cuda", "auto")
 
 
 class Model:
@@ -82,12 +82,29 @@ class Model:
         conversation.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
+def resolve_device(device: str) -> tuple[str, str]:
+    """("cpu" or "cuda", a few words on why): "auto" takes the GPU when CuPy sees one; "cuda"
+    without one is a ValueError naming the fix."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu", "asked for"
+    from qformat.kernels.cuda.module import gpu_status
+
+    ok, detail = gpu_status()
+    if ok:
+        return "cuda", detail
+    if device == "cuda":
+        raise ValueError(f"device cuda: {detail}; use --device cpu (or auto)")
+    return "cpu", f"no GPU: {detail}"
+
+
 def load(path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
          context: int | None = None, verify: bool = False) -> Model:
-    """Open a .qbin file and build its model on `device` ("cpu"). threads: CPU kernel threads
-    (default: all cores). context: KV cache length (default: the model's max_seq_len)."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r} is not available in this build (available: {', '.join(DEVICES)})")
+    """Open a .qbin file and build its model on `device`: "cpu", "cuda" (an NVIDIA GPU through
+    CuPy) or "auto" (the GPU when there is one; `Model.device` says which). threads: CPU kernel
+    threads (default: all cores). context: KV cache length (default: the model's max_seq_len)."""
+    device, _ = resolve_device(device)
     from qformat.kernels.cpu import set_threads
 
     set_threads(threads)

@@ -44,7 +44,8 @@ class BadInput(click.ClickException):
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [all cores].")
-@click.option("--device", default="cpu", show_default=True, help="Where to run: cpu.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where to run: the CPU, an NVIDIA GPU (CuPy), or the GPU when there is one.")
 @click.option("--context", type=click.IntRange(min=1), default=None, help="KV cache length [model's maximum].")
 @click.option("--quiet", "-q", is_flag=True, help="No timings on stderr.")
 @click.option("--ppl", "ppl_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -60,12 +61,16 @@ def cli(file, prompt, prompt_file, chat, system, max_tokens, temperature, top_k,
         repeat_penalty, seed, stop, threads, device, context, quiet, ppl_file, ppl_default, reference, windows,
         window):
     """Run the .qbin model FILE."""
-    if device != "cpu":
-        raise BadInput(f"--device {device}: not available in this build (available: cpu)")
     if reference is not None and not (ppl_file or ppl_default):
         raise BadInput("--reference only applies to --ppl/--ppl-default")
-    from .api import load
+    from .api import load, resolve_device
 
+    try:
+        device, why = resolve_device(device)
+    except ValueError as e:
+        raise BadInput(f"--{e}") from None
+    if not quiet and why != "asked for":
+        click.echo(f"device: {device} ({why})", err=True)
     model = load(file, device=device, threads=threads, context=context)
     if ppl_file or ppl_default:
         _perplexity(model, ppl_file, reference, threads, windows, window, quiet)

@@ -12,8 +12,8 @@ import math
 import numpy as np
 
 from qformat.config import ModelArgs
-from qformat.kernels import fused_decoder, linear_op
-from qformat.kernels.cpu import ops
+from qformat.kernels import device_ops, fused_decoder, linear_op
+from qformat.kernels.cpu.ops import rope_tables
 from qformat.reader import QbinReader
 
 
@@ -26,13 +26,14 @@ class Linear:
 
     def __init__(self, reader: QbinReader, name: str, device: str, bias: str | None = None):
         self.op = linear_op(device, reader[name])
+        self.ops = device_ops(device)
         self.out_features = self.op.out_features
-        self.bias = reader[bias].arrays["data"] if bias is not None else None
+        self.bias = self.ops.asarray(reader[bias].arrays["data"]) if bias is not None else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (n, in) -> (n, out)."""
         if x.shape[0] == 1:
-            out = np.empty((1, self.out_features), np.float32)
+            out = self.ops.empty((1, self.out_features))
             self.op.gemv(x[0], out[0])
         else:
             out = self.op.gemm(x)
@@ -42,26 +43,25 @@ class Linear:
 
 
 class RMSNorm:
-    def __init__(self, weight: np.ndarray, eps: float):
-        self.weight = weight  # (d,) float32 view of the file
+    def __init__(self, weight: np.ndarray, eps: float, device: str = "cpu"):
+        self.ops = device_ops(device)
+        self.weight = self.ops.asarray(weight)  # (d,) float32 (on the CPU: a view of the file)
         self.eps = eps
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Normalize over the last axis; x (..., d)."""
-        flat = x.reshape(-1, x.shape[-1])
-        out = np.empty_like(flat)
-        ops.rmsnorm(flat, self.weight, self.eps, out)
-        return out.reshape(x.shape)
+        return self.ops.rmsnorm(x, self.weight, self.eps)
 
 
 class KVCache:
-    """Keys and values of every position so far, preallocated for the whole context."""
+    """Keys and values of every position so far, preallocated for the whole context (the
+    device's KV dtype: float32 on the CPU, float16 on a GPU)."""
 
-    def __init__(self, args: ModelArgs, context: int):
+    def __init__(self, args: ModelArgs, context: int, device: str = "cpu"):
         shape = (args.n_layers, context, args.n_kv_heads, args.head_dim)
-        # np.zeros maps untouched pages lazily: memory grows with the positions actually used
-        self.k = np.zeros(shape, np.float32)  # (n_layers, max_seq, n_kv_heads, head_dim)
-        self.v = np.zeros(shape, np.float32)  # (n_layers, max_seq, n_kv_heads, head_dim)
+        ops = device_ops(device)
+        self.k = ops.zeros(shape, ops.kv_dtype)  # (n_layers, max_seq, n_kv_heads, head_dim)
+        self.v = ops.zeros(shape, ops.kv_dtype)
         self.context = context
 
     @property
@@ -98,8 +98,10 @@ class Attention:
         self.wk = Linear(reader, p + "wk", device, bias("bk"))
         self.wv = Linear(reader, p + "wv", device, bias("bv"))
         self.wo = Linear(reader, p + "wo", device)
-        self.q_norm = RMSNorm(reader[p + "q_norm"].arrays["data"], args.norm_eps) if args.qk_norm else None
-        self.k_norm = RMSNorm(reader[p + "k_norm"].arrays["data"], args.norm_eps) if args.qk_norm else None
+        norm = (lambda n: RMSNorm(reader[p + n].arrays["data"], args.norm_eps, device)) if args.qk_norm else None
+        self.q_norm = norm("q_norm") if norm else None
+        self.k_norm = norm("k_norm") if norm else None
+        self.ops = device_ops(device)
         self.layer = i
         self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window
@@ -113,17 +115,16 @@ class Attention:
         v = self.wv(x).reshape(n, self.n_kv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        ops.rope(q, cos, sin)
-        ops.rope(k, cos, sin)
+        self.ops.rope(q, cos, sin)
+        self.ops.rope(k, cos, sin)
         kc, vc = cache.k[self.layer], cache.v[self.layer]  # (max_seq, n_kv_heads, head_dim)
         kc[pos:pos + n] = k
         vc[pos:pos + n] = v
         if n == 1:
-            out = np.empty((self.n_heads, self.hd), np.float32)
             start = 0 if self.window is None else max(0, pos + 1 - self.window)
-            ops.attention_decode(q[0], kc, vc, start, pos + 1, self.scale, out)
+            out = self.ops.attention_decode(q[0], kc, vc, start, pos + 1, float(self.scale))
         else:
-            out = ops.attention_prefill(q, kc[:pos + n], vc[:pos + n], pos, self.window, float(self.scale))
+            out = self.ops.attention_prefill(q, kc[:pos + n], vc[:pos + n], pos, self.window, float(self.scale))
         return self.wo(out.reshape(n, self.n_heads * self.hd))
 
 
@@ -133,18 +134,19 @@ class FeedForward:
         self.w1 = Linear(reader, p + "w1", device)  # gate
         self.w3 = Linear(reader, p + "w3", device)  # up
         self.w2 = Linear(reader, p + "w2", device)  # down
+        self.ops = device_ops(device)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         gate = self.w1(x)
-        ops.silu_mul_rows(gate, self.w3(x))
+        self.ops.silu_mul(gate, self.w3(x))
         return self.w2(gate)
 
 
 class Block:
     def __init__(self, reader: QbinReader, i: int, args: ModelArgs, device: str):
-        self.attn_norm = RMSNorm(reader[f"layers.{i}.attn_norm"].arrays["data"], args.norm_eps)
+        self.attn_norm = RMSNorm(reader[f"layers.{i}.attn_norm"].arrays["data"], args.norm_eps, device)
         self.attn = Attention(reader, i, args, device)
-        self.ffn_norm = RMSNorm(reader[f"layers.{i}.ffn_norm"].arrays["data"], args.norm_eps)
+        self.ffn_norm = RMSNorm(reader[f"layers.{i}.ffn_norm"].arrays["data"], args.norm_eps, device)
         self.ffn = FeedForward(reader, i, device)
 
     def __call__(self, x, pos, cos, sin, cache):
@@ -161,11 +163,13 @@ class Transformer:
         self.context = min(args.max_seq_len, context or args.max_seq_len)
         self.tok_embeddings = linear_op(device, reader["tok_embeddings"])  # (vocab, dim)
         self.layers = [Block(reader, i, args, device) for i in range(args.n_layers)]
-        self.norm = RMSNorm(reader["norm"].arrays["data"], args.norm_eps)
+        self.norm = RMSNorm(reader["norm"].arrays["data"], args.norm_eps, device)
         head = "output" if "output" in reader else "tok_embeddings"  # absent: tied to the embeddings
         self.output = Linear(reader, head, device)  # (vocab, dim)
-        self.cos, self.sin = ops.rope_tables(rope_inv_freq(args), self.context)  # (context, head_dim/2)
-        self.cache = KVCache(args, self.context)
+        self.ops = device_ops(device)
+        self.cos, self.sin = rope_tables(rope_inv_freq(args), self.context)  # (context, head_dim/2)
+        self._cos, self._sin = self.ops.asarray(self.cos), self.ops.asarray(self.sin)  # on the device
+        self.cache = KVCache(args, self.context, device)
         # one compiled call per decode step when the device offers it (see kernels/cpu/fused.py)
         self.fused = fused_decoder(device, reader, args, self.cache, self.cos, self.sin) if fused else None
 
@@ -185,10 +189,10 @@ class Transformer:
             for i in range(n):
                 logits = self.fused(x[i], pos + i)
             return logits[None] if all_logits else logits
-        cos, sin = self.cos[pos:pos + n], self.sin[pos:pos + n]
+        cos, sin = self._cos[pos:pos + n], self._sin[pos:pos + n]
         for block in self.layers:
             x = block(x, pos, cos, sin, self.cache)
         if not all_logits:
             x = x[-1:]
-        logits = self.output(self.norm(x))
+        logits = self.ops.to_numpy(self.output(self.norm(x)))
         return logits if all_logits else logits[0]

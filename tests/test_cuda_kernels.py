@@ -2,15 +2,14 @@
 
 - Every .cu file compiles with nvcc (CI has nvcc, no GPU).
 - The kernels' indexing and arithmetic, compiled for the host with tests/cuda_host/shim.h (blocks
-  and threads as loops, a warp's lanes one after another), match the NumPy references.
+  one after another, a block's threads concurrent with real shuffles and barriers), and the
+  CuPy launchers driving them (tests/cuda_emulation.py), match the NumPy references.
 - On a GPU (marker `gpu`): the CuPy ops of kernels/cuda/linear.py match the references.
 """
 from __future__ import annotations
 
-import ctypes
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,8 @@ from qformat.kernels import reference
 from qformat.kernels.cuda.module import NVRTC_OPTIONS, SOURCES, source_files
 from qformat.schemes import parse_scheme
 
-HOST = Path(__file__).resolve().parent / "cuda_host"
+from cuda_emulation import build_host, emulate_cuda, host_launch  # noqa: E402
+
 # (scheme, rows, k): 16-byte loads (g128, g64 with whole rows), 4-byte loads (g32: 16-byte
 # groups; rows of 100 columns), partial last groups (k = 1000 and 200 with g64 and g128)
 GROUPED = [("int4-g128", 13, 512), ("int4-g64", 9, 1000), ("int4-g64-sym", 5, 576), ("int4-g32", 7, 100),
@@ -48,25 +48,17 @@ def test_cuda_source_compiles_with_nvcc(source, tmp_path):
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     """The kernels built for the host by g++ (shim.h), as a ctypes library."""
-    gxx = shutil.which("g++")
-    if gxx is None:
+    lib = build_host(tmp_path_factory.mktemp("cuda-host"))
+    if lib is None:
         pytest.skip("g++ is not installed")
-    lib = tmp_path_factory.mktemp("cuda-host") / "libqhost.so"
-    out = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", f"-I{HOST}", f"-I{SOURCES}",
-                          str(HOST / "driver.cpp"), "-o", str(lib)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return ctypes.CDLL(str(lib))
-
-
-def ptr(a: np.ndarray):
-    return a.ctypes.data_as(ctypes.c_void_p)
+    return lib
 
 
 def grouped_args(t):
     a = t.arrays
     codes = np.ascontiguousarray(a["codes"])
     zeros = np.ascontiguousarray(a["zeros"]) if "zeros" in a else np.zeros(1, np.uint8)
-    return codes, np.ascontiguousarray(a["scales"]).view(np.uint16), zeros, int("zeros" in a)
+    return codes, np.ascontiguousarray(a["scales"]).view(np.float16), zeros, np.int32("zeros" in a)
 
 
 @pytest.mark.parametrize("scheme,rows,k", GROUPED)
@@ -83,9 +75,8 @@ def test_host_gemv_matches_reference(host, scheme, rows, k):
     chosen = gemv_variant(t.kind, group, codes.shape[1])
     for name in {chosen, f"gemv_{t.kind}_v1"}:  # the launcher's choice and the 4-byte fallback
         y = np.full(rows, np.nan, np.float32)
-        rc = host.host_gemv_grouped(name.encode(), (rows + 3) // 4, 32, 4, ptr(codes), ptr(scales), ptr(zeros),
-                                    has_zeros, ptr(xp), ptr(y), rows, k, group, codes.shape[1])
-        assert rc == 0
+        host_launch(host, name, ((rows + 3) // 4,), (32, 4),
+                    (codes, scales, zeros, has_zeros, xp, y, rows, k, group, codes.shape[1]))
         assert close(y, want, 1e-5), name
 
 
@@ -97,9 +88,8 @@ def test_host_dequant_matches_reference(host, scheme, rows, k):
     row0, n = 1, rows - 2
     out = np.zeros((n, k), np.float16)
     threads = n * codes.shape[1] // 4
-    rc = host.host_dequant(4 if t.kind == "q4" else 8, (threads + 255) // 256, 256, 1, ptr(codes), ptr(scales),
-                           ptr(zeros), has_zeros, ptr(out), row0, n, k, group, codes.shape[1])
-    assert rc == 0
+    host_launch(host, f"dequant_{t.kind}_f16", ((threads + 255) // 256,), (256,),
+                (codes, scales, zeros, has_zeros, out, row0, n, k, group, codes.shape[1]))
     np.testing.assert_array_equal(out, t.dequantize()[row0:row0 + n].astype(np.float16))
 
 
@@ -108,30 +98,30 @@ def test_host_gemv_f16_matches_reference(host, k):
     w = np.random.default_rng(3).standard_normal((10, k)).astype(np.float16)
     x = np.random.default_rng(4).standard_normal(k).astype(np.float32)
     y = np.full(10, np.nan, np.float32)
-    assert host.host_gemv_f16(3, 32, 4, ptr(w), ptr(x), ptr(y), 10, k) == 0
+    host_launch(host, "gemv_f16", (3,), (32, 4), (w, x, y, 10, k))
     assert close(y, w.astype(np.float32) @ x, 1e-5)
 
 
 def test_host_rmsnorm_rope_silu_match_reference(host):
+    from qformat.kernels.cuda.device import CUDAOps
+
+    ops = CUDAOps()
     rng = np.random.default_rng(10)
     x = rng.standard_normal((3, 576)).astype(np.float32) * 4
     w = rng.standard_normal(576).astype(np.float32)
-    out = np.full_like(x, np.nan)
-    host.host_rmsnorm(3, 128, ptr(x), ptr(w), ptr(out), 576, ctypes.c_float(1e-5))
-    assert close(out, reference.rmsnorm(x, w, 1e-5), 1e-5)
+    assert close(ops.rmsnorm(x, w, 1e-5), reference.rmsnorm(x, w, 1e-5), 1e-5)
 
-    n, heads, hd, pos0 = 5, 3, 64, 7
+    n, heads, hd = 5, 3, 64
     q = rng.standard_normal((n, heads, hd)).astype(np.float32)
-    ang = np.arange(40, dtype=np.float32)[:, None] * rng.random(hd // 2).astype(np.float32)[None]
+    ang = np.arange(n, dtype=np.float32)[:, None] * rng.random(hd // 2).astype(np.float32)[None]
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     got = q.copy()
-    total = n * heads * hd // 2
-    host.host_rope((total + 127) // 128, 128, ptr(got), ptr(cos), ptr(sin), n, heads, hd, pos0)
-    assert close(got, reference.rope(q, cos[pos0:pos0 + n], sin[pos0:pos0 + n]), 1e-6)
+    ops.rope(got, cos, sin)
+    assert close(got, reference.rope(q, cos, sin), 1e-6)
 
     g, u = rng.standard_normal((2, 1000)).astype(np.float32) * 3
     want = reference.silu_mul(g, u)
-    host.host_silu_mul(8, 128, ptr(g), ptr(u), ctypes.c_longlong(1000))
+    ops.silu_mul(g, u)
     assert close(g, want, 1e-5)
 
 
@@ -139,49 +129,32 @@ def test_host_rmsnorm_rope_silu_match_reference(host):
 def test_host_attention_decode_matches_reference(host, start, stop):
     """Flash-decoding over 1, 2 and 3 splits of 256 keys, GQA (6 heads on 2 KV heads), a
     sliding window (start > 0), float16 cache."""
+    from qformat.kernels.cuda.device import CUDAOps
+
     rng = np.random.default_rng(11)
     n_heads, n_kv, hd = 6, 2, 64
     k = rng.standard_normal((stop, n_kv, hd)).astype(np.float16)
     v = rng.standard_normal((stop, n_kv, hd)).astype(np.float16)
     q = rng.standard_normal((n_heads, hd)).astype(np.float32)
-    n_splits = -(-(stop - start) // 256)
-    part = np.full((n_heads, n_splits, hd + 2), np.nan, np.float32)
-    out = np.full((n_heads, hd), np.nan, np.float32)
-    host.host_attn_decode(128, ptr(q), ptr(k), ptr(v), ptr(part), ptr(out), n_heads, n_kv, hd, start, stop,
-                          ctypes.c_float(0.125))
+    out = CUDAOps().attention_decode(q, k, v, start, stop, 0.125)
     window = None if start == 0 else stop - start
     want = reference.attention(q[None], k.astype(np.float32), v.astype(np.float32), stop - 1, window, 0.125)[0]
     assert close(out, want, 1e-5)
 
 
-@pytest.fixture
-def emulated_cupy(host, monkeypatch):
-    """kernels/cuda/linear.py with NumPy in place of CuPy and the host-built kernels in place of
-    the GPU's: the launchers' buffers, arguments and launch shapes run for real."""
-    from qformat.kernels.cuda import linear
-
-    def kernel(source: str, function: str):
-        def launch(grid, block, args):
-            conv = [ptr(a) if isinstance(a, np.ndarray) else int(a) for a in args]
-            shape = (grid[0], block[0], block[1] if len(block) > 1 else 1)
-            if function.startswith("gemv_q"):
-                rc = host.host_gemv_grouped(function.encode(), *shape, *conv)
-            elif function == "gemv_f16":
-                rc = host.host_gemv_f16(*shape, *conv)
-            else:  # dequant_q4_f16, dequant_q8_f16
-                rc = host.host_dequant(int(function[len("dequant_q")]), *shape, *conv)
-            assert rc == 0, (function, shape)
-        return launch
-
-    monkeypatch.setattr(linear, "_cupy", lambda: np)
-    monkeypatch.setattr(linear, "kernel", kernel)
-    return linear
+@pytest.fixture(autouse=True)
+def emulated_device(request, monkeypatch):
+    """Host tests run kernels/cuda's launchers on the host build (cuda_emulation.py)."""
+    if "host" in request.fixturenames and request.node.get_closest_marker("gpu") is None:
+        emulate_cuda(monkeypatch, request.getfixturevalue("host"))
 
 
 @pytest.mark.parametrize("scheme,rows,k", GROUPED + [("f16", 37, 576), ("f16", 5, 100), ("bf16", 5, 100)])
-def test_cuda_ops_on_emulated_device(emulated_cupy, scheme, rows, k):
+def test_cuda_ops_on_emulated_device(host, scheme, rows, k):
+    from qformat.kernels.cuda import linear
+
     t = make(scheme, rows, k, seed=7)
-    op = (emulated_cupy.CudaDenseOp if scheme in ("f16", "bf16") else emulated_cupy.CudaGroupQuantOp)(t)
+    op = (linear.CudaDenseOp if scheme in ("f16", "bf16") else linear.CudaGroupQuantOp)(t)
     rng = np.random.default_rng(8)
     x = rng.standard_normal(k).astype(np.float32)
     out = np.full(rows, np.nan, np.float32)

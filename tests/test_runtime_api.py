@@ -148,3 +148,22 @@ def test_repetition_penalty_discourages_seen_tokens():
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_device_auto_falls_back_to_cpu_and_cuda_says_why(model):
+    """Without a GPU (CI): "auto" runs on the CPU and says why; "cuda" is a ValueError naming
+    the fix. (With one, "auto" must pick it.)"""
+    from qformat.kernels.cuda.module import gpu_status
+    from qformat.runtime.api import resolve_device
+
+    has_gpu, detail = gpu_status()
+    device, why = resolve_device("auto")
+    if has_gpu:
+        assert (device, why) == ("cuda", detail)
+        return
+    assert device == "cpu" and why.startswith("no GPU: ") and detail in why
+    with pytest.raises(ValueError, match="--device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_device("tpu")
+    assert qformat.load(model.reader.path, device="auto", threads=1).device == "cpu"

@@ -87,6 +87,36 @@ def test_logits_match_transformers(built, case):
     assert (ours.argmax(-1) == original.argmax(-1))[clear].all()
 
 
+@pytest.fixture(scope="module")
+def cuda_host(tmp_path_factory):
+    from cuda_emulation import build_host
+
+    lib = build_host(tmp_path_factory.mktemp("cuda-host"))
+    if lib is None:
+        pytest.skip("g++ is not installed")
+    return lib
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_model_path_on_emulated_device(built, case, cuda_host, monkeypatch):
+    """The CUDA backend's whole model path (device="cuda": kernels/cuda's ops and launchers,
+    with CuPy replaced by NumPy and the .cu kernels built for the host, tests/cuda_emulation.py)
+    against transformers on the same f16 weights. Prefill multiplies float16 activations and
+    the KV cache is float16, so the bound is the f16 one of the module docstring."""
+    from cuda_emulation import emulate_cuda
+
+    emulate_cuda(monkeypatch, cuda_host)
+    folder, qbin = built(case)
+    vocab = QbinReader(qbin).model.vocab_size
+    ids = [int(i) for i in np.random.default_rng(6).integers(0, vocab, PREFILL + 4)]
+    model = Transformer(QbinReader(qbin), device="cuda")
+    ours = [model.forward(ids[:PREFILL], 0, all_logits=True)]
+    ours += [model.forward(ids[pos:pos + 1], pos)[None] for pos in range(PREFILL, len(ids))]
+    ours = np.concatenate(ours)
+    same_weights = hf_logits(folder, ids, round_f16=True)
+    assert np.abs(ours - same_weights).max() <= 1e-2 * np.abs(same_weights).max()
+
+
 def test_greedy_golden_matches_transformers(built):
     """Exact greedy tokens of a tiny llama equal transformers' greedy decoding (same f16 weights)."""
     import qformat

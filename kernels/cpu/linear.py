@@ -255,10 +255,12 @@ class GroupQuantOp(_Base):
 
 def register_all() -> None:
     """Fill the (cpu, kind) table and the CPU's one-call decode step."""
-    from ..registry import register_decoder
+    from ..registry import register_decoder, register_device_ops
+    from .device import CPUOps
     from .fused import build
 
     register_decoder("cpu", build)
+    register_device_ops("cpu", CPUOps())
     for kind in ("f32", "f16", "bf16"):
         register("cpu", kind, DenseOp)
     for kind in _KERNELS:

@@ -11,6 +11,20 @@ SOURCES = Path(__file__).resolve().parent
 NVRTC_OPTIONS = ("-std=c++17", f"-I{SOURCES}")
 
 
+def gpu_status() -> tuple[bool, str]:
+    """(whether CuPy sees an NVIDIA GPU, its name or why not)."""
+    try:
+        import cupy
+    except ImportError:
+        return False, "CuPy is not installed (pip install cupy-cuda13x, or cupy-cuda12x for CUDA 12)"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return False, "CuPy sees no GPU"
+        return True, cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    except Exception as e:  # no driver, or a driver too old for this CuPy
+        return False, f"CuPy cannot reach a GPU ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
 def source_files() -> list[Path]:
     """Every CUDA C source of the backend."""
     return sorted(SOURCES.glob("*.cu"))

@@ -1,0 +1,57 @@
+"""The model's per-token operations on the CPU, over NumPy arrays (kernels in ops.py).
+
+One object per device with the same methods (kernels/cuda/device.py is the GPU's), so that the
+model (runtime/model.py) never branches on the device."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+
+
+class CPUOps:
+    """NumPy arrays; float32 KV cache."""
+
+    name = "cpu"
+    kv_dtype = np.float32
+
+    def asarray(self, a: np.ndarray) -> np.ndarray:
+        """A host array as this device's array (here: itself)."""
+        return np.asarray(a)
+
+    def to_numpy(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def empty(self, shape, dtype=np.float32) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype=np.float32) -> np.ndarray:
+        # np.zeros maps untouched pages lazily: a KV cache grows with the positions used
+        return np.zeros(shape, dtype)
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """Normalized over the last axis; x (..., d)."""
+        flat = x.reshape(-1, x.shape[-1])
+        out = np.empty_like(flat)
+        ops.rmsnorm(flat, weight, eps, out)
+        return out.reshape(x.shape)
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+        """Rotate-half RoPE in place; x (n, heads, hd), cos/sin (n, hd/2)."""
+        ops.rope(x, cos, sin)
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> None:
+        """gate <- silu(gate) * up, in place."""
+        ops.silu_mul_rows(gate, up)
+
+    def attention_decode(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, stop: int,
+                         scale: float) -> np.ndarray:
+        """One query (heads, hd) over cached keys [start, stop) of one layer -> (heads, hd)."""
+        out = np.empty(q.shape, np.float32)
+        ops.attention_decode(q, k_cache, v_cache, start, stop, np.float32(scale), out)
+        return out
+
+    def attention_prefill(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
+                          window: int | None, scale: float) -> np.ndarray:
+        """Causal attention of q (n, heads, hd) at start_pos.. over k, v (start_pos + n, kv, hd)."""
+        return ops.attention_prefill(q, k, v, start_pos, window, scale)

@@ -1,0 +1,94 @@
+"""The model's per-token operations on an NVIDIA GPU, over CuPy arrays (kernels in ops.cu), with
+the methods of kernels/cpu/device.py. The KV cache is float16."""
+from __future__ import annotations
+
+import numpy as np
+
+from .module import kernel
+
+# Threads per block of the row and attention kernels (a multiple of 32).
+THREADS = 128
+# ops.cu's CHUNK: keys per attention split.
+CHUNK = 256
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+class CUDAOps:
+    """CuPy arrays on the current device."""
+
+    name = "cuda"
+    kv_dtype = np.float16
+
+    def asarray(self, a):
+        return _cupy().asarray(a)
+
+    def to_numpy(self, a) -> np.ndarray:
+        return _cupy().asnumpy(a)
+
+    def empty(self, shape, dtype=np.float32):
+        return _cupy().empty(shape, dtype)
+
+    def zeros(self, shape, dtype=np.float32):
+        return _cupy().zeros(shape, dtype)
+
+    def rmsnorm(self, x, weight, eps: float):
+        d = x.shape[-1]
+        flat = x.reshape(-1, d)
+        out = _cupy().empty_like(flat)
+        kernel("ops", "rmsnorm_f32")((flat.shape[0],), (THREADS,), (flat, weight, out, np.int32(d), np.float32(eps)))
+        return out.reshape(x.shape)
+
+    def rope(self, x, cos, sin) -> None:
+        """In place; x (n, heads, hd) contiguous, cos/sin (n, hd/2) for its positions."""
+        n, heads, hd = x.shape
+        total = n * heads * (hd // 2)
+        kernel("ops", "rope_f32")(((total + THREADS - 1) // THREADS,), (THREADS,),
+                                  (x, cos, sin, np.int32(n), np.int32(heads), np.int32(hd), np.int32(0)))
+
+    def silu_mul(self, gate, up) -> None:
+        n = gate.size
+        kernel("ops", "silu_mul_f32")(((n + THREADS - 1) // THREADS,), (THREADS,), (gate, up, np.int64(n)))
+
+    def attention_decode(self, q, k_cache, v_cache, start: int, stop: int, scale: float):
+        cp = _cupy()
+        n_heads, hd = q.shape
+        n_kv = k_cache.shape[1]
+        n_splits = (stop - start + CHUNK - 1) // CHUNK
+        part = cp.empty((n_heads, n_splits, hd + 2), cp.float32)
+        out = cp.empty((n_heads, hd), cp.float32)
+        kernel("ops", "attn_decode_split")((n_heads * n_splits,), (THREADS,),
+                                           (q, k_cache, v_cache, part, np.int32(n_heads), np.int32(n_kv),
+                                            np.int32(hd), np.int32(start), np.int32(stop), np.float32(scale),
+                                            np.int32(n_splits)))
+        kernel("ops", "attn_decode_combine")((n_heads,), (THREADS,), (part, out, np.int32(hd), np.int32(n_splits)))
+        return out
+
+    def attention_prefill(self, q, k, v, start_pos: int, window: int | None, scale: float):
+        """Per KV head: the scores of its query heads as one batched GEMM (cuBLAS), masked and
+        normalized in float32, times V."""
+        cp = _cupy()
+        n, n_heads, hd = q.shape
+        total, n_kv, _ = k.shape
+        group = n_heads // n_kv
+        qpos = cp.arange(start_pos, start_pos + n)[:, None]
+        kpos = cp.arange(total)[None, :]
+        masked = kpos > qpos
+        if window is not None:
+            masked |= kpos <= qpos - window
+        out = cp.empty((n, n_heads, hd), cp.float32)
+        for kvh in range(n_kv):
+            heads = slice(kvh * group, (kvh + 1) * group)
+            kh = k[:, kvh].astype(cp.float32)
+            vh = v[:, kvh].astype(cp.float32)
+            s = cp.matmul(q[:, heads].transpose(1, 0, 2), kh.T) * np.float32(scale)  # (group, n, total)
+            s = cp.where(masked[None], np.float32(-np.inf), s)
+            s -= s.max(axis=-1, keepdims=True)
+            p = cp.exp(s)
+            p /= p.sum(axis=-1, keepdims=True)
+            out[:, heads] = cp.matmul(p, vh).transpose(1, 0, 2)
+        return out
