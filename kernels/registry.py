@@ -52,16 +52,17 @@ _DECODERS: dict[str, Callable] = {}
 
 
 def register_decoder(device: str, build: Callable) -> None:
-    """`build(reader, args, cache, cos, sin)` makes a one-call decode step for `device`, or None."""
+    """`build(reader, args, cache, cos, sin, linears)` makes a one-call decode step for `device`,
+    or None (linears: the model's ops by tensor name, "head" the output projection)."""
     _DECODERS[device] = build
 
 
-def fused_decoder(device: str, reader, args, cache, cos, sin):
+def fused_decoder(device: str, reader, args, cache, cos, sin, linears: dict | None = None):
     """A callable (embedding, position) -> logits running a whole decode step in one compiled call,
     or None where the device has none or some tensor needs the per-operation path."""
     _load_backend(device)
     build = _DECODERS.get(device)
-    return build(reader, args, cache, cos, sin) if build is not None else None
+    return build(reader, args, cache, cos, sin, linears) if build is not None else None
 
 
 _DEVICE_OPS: dict[str, object] = {}

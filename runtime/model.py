@@ -170,8 +170,13 @@ class Transformer:
         self.cos, self.sin = rope_tables(rope_inv_freq(args), self.context)  # (context, head_dim/2)
         self._cos, self._sin = self.ops.asarray(self.cos), self.ops.asarray(self.sin)  # on the device
         self.cache = KVCache(args, self.context, device)
-        # one compiled call per decode step when the device offers it (see kernels/cpu/fused.py)
-        self.fused = fused_decoder(device, reader, args, self.cache, self.cos, self.sin) if fused else None
+        # one call per decode step when the device offers it (kernels/cpu/fused.py: one compiled
+        # function; kernels/cuda/decoder.py: one CUDA graph over these ops)
+        linears = {f"layers.{i}.{part}.{w}": getattr(getattr(block, part), w).op
+                   for i, block in enumerate(self.layers)
+                   for part, ws in (("attn", ("wq", "wk", "wv", "wo")), ("ffn", ("w1", "w3", "w2"))) for w in ws}
+        linears["head"] = self.output.op
+        self.fused = fused_decoder(device, reader, args, self.cache, self.cos, self.sin, linears) if fused else None
 
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens (n,) at positions pos..pos+n-1 through the model, filling the KV cache.

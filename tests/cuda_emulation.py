@@ -54,8 +54,8 @@ class NumpyAsCupy:
         return getattr(np, name)
 
     @staticmethod
-    def asnumpy(a):
-        return np.asarray(a)
+    def asnumpy(a, stream=None):
+        return np.array(a)  # a copy, as from device memory
 
     @staticmethod
     def matmul(a, b):
@@ -66,11 +66,12 @@ class NumpyAsCupy:
 
 def emulate_cuda(monkeypatch, host: ctypes.CDLL) -> None:
     """Point kernels/cuda's launchers at NumPy and the host library for the rest of a test."""
-    from qformat.kernels.cuda import device, linear
+    from qformat.kernels.cuda import decoder, device, linear
 
     def kernel(source: str, function: str):
         return lambda grid, block, args: host_launch(host, function, grid, block, args)
 
-    for mod in (linear, device):
+    for mod in (linear, device, decoder):
         monkeypatch.setattr(mod, "_cupy", lambda: NumpyAsCupy())
         monkeypatch.setattr(mod, "kernel", kernel)
+    monkeypatch.setattr(decoder, "CUDA_GRAPHS", False)  # no graphs without CuPy: the eager step

@@ -384,8 +384,9 @@ class FusedDecoder:
         return logits
 
 
-def build(reader, args, cache, cos, sin) -> FusedDecoder | None:
-    """A FusedDecoder over the file's tensors, or None if some tensor needs the per-op path."""
+def build(reader, args, cache, cos, sin, linears: dict | None = None) -> FusedDecoder | None:
+    """A FusedDecoder over the file's tensors (read in place: `linears`, the model's ops, are not
+    needed), or None if some tensor needs the per-op path."""
     names = []
     for i in range(args.n_layers):
         names += [f"layers.{i}.attn.{w}" for w in ("wq", "wk", "wv", "wo")]

@@ -162,10 +162,12 @@ class CudaDenseOp(_CudaOp):
 
 def register_all() -> None:
     """Fill the (cuda, kind) table and the device's per-token operations."""
-    from ..registry import register_device_ops
+    from ..registry import register_decoder, register_device_ops
+    from .decoder import build
     from .device import CUDAOps
 
     register_device_ops("cuda", CUDAOps())
+    register_decoder("cuda", build)
     for kind in ("f16", "bf16", "f32"):
         register("cuda", kind, CudaDenseOp)
     for kind in _BITS:

@@ -55,13 +55,38 @@ extern "C" __global__ void silu_mul_f32(float* __restrict__ gate, const float* _
     gate[i] = g / (1.0f + __expf(-g)) * up[i];
 }
 
+// One token's RoPE in place at the position *pos (device memory: a captured decode step reads
+// the position of each replay): x (heads, hd).
+extern "C" __global__ void rope_f32_at(float* __restrict__ x, const float* __restrict__ cos_t,
+                                       const float* __restrict__ sin_t, int heads, int hd, const int* __restrict__ pos) {
+    const int half = hd / 2;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= heads * half) return;
+    const int j = i % half;
+    float* v = x + (size_t)(i / half) * hd;
+    const float c = cos_t[(size_t)(*pos) * half + j], s = sin_t[(size_t)(*pos) * half + j];
+    const float a = v[j], b = v[half + j];
+    v[j] = a * c - b * s;
+    v[half + j] = b * c + a * s;
+}
+
+// One token's keys and values (n float32 each) into row *pos of a layer's float16 cache.
+extern "C" __global__ void kv_store(const float* __restrict__ k, const float* __restrict__ v,
+                                    __half* __restrict__ k_cache, __half* __restrict__ v_cache, int n,
+                                    const int* __restrict__ pos) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    k_cache[(size_t)(*pos) * n + i] = __float2half(k[i]);
+    v_cache[(size_t)(*pos) * n + i] = __float2half(v[i]);
+}
+
 // Decode attention, pass 1: block (head h, split s) over keys [start + s*CHUNK, ...) < stop.
 // Writes part[(h * n_splits + s) * (hd + 2) + ...] = (max score m, Σ exp(score - m), then the
 // hd unnormalized outputs Σ exp(score - m) v). GQA: head h reads KV head h / (n_heads / n_kv).
-extern "C" __global__ void attn_decode_split(const float* __restrict__ q, const __half* __restrict__ k,
-                                             const __half* __restrict__ v, float* __restrict__ part,
-                                             int n_heads, int n_kv, int hd, int start, int stop, float scale,
-                                             int n_splits) {
+// A split past stop is empty: m = NEG_BIG, l = 0, o = 0, which the combine pass weighs 0.
+__device__ void attn_split(const float* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+                           float* __restrict__ part, int n_heads, int n_kv, int hd, int start, int stop, float scale,
+                           int n_splits) {
     __shared__ float score[CHUNK];
     __shared__ float qs[256];  // hd <= 256
     const int h = blockIdx.x / n_splits, s = blockIdx.x % n_splits;
@@ -99,6 +124,22 @@ extern "C" __global__ void attn_decode_split(const float* __restrict__ q, const 
         out[0] = m;
         out[1] = l;
     }
+}
+
+extern "C" __global__ void attn_decode_split(const float* q, const __half* k, const __half* v, float* part,
+                                             int n_heads, int n_kv, int hd, int start, int stop, float scale,
+                                             int n_splits) {
+    attn_split(q, k, v, part, n_heads, n_kv, hd, start, stop, scale, n_splits);
+}
+
+// The same for the query at position *pos (device memory), over keys [max(0, pos + 1 - window),
+// pos + 1) (window <= 0: no window); n_splits covers the whole context, later splits are empty.
+extern "C" __global__ void attn_decode_split_at(const float* q, const __half* k, const __half* v, float* part,
+                                                int n_heads, int n_kv, int hd, const int* pos, int window,
+                                                float scale, int n_splits) {
+    const int stop = *pos + 1;
+    const int start = window > 0 ? max(0, stop - window) : 0;
+    attn_split(q, k, v, part, n_heads, n_kv, hd, start, stop, scale, n_splits);
 }
 
 // Decode attention, pass 2: one block per head merges its splits: out (n_heads, hd).

@@ -56,3 +56,19 @@ extern "C" void host_attn_decode_combine(int grid, int bx, int by, const float* 
                                          int n_splits) {
     launch(grid, bx, by, [&] { attn_decode_combine(part, out, hd, n_splits); });
 }
+
+extern "C" void host_rope_f32_at(int grid, int bx, int by, float* x, const float* cos_t, const float* sin_t, int heads,
+                                 int hd, const int* pos) {
+    launch(grid, bx, by, [&] { rope_f32_at(x, cos_t, sin_t, heads, hd, pos); });
+}
+
+extern "C" void host_kv_store(int grid, int bx, int by, const float* k, const float* v, __half* k_cache,
+                              __half* v_cache, int n, const int* pos) {
+    launch(grid, bx, by, [&] { kv_store(k, v, k_cache, v_cache, n, pos); });
+}
+
+extern "C" void host_attn_decode_split_at(int grid, int bx, int by, const float* q, const __half* k, const __half* v,
+                                          float* part, int n_heads, int n_kv, int hd, const int* pos, int window,
+                                          float scale, int n_splits) {
+    launch(grid, bx, by, [&] { attn_decode_split_at(q, k, v, part, n_heads, n_kv, hd, pos, window, scale, n_splits); });
+}
