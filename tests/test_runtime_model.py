@@ -97,24 +97,56 @@ def cuda_host(tmp_path_factory):
     return lib
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_cuda_model_path_on_emulated_device(built, case, cuda_host, monkeypatch):
-    """The CUDA backend's whole model path (device="cuda": kernels/cuda's ops and launchers,
-    with CuPy replaced by NumPy and the .cu kernels built for the host, tests/cuda_emulation.py)
-    against transformers on the same f16 weights. Prefill multiplies float16 activations and
-    the KV cache is float16, so the bound is the f16 one of the module docstring."""
-    from cuda_emulation import emulate_cuda
+BACKENDS = ["emulated", pytest.param("gpu", marks=pytest.mark.gpu)]
 
-    emulate_cuda(monkeypatch, cuda_host)
+
+def cuda_backend(backend, request, monkeypatch) -> None:
+    """"emulated": kernels/cuda with CuPy replaced by NumPy and the .cu kernels built for the host
+    (tests/cuda_emulation.py); "gpu": the real device."""
+    if backend == "emulated":
+        from cuda_emulation import emulate_cuda
+
+        emulate_cuda(monkeypatch, request.getfixturevalue("cuda_host"))
+
+
+def run_logits(model, ids) -> np.ndarray:
+    """A 12-token prefill, then single-token steps (the device's one-call decode step)."""
+    out = [model.forward(ids[:PREFILL], 0, all_logits=True)]
+    out += [model.forward(ids[pos:pos + 1], pos)[None] for pos in range(PREFILL, len(ids))]
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_model_path_matches_transformers(built, case, backend, request, monkeypatch):
+    """The CUDA backend's whole model path (device="cuda": per-op prefill, the decode step of
+    kernels/cuda/decoder.py) against transformers on the same f16 weights. Prefill multiplies
+    float16 activations and the KV cache is float16, so the bound is the f16 one of the module
+    docstring."""
+    cuda_backend(backend, request, monkeypatch)
     folder, qbin = built(case)
     vocab = QbinReader(qbin).model.vocab_size
     ids = [int(i) for i in np.random.default_rng(6).integers(0, vocab, PREFILL + 4)]
-    model = Transformer(QbinReader(qbin), device="cuda")
-    ours = [model.forward(ids[:PREFILL], 0, all_logits=True)]
-    ours += [model.forward(ids[pos:pos + 1], pos)[None] for pos in range(PREFILL, len(ids))]
-    ours = np.concatenate(ours)
+    ours = run_logits(Transformer(QbinReader(qbin), device="cuda"), ids)
     same_weights = hf_logits(folder, ids, round_f16=True)
     assert np.abs(ours - same_weights).max() <= 1e-2 * np.abs(same_weights).max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", ["int4-g32", "int8"])
+def test_cuda_quantized_model_matches_cpu(built, scheme, backend, request, monkeypatch, tmp_path):
+    """q4 and q8 files on the CUDA path (float activations in the GEMV, float16 in prefill)
+    against the CPU backend (int8 activations in q4 GEMVs: 3% like test_outliers; else 1%)."""
+    folder, _ = built("llama-untied")
+    qbin = tmp_path / f"{scheme}.qbin"
+    convert(folder, qbin, scheme, progress=False)
+    vocab = QbinReader(qbin).model.vocab_size
+    ids = [int(i) for i in np.random.default_rng(7).integers(0, vocab, PREFILL + 4)]
+    cpu = run_logits(Transformer(QbinReader(qbin)), ids)
+    cuda_backend(backend, request, monkeypatch)
+    ours = run_logits(Transformer(QbinReader(qbin), device="cuda"), ids)
+    tol = 3e-2 if scheme.startswith("int4") else 1e-2
+    assert np.abs(ours - cpu).max() <= tol * np.abs(cpu).max()
 
 
 def test_greedy_golden_matches_transformers(built):

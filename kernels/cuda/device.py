@@ -18,6 +18,13 @@ def _cupy():
     return cupy
 
 
+def _in_place(*arrays) -> None:
+    # raw kernels index arrays as C-contiguous; an in-place result cannot go through a copy
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            raise ValueError("CUDA kernels write in place only into C-contiguous arrays")
+
+
 class CUDAOps:
     """CuPy arrays on the current device."""
 
@@ -38,24 +45,30 @@ class CUDAOps:
 
     def rmsnorm(self, x, weight, eps: float):
         d = x.shape[-1]
-        flat = x.reshape(-1, d)
+        flat = _cupy().ascontiguousarray(x).reshape(-1, d)
         out = _cupy().empty_like(flat)
         kernel("ops", "rmsnorm_f32")((flat.shape[0],), (THREADS,), (flat, weight, out, np.int32(d), np.float32(eps)))
         return out.reshape(x.shape)
 
     def rope(self, x, cos, sin) -> None:
         """In place; x (n, heads, hd) contiguous, cos/sin (n, hd/2) for its positions."""
+        _in_place(x)
         n, heads, hd = x.shape
         total = n * heads * (hd // 2)
+        cos, sin = _cupy().ascontiguousarray(cos), _cupy().ascontiguousarray(sin)
         kernel("ops", "rope_f32")(((total + THREADS - 1) // THREADS,), (THREADS,),
                                   (x, cos, sin, np.int32(n), np.int32(heads), np.int32(hd), np.int32(0)))
 
     def silu_mul(self, gate, up) -> None:
+        _in_place(gate)
+        up = _cupy().ascontiguousarray(up)
         n = gate.size
         kernel("ops", "silu_mul_f32")(((n + THREADS - 1) // THREADS,), (THREADS,), (gate, up, np.int64(n)))
 
     def attention_decode(self, q, k_cache, v_cache, start: int, stop: int, scale: float):
         cp = _cupy()
+        q = cp.ascontiguousarray(q)
+        _in_place(k_cache, v_cache)
         n_heads, hd = q.shape
         n_kv = k_cache.shape[1]
         n_splits = (stop - start + CHUNK - 1) // CHUNK

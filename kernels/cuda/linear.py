@@ -64,7 +64,7 @@ class _CudaOp:
             from qformat.kernels import linear_op
 
             self._cpu_op = linear_op("cpu", self._tensor)
-        return _cupy().asarray(self._cpu_op.rows(np.asarray(ids, np.int64)))
+        return _cupy().asarray(np.ascontiguousarray(self._cpu_op.rows(np.asarray(ids, np.int64))))
 
 
 class CudaGroupQuantOp(_CudaOp):
@@ -96,7 +96,8 @@ class CudaGroupQuantOp(_CudaOp):
         return (self.codes, self.scales, self.zeros, np.int32(self.has_zeros))
 
     def gemv(self, x, out):
-        """out (out_features,) float32 = W @ x, x (in_features,) float32, both on the device."""
+        """out (out_features,) float32 = W @ x, x (in_features,) float32, both on the device
+        (out contiguous: the kernel writes it)."""
         self._x[:self.in_features] = x
         rows = self.out_features
         self._gemv(((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,), (32, ROWS_PER_BLOCK),
@@ -148,6 +149,7 @@ class CudaDenseOp(_CudaOp):
         if self._gemv is None:
             out[...] = self.w @ x
             return out
+        x = _cupy().ascontiguousarray(x)
         rows = self.out_features
         self._gemv(((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,), (32, ROWS_PER_BLOCK),
                    (self.w, x, out, np.int32(rows), np.int32(self.in_features)))
