@@ -19,7 +19,7 @@ steps see the same numbers; W8A8 passes its own per-token codes (per_token_input
 The unpacked block (16 rows × padded columns) stays in L1/L2 while every token tile passes over
 it. 330-365 G multiply-adds/s on two Zen 4 cores (1536x576 and 576x1536, 512 tokens), against
 ~100 G float multiply-adds/s for the dequantize + BLAS path; SmolLM2-135M int4-g64 prefill went
-from 449 to 1597 tok/s (README). Compiled only on CPUs with AVX512-VNNI (features.VNNI);
+from 449 to 1776 tok/s (README). Compiled only on CPUs with AVX512-VNNI (features.VNNI);
 elsewhere prefill keeps the float path.
 """
 from __future__ import annotations
