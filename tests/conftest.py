@@ -42,6 +42,18 @@ def tiny_checkpoint(tmp_path_factory):
     return build
 
 
+@pytest.fixture(scope="session")
+def cuda_host(tmp_path_factory):
+    """kernels/cuda's .cu files built for the host by g++ (tests/cuda_emulation.py), as a ctypes
+    library; skips the test without g++."""
+    from cuda_emulation import build_host
+
+    lib = build_host(tmp_path_factory.mktemp("cuda-host"))
+    if lib is None:
+        pytest.skip("g++ is not installed")
+    return lib
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Caches the code under test writes (sampled calibration windows) go to a temporary folder,

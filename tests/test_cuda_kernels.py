@@ -18,7 +18,7 @@ from qformat.kernels import reference
 from qformat.kernels.cuda.module import NVRTC_OPTIONS, SOURCES, source_files
 from qformat.schemes import parse_scheme
 
-from cuda_emulation import build_host, emulate_cuda, host_launch  # noqa: E402
+from cuda_emulation import emulate_cuda, host_launch  # noqa: E402
 
 # (scheme, rows, k): 16-byte loads (g128, g64 with whole rows), 4-byte loads (g32: 16-byte
 # groups; rows of 100 columns), partial last groups (k = 1000 and 200 with g64 and g128)
@@ -45,13 +45,10 @@ def test_cuda_source_compiles_with_nvcc(source, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    """The kernels built for the host by g++ (shim.h), as a ctypes library."""
-    lib = build_host(tmp_path_factory.mktemp("cuda-host"))
-    if lib is None:
-        pytest.skip("g++ is not installed")
-    return lib
+@pytest.fixture
+def host(cuda_host):
+    """The kernels built for the host (conftest.cuda_host)."""
+    return cuda_host
 
 
 def grouped_args(t):

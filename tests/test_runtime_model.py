@@ -87,16 +87,6 @@ def test_logits_match_transformers(built, case):
     assert (ours.argmax(-1) == original.argmax(-1))[clear].all()
 
 
-@pytest.fixture(scope="module")
-def cuda_host(tmp_path_factory):
-    from cuda_emulation import build_host
-
-    lib = build_host(tmp_path_factory.mktemp("cuda-host"))
-    if lib is None:
-        pytest.skip("g++ is not installed")
-    return lib
-
-
 BACKENDS = ["emulated", pytest.param("gpu", marks=pytest.mark.gpu)]
 
 

@@ -89,25 +89,16 @@ __device__ __forceinline__ void gemv_grouped(const u8* __restrict__ codes, const
     if (lane == 0) y[row] = acc;
 }
 
-extern "C" __global__ void gemv_q4_v4(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,
-                                      const float* x, float* y, int rows, int k, int group, int row_bytes) {
-    gemv_grouped<4, 4>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);
-}
-
-extern "C" __global__ void gemv_q4_v1(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,
-                                      const float* x, float* y, int rows, int k, int group, int row_bytes) {
-    gemv_grouped<4, 1>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);
-}
-
-extern "C" __global__ void gemv_q8_v4(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,
-                                      const float* x, float* y, int rows, int k, int group, int row_bytes) {
-    gemv_grouped<8, 4>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);
-}
-
-extern "C" __global__ void gemv_q8_v1(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,
-                                      const float* x, float* y, int rows, int k, int group, int row_bytes) {
-    gemv_grouped<8, 1>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);
-}
+// The launchable instances: gemv_q{4,8}_v{4,1}, chosen by kernels/cuda/linear.py's gemv_variant.
+#define GEMV_INSTANCE(NAME, BITS, VEC)                                                                       \
+    extern "C" __global__ void NAME(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,  \
+                                    const float* x, float* y, int rows, int k, int group, int row_bytes) {   \
+        gemv_grouped<BITS, VEC>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);           \
+    }
+GEMV_INSTANCE(gemv_q4_v4, 4, 4)
+GEMV_INSTANCE(gemv_q4_v1, 4, 1)
+GEMV_INSTANCE(gemv_q8_v4, 8, 4)
+GEMV_INSTANCE(gemv_q8_v1, 8, 1)
 
 // float16 rows: 8 columns (16 bytes) per lane step when k % 8 == 0, else one column.
 extern "C" __global__ void gemv_f16(const __half* w, const float* x, float* y, int rows, int k) {
