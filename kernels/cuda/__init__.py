@@ -1,9 +1,10 @@
 """CUDA backend: CUDA C kernels (the .cu files beside this module) compiled by CuPy at first use.
 
-Importing it needs CuPy and registers the ("cuda", kind) ops of linear.py. Status: the decode
-GEMV and prefill dequantization kernels for q4, q8 and f16 weights, checked against the NumPy
-references on the CPU through a host emulation (tests/test_cuda_kernels.py) and compiled by nvcc
-in the tests; the whole-model GPU path and its device measurements are issue 5's open work.
+Importing it registers the ("cuda", kind) ops of linear.py, the per-token ops of device.py and
+the graph-captured decode step of decoder.py; CuPy itself is imported only when they are used.
+Checked against the NumPy references and transformers on the CPU through a host emulation
+(tests/test_cuda_kernels.py, tests/test_runtime_model.py); not yet run or measured on a GPU
+(issue 5).
 """
 from __future__ import annotations
 
