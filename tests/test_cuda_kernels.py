@@ -58,23 +58,41 @@ def grouped_args(t):
     return codes, np.ascontiguousarray(a["scales"]).view(np.float16), zeros, np.int32("zeros" in a)
 
 
-@pytest.mark.parametrize("scheme,rows,k", GROUPED)
-def test_host_gemv_matches_reference(host, scheme, rows, k):
-    from qformat.kernels.cuda.linear import gemv_variant, x_padded_len
+def host_gemv(host, t, x: np.ndarray, name: str) -> np.ndarray:
+    """W @ x through gemv.cu's kernel `name` on the host: q4 after quantize_groups (int8
+    activations), q8 on the zero-padded float x."""
+    from qformat.kernels.cuda.linear import x_padded_len
 
-    t = make(scheme, rows, k)
+    rows, k = t.shape
     group = min(t.group_size, k)
     codes, scales, zeros, has_zeros = grouped_args(t)
+    y = np.full(rows, np.nan, np.float32)
+    shape = (rows, k, group, codes.shape[1])
+    grid, block = ((rows + 3) // 4,), (32, 4)
+    if t.kind == "q4":
+        n_groups = -(-k // group)
+        xq, d, sums = np.full(n_groups * group, 99, np.int8), np.zeros(n_groups, np.float32), np.zeros(n_groups, np.int32)
+        host_launch(host, "quantize_groups", (n_groups,), (32,), (x, xq, d, sums, k, group))
+        host_launch(host, name, grid, block, (codes, scales, zeros, has_zeros, xq, d, sums, y, *shape))
+    else:
+        xp = np.zeros(x_padded_len(k, group), np.float32)
+        xp[:k] = x
+        host_launch(host, name, grid, block, (codes, scales, zeros, has_zeros, xp, y, *shape))
+    return y
+
+
+@pytest.mark.parametrize("scheme,rows,k", GROUPED)
+def test_host_gemv_matches_reference(host, scheme, rows, k):
+    """q4: the CPU's int8-activation numbers (reference.gemv_q8act_reference); q8: float."""
+    from qformat.kernels.cuda.linear import gemv_variant
+
+    t = make(scheme, rows, k)
     x = np.random.default_rng(1).standard_normal(k).astype(np.float32)
-    xp = np.zeros(x_padded_len(k, group), np.float32)
-    xp[:k] = x
-    want = reference.linear(t, x[None])[0]
-    chosen = gemv_variant(t.kind, group, codes.shape[1])
-    for name in {chosen, f"gemv_{t.kind}_v1"}:  # the launcher's choice and the 4-byte fallback
-        y = np.full(rows, np.nan, np.float32)
-        host_launch(host, name, ((rows + 3) // 4,), (32, 4),
-                    (codes, scales, zeros, has_zeros, xp, y, rows, k, group, codes.shape[1]))
-        assert close(y, want, 1e-5), name
+    x[:8] = 0.0  # an all-zero start of the first group
+    want = reference.gemv_q8act_reference(t, x) if t.kind == "q4" else reference.linear(t, x[None])[0]
+    chosen = gemv_variant(t.kind, min(t.group_size, k), t.arrays["codes"].shape[1])
+    for name in {chosen, chosen[:-1] + "1"}:  # the launcher's choice and the 4-byte fallback
+        assert close(host_gemv(host, t, x, name), want, 1e-5), name
 
 
 @pytest.mark.parametrize("scheme,rows,k", GROUPED)
@@ -156,7 +174,8 @@ def test_cuda_ops_on_emulated_device(host, scheme, rows, k):
     x = rng.standard_normal(k).astype(np.float32)
     out = np.full(rows, np.nan, np.float32)
     op.gemv(x, out)
-    assert close(out, reference.linear(t, x[None])[0], 1e-5)
+    want = reference.gemv_q8act_reference(t, x) if t.kind == "q4" else reference.linear(t, x[None])[0]
+    assert close(out, want, 1e-5)
     xs = rng.standard_normal((19, k)).astype(np.float32)
     op._block = 4  # several dequantized blocks per GEMM
     assert close(op.gemm(xs), reference.linear(t, xs), 3e-3)
@@ -175,7 +194,8 @@ def test_cuda_ops_match_reference(scheme, rows, k):
     x = rng.standard_normal(k).astype(np.float32)
     out = cp.full(rows, cp.nan, cp.float32)
     op.gemv(cp.asarray(x), out)
-    assert close(cp.asnumpy(out), reference.linear(t, x[None])[0], 1e-5)
+    want = reference.gemv_q8act_reference(t, x) if t.kind == "q4" else reference.linear(t, x[None])[0]
+    assert close(cp.asnumpy(out), want, 1e-5)
     xs = rng.standard_normal((19, k)).astype(np.float32)
     tol = 1e-5 if scheme in ("f32", "bf16") else 3e-3  # f16 weights and activations on the tensor cores
     assert close(cp.asnumpy(op.gemm(cp.asarray(xs))), reference.linear(t, xs), tol)

@@ -29,11 +29,12 @@ def _cupy():
 
 
 def gemv_variant(kind: str, group: int, row_bytes: int) -> str:
-    """Name of the gemv.cu kernel for a grouped weight: 16-byte loads (v4) when no 16-byte chunk
-    of a row straddles two groups and rows are whole chunks, else 4-byte loads (v1)."""
+    """Name of the gemv.cu kernel for a grouped weight: q4 on int8 activations (the CPU's decode
+    numerics), q8 on float ones (likewise); 16-byte loads (v4) when no 16-byte chunk of a row
+    straddles two groups and rows are whole chunks, else 4-byte loads (v1)."""
     gbytes = group * _BITS[kind] // 8
     vec = 4 if gbytes % 16 == 0 and row_bytes % 16 == 0 else 1
-    return f"gemv_{kind}_v{vec}"
+    return f"gemv_q4_q8act_v{vec}" if kind == "q4" else f"gemv_{kind}_v{vec}"
 
 
 def x_padded_len(k: int, group: int) -> int:
@@ -68,7 +69,8 @@ class _CudaOp:
 
 
 class CudaGroupQuantOp(_CudaOp):
-    """q4 and q8 weights, symmetric or affine, groups of a multiple of 8 columns."""
+    """q4 and q8 weights, symmetric or affine, groups of a multiple of 8 columns. Decode: q4 on
+    int8 activations quantized per group, q8 on float ones, as the CPU backend computes them."""
 
     _roles = ("codes", "scales", "zeros")
 
@@ -90,6 +92,13 @@ class CudaGroupQuantOp(_CudaOp):
         self._gemv = kernel("gemv", gemv_variant(t.kind, self.group, self.row_bytes))
         self._dequant = kernel("dequant", f"dequant_{t.kind}_f16")
         self._x = cp.zeros(x_padded_len(k, self.group), cp.float32)
+        n_groups = -(-k // self.group)
+        self.int8_activations = t.kind == "q4"
+        if self.int8_activations:  # quantize_groups' outputs, reused by every call
+            self._quantize = kernel("gemv", "quantize_groups")
+            self._xq = cp.zeros(n_groups * self.group, cp.int8)
+            self._d = cp.zeros(n_groups, cp.float32)
+            self._sums = cp.zeros(n_groups, cp.int32)
         self._block = max(1, DEQUANT_BLOCK_BYTES // (2 * k))
 
     def _args(self):
@@ -98,11 +107,16 @@ class CudaGroupQuantOp(_CudaOp):
     def gemv(self, x, out):
         """out (out_features,) float32 = W @ x, x (in_features,) float32, both on the device
         (out contiguous: the kernel writes it)."""
-        self._x[:self.in_features] = x
-        rows = self.out_features
-        self._gemv(((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,), (32, ROWS_PER_BLOCK),
-                   (*self._args(), self._x, out, np.int32(rows), np.int32(self.in_features),
-                    np.int32(self.group), np.int32(self.row_bytes)))
+        rows, k, group = self.out_features, self.in_features, self.group
+        shape = (np.int32(rows), np.int32(k), np.int32(group), np.int32(self.row_bytes))
+        grid = ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,)
+        if self.int8_activations:
+            x = _cupy().ascontiguousarray(x)
+            self._quantize((self._d.size,), (32,), (x, self._xq, self._d, self._sums, np.int32(k), np.int32(group)))
+            self._gemv(grid, (32, ROWS_PER_BLOCK), (*self._args(), self._xq, self._d, self._sums, out, *shape))
+        else:
+            self._x[:k] = x
+            self._gemv(grid, (32, ROWS_PER_BLOCK), (*self._args(), self._x, out, *shape))
         return out
 
     def dequantize_rows(self, row0: int, n_rows: int):

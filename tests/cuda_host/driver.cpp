@@ -15,10 +15,21 @@ using emu::launch;
                              int k, int group, int row_bytes) {                                            \
         launch(grid, bx, by, [&] { K(GROUPED_ARGS, x, y, rows, k, group, row_bytes); });                   \
     }
-HOST_GEMV(gemv_q4_v4)
-HOST_GEMV(gemv_q4_v1)
 HOST_GEMV(gemv_q8_v4)
 HOST_GEMV(gemv_q8_v1)
+
+#define HOST_GEMV_Q8ACT(K)                                                                                   \
+    extern "C" void host_##K(int grid, int bx, int by, GROUPED_PARAMS, const signed char* xq, const float* d, \
+                             const int* sums, float* y, int rows, int k, int group, int row_bytes) {         \
+        launch(grid, bx, by, [&] { K(GROUPED_ARGS, xq, d, sums, y, rows, k, group, row_bytes); });           \
+    }
+HOST_GEMV_Q8ACT(gemv_q4_q8act_v4)
+HOST_GEMV_Q8ACT(gemv_q4_q8act_v1)
+
+extern "C" void host_quantize_groups(int grid, int bx, int by, const float* x, signed char* xq, float* d, int* sums,
+                                     int k, int group) {
+    launch(grid, bx, by, [&] { quantize_groups(x, xq, d, sums, k, group); });
+}
 
 #define HOST_DEQUANT(K)                                                                                   \
     extern "C" void host_##K(int grid, int bx, int by, GROUPED_PARAMS, __half* out, int row0, int n_rows, \

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <math.h>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -38,6 +39,11 @@ inline __half __float2half(float v) { _Float16 f = (_Float16)v; __half h; std::m
 inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
 inline float __expf(float v) { return std::exp(v); }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+// Σ of the 4 signed byte products of a and b, plus c.
+inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; ++i) c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
+    return c;
+}
 using std::min;
 using std::max;
 
