@@ -35,7 +35,11 @@ def module(name: str):
     """cupy.RawModule of `name`.cu (its extern "C" kernels by name: module(name).get_function(k))."""
     import cupy
 
-    return cupy.RawModule(code=(SOURCES / f"{name}.cu").read_text(), options=NVRTC_OPTIONS)
+    options = NVRTC_OPTIONS
+    cuda = cupy.cuda.get_cuda_path()
+    if cuda and Path(cuda, "include", "cuda_fp16.h").is_file():  # where NVRTC lacks its own copy
+        options += (f"-I{Path(cuda, 'include')}",)
+    return cupy.RawModule(code=(SOURCES / f"{name}.cu").read_text(), options=options)
 
 
 def kernel(name: str, function: str):
