@@ -98,9 +98,9 @@ class Attention:
         self.wk = Linear(reader, p + "wk", device, bias("bk"))
         self.wv = Linear(reader, p + "wv", device, bias("bv"))
         self.wo = Linear(reader, p + "wo", device)
-        norm = (lambda n: RMSNorm(reader[p + n].arrays["data"], args.norm_eps, device)) if args.qk_norm else None
-        self.q_norm = norm("q_norm") if norm else None
-        self.k_norm = norm("k_norm") if norm else None
+        qk_norm = args.qk_norm
+        self.q_norm = RMSNorm(reader[p + "q_norm"].arrays["data"], args.norm_eps, device) if qk_norm else None
+        self.k_norm = RMSNorm(reader[p + "k_norm"].arrays["data"], args.norm_eps, device) if qk_norm else None
         self.ops = device_ops(device)
         self.layer = i
         self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
