@@ -13,16 +13,14 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ codes, const
     const int i = (int)(t / n_words);
     const int w = (int)(t - (long long)i * n_words);
     const int row = row0 + i;
-    const int n_groups = (k + group - 1) / group;
-    const int n_full = k / group;
+    const GroupedRow r = grouped_row(codes, scales, zeros, row, k, group, row_bytes);
+    const int n_full = r.n_full;
     const int gbytes = group * BITS / 8;
-    const int full_bytes = n_full * gbytes;
-    const int byte0 = w * 4;
-    const int g = byte0 < full_bytes ? byte0 / gbytes : n_full;
-    const int j0 = byte0 - g * gbytes;
-    const u32 word = reinterpret_cast<const u32*>(codes + (size_t)row * row_bytes)[w];
-    const float s = __half2float(scales[(size_t)row * n_groups + g]);
-    const float z = has_zeros ? (float)zeros[(size_t)row * n_groups + g] : (float)(1 << (BITS - 1));
+    const int g = group_of(w * 4, gbytes, n_full);
+    const int j0 = w * 4 - g * gbytes;
+    const u32 word = r.words[w];
+    const float s = __half2float(r.scales[g]);
+    const float z = has_zeros ? (float)r.zeros[g] : (float)(1 << (BITS - 1));
     __half* orow = out + (size_t)i * k;
     const int col0 = g * group;
     if (BITS == 4) {

@@ -24,6 +24,19 @@ __device__ __forceinline__ float dot4(float a0, float a1, float a2, float a3, fl
     return a0 * x.x + a1 * x.y + a2 * x.z + a3 * x.w;
 }
 
+// VEC code words of a row from word w0 (one 16-byte load when VEC == 4; launched only when no
+// 16-byte chunk straddles two groups).
+template <int VEC>
+__device__ __forceinline__ void load_words(const u32* __restrict__ crow, int w0, u32 (&words)[VEC]) {
+    if (VEC == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(crow + w0);
+        words[0] = v.x; words[1] = v.y; words[2] = v.z; words[3] = v.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) words[i] = crow[w0 + i];
+    }
+}
+
 // Σ (q - z) x over one 8-bit code word: 4 consecutive columns.
 __device__ __forceinline__ float q8_word(u32 w, float z, const float* __restrict__ x, int col) {
     const float4 a = *reinterpret_cast<const float4*>(x + col);
@@ -39,31 +52,18 @@ __device__ __forceinline__ void gemv_q8(const u8* __restrict__ codes, const __ha
     const int row = blockIdx.x * ROWS + threadIdx.y;
     if (row >= rows) return;
     const int lane = threadIdx.x;
-    const int n_groups = (k + group - 1) / group;
-    const int n_full = k / group;
+    const GroupedRow r = grouped_row(codes, scales, zeros, row, k, group, row_bytes);
     const int gbytes = group;                        // bytes of a full group (G % 8 == 0: no padding)
-    const int full_bytes = n_full * gbytes;
     const float mid = 128.0f;
-    const u32* crow = reinterpret_cast<const u32*>(codes + (size_t)row * row_bytes);
-    const __half* srow = scales + (size_t)row * n_groups;
-    const u8* zrow = zeros + (size_t)row * n_groups;
     const int n_words = row_bytes / 4;
     float acc = 0.0f;
     for (int w0 = lane * VEC; w0 < n_words; w0 += 32 * VEC) {
         u32 words[VEC];
-        if (VEC == 4) {
-            const uint4 v = *reinterpret_cast<const uint4*>(crow + w0);
-            words[0] = v.x; words[1] = v.y; words[2] = v.z; words[3] = v.w;
-        } else {
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) words[i] = crow[w0 + i];
-        }
-        // VEC == 4 is launched only when no 16-byte chunk straddles two groups
-        const int byte0 = w0 * 4;
-        const int g = byte0 < full_bytes ? byte0 / gbytes : n_full;
-        const int j0 = byte0 - g * gbytes;            // byte of the group
-        const float s = __half2float(srow[g]);
-        const float z = has_zeros ? (float)zrow[g] : mid;
+        load_words<VEC>(r.words, w0, words);
+        const int g = group_of(w0 * 4, gbytes, r.n_full);
+        const int j0 = w0 * 4 - g * gbytes;           // byte of the group
+        const float s = __half2float(r.scales[g]);
+        const float z = has_zeros ? (float)r.zeros[g] : mid;
         const int col0 = g * group;
         float part = 0.0f;
 #pragma unroll
@@ -151,28 +151,17 @@ __device__ __forceinline__ void gemv_q4_int8act(const u8* __restrict__ codes, co
     const int row = blockIdx.x * ROWS + threadIdx.y;
     if (row >= rows) return;
     const int lane = threadIdx.x;
-    const int n_groups = (k + group - 1) / group;
-    const int n_full = k / group;
+    const GroupedRow r = grouped_row(codes, scales, zeros, row, k, group, row_bytes);
+    const int n_groups = r.n_groups, n_full = r.n_full;
     const int gbytes = group / 2;
     const int tail_plen = ((k - n_full * group) + 7) / 8 * 8;
-    const int full_bytes = n_full * gbytes;
-    const u32* crow = reinterpret_cast<const u32*>(codes + (size_t)row * row_bytes);
-    const __half* srow = scales + (size_t)row * n_groups;
-    const u8* zrow = zeros + (size_t)row * n_groups;
     const int n_words = row_bytes / 4;
     float acc = 0.0f;
     for (int w0 = lane * VEC; w0 < n_words; w0 += 32 * VEC) {
         u32 words[VEC];
-        if (VEC == 4) {
-            const uint4 v = *reinterpret_cast<const uint4*>(crow + w0);
-            words[0] = v.x; words[1] = v.y; words[2] = v.z; words[3] = v.w;
-        } else {
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) words[i] = crow[w0 + i];
-        }
-        const int byte0 = w0 * 4;
-        const int g = byte0 < full_bytes ? byte0 / gbytes : n_full;
-        const int j0 = byte0 - g * gbytes;
+        load_words<VEC>(r.words, w0, words);
+        const int g = group_of(w0 * 4, gbytes, n_full);
+        const int j0 = w0 * 4 - g * gbytes;
         const int col0 = g * group;
         const int half = (g < n_full ? group : tail_plen) / 2;
         int dot = 0;
@@ -183,11 +172,11 @@ __device__ __forceinline__ void gemv_q4_int8act(const u8* __restrict__ codes, co
             dot = __dp4a((int)(words[i] & 0x0F0F0F0Fu), lo, dot);
             dot = __dp4a((int)((words[i] >> 4) & 0x0F0F0F0Fu), hi, dot);
         }
-        acc += __half2float(srow[g]) * d[g] * (float)dot;
+        acc += __half2float(r.scales[g]) * d[g] * (float)dot;
     }
     for (int g = lane; g < n_groups; g += 32) {
-        const float z = has_zeros ? (float)zrow[g] : 8.0f;
-        acc -= __half2float(srow[g]) * d[g] * z * (float)sums[g];
+        const float z = has_zeros ? (float)r.zeros[g] : 8.0f;
+        acc -= __half2float(r.scales[g]) * d[g] * z * (float)sums[g];
     }
     acc = warp_sum(acc);
     if (lane == 0) y[row] = acc;
