@@ -31,7 +31,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .threads import run_tasks
+from .threads import run_row_chunks, run_tasks
 
 # Rows per block: one 32-bit lane each in a 512-bit vector.
 LANES = 16
@@ -233,9 +233,7 @@ def gemm_q8act(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zer
     xq = np.zeros((n_pad, n_groups * agroup), np.int8)
     d = np.zeros((n_pad, n_groups), np.float32)
     sums = np.zeros((n_pad, n_groups), np.int32)
-    step = max(64, -(-n // numba.get_num_threads()))  # a few tokens: no pool round trip
-    run_tasks(lambda i: quantize_rows(x[i:i + step], k, agroup, xq[i:i + step], d[i:i + step],
-                                      sums[i:i + step]), range(0, n, step))
+    run_row_chunks(lambda t: quantize_rows(x[t], k, agroup, xq[t], d[t], sums[t]), n, min_rows=64)
     return gemm_codes(codes, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n)
 
 

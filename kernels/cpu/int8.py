@@ -297,7 +297,7 @@ class W8A8Op:
         self.perm = np.asarray(a["perm"], np.int64) if "perm" in a else None
         self.integer = t.kind == "q8" and t.sparsity is None and min(t.group_size, k) == k
         # prefill through the VNNI GEMM of gemm_vnni (q4/q8 without n:m): the same integers
-        self.act_group = (gemm_vnni.act_group(t.kind, min(t.group_size, k), k)
+        self.act_group = (gemm_vnni.act_group(t.kind, self.dense.group, k)
                           if VNNI and t.sparsity is None else None)
         self.codes = a["codes"]
         self.scales = a["scales"].view(np.uint16)

@@ -14,7 +14,7 @@ from qformat.schemes import KINDS, Tensor
 
 from . import dense, gemm_vnni, quant
 from .features import VNNI
-from .threads import run_tasks
+from .threads import run_row_chunks, run_tasks
 from ..registry import register
 
 H2F = quant.half_table()
@@ -189,7 +189,7 @@ class GroupQuantOp(_Base):
         self.bits = kind.bits
         self.nf4 = kind.nf4
         self._gemv, self._dequant = _KERNELS[t.kind]
-        # GEMV on int8 activations (see quant.py); prefill's GEMM path keeps float activations
+        # GEMV on int8 activations (see quant.py); prefill too on VNNI CPUs (act_group below)
         self.q8act = q8act(t.kind, self.group)
         self.side = _Sidecars(t)
         # prefill on int8 activations where decode runs on them (q4), through gemm_vnni
@@ -230,9 +230,7 @@ class GroupQuantOp(_Base):
         """Activations in stored column order, each group zero-padded to P columns."""
         xs = self.side.stored_x(x) if self.side.any else x
         out = np.empty((x.shape[0], self._width), np.float32)
-        step = max(1, -(-x.shape[0] // numba.get_num_threads()))
-        run_tasks(lambda i: quant.pad_rows(xs[i:i + step], self.in_features, self.group, out[i:i + step]),
-                  range(0, x.shape[0], step))
+        run_row_chunks(lambda rows: quant.pad_rows(xs[rows], self.in_features, self.group, out[rows]), x.shape[0])
         return out
 
     def _add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:

@@ -5,12 +5,11 @@ few microseconds each, which adds up over 30 layers). References: qformat.kernel
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from .quant import FAST
-from .threads import run_tasks
+from .threads import run_row_chunks, run_tasks
 
 # Queries per prefill-attention task: small blocks skip more of the causally masked keys.
 QUERY_BLOCK = 128
@@ -55,8 +54,7 @@ def silu_mul(gate, up):
 
 def silu_mul_rows(gate: np.ndarray, up: np.ndarray) -> None:
     """silu_mul over many rows, split over the kernel threads (threads.run_tasks)."""
-    step = max(1, -(-gate.shape[0] // numba.get_num_threads()))
-    run_tasks(lambda i: silu_mul(gate[i:i + step], up[i:i + step]), range(0, gate.shape[0], step))
+    run_row_chunks(lambda rows: silu_mul(gate[rows], up[rows]), gate.shape[0])
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)

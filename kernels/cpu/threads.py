@@ -91,3 +91,10 @@ def run_tasks(fn: Callable, tasks: Iterable) -> None:
     # one future per thread over a strided share, not per task: fewer wake-ups
     for f in [_pool.submit(lambda i=i: [fn(t) for t in tasks[i::n]]) for i in range(n)]:
         f.result()
+
+
+def run_row_chunks(fn: Callable[[slice], None], n_rows: int, min_rows: int = 1) -> None:
+    """fn(rows) over contiguous slices of n_rows rows, one per kernel thread (none shorter than
+    min_rows, so that a few rows skip the pool's round trip), through run_tasks."""
+    step = max(min_rows, -(-n_rows // numba.get_num_threads()))
+    run_tasks(lambda i: fn(slice(i, i + step)), range(0, n_rows, step))

@@ -91,7 +91,6 @@ class CudaGroupQuantOp(_CudaOp):
         self.row_bytes = int(self.codes.shape[1])
         self._gemv = kernel("gemv", gemv_variant(t.kind, self.group, self.row_bytes))
         self._dequant = kernel("dequant", f"dequant_{t.kind}_f16")
-        self._x = cp.zeros(x_padded_len(k, self.group), cp.float32)
         n_groups = -(-k // self.group)
         self.int8_activations = t.kind == "q4"
         if self.int8_activations:  # quantize_groups' outputs, reused by every call
@@ -99,6 +98,8 @@ class CudaGroupQuantOp(_CudaOp):
             self._xq = cp.zeros(n_groups * self.group, cp.int8)
             self._d = cp.zeros(n_groups, cp.float32)
             self._sums = cp.zeros(n_groups, cp.int32)
+        else:  # the zero-padded float activations of the q8 GEMV
+            self._x = cp.zeros(x_padded_len(k, self.group), cp.float32)
         self._block = max(1, DEQUANT_BLOCK_BYTES // (2 * k))
 
     def _args(self):
