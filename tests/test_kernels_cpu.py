@@ -13,7 +13,8 @@ import pytest
 from qformat.kernels import linear_op, reference, registered
 from qformat.kernels.cpu import gemm_vnni, ops, quant
 from qformat.kernels.cpu.features import VNNI
-from qformat.kernels.cpu.linear import H2F, q8act
+from qformat.kernels.cpu.linear import H2F
+from qformat.kernels.reference import q8act
 from qformat.schemes import Tensor, parse_scheme
 
 from qbin_testutil import add_fp_cols

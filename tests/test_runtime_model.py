@@ -122,20 +122,38 @@ def test_cuda_model_path_matches_transformers(built, case, backend, request, mon
     assert np.abs(ours - same_weights).max() <= 1e-2 * np.abs(same_weights).max()
 
 
+# Files the converter writes, each with the layouts and sidecars it names (checked in the file).
+CUDA_FILES = {
+    "int4-g32": ("int4-g32", {}, ()),
+    "int8": ("int8", {}, ()),
+    "nf4-g64": ("nf4-g64", {}, ()),
+    "int3-g32-2:4": ("int3-g32", dict(prune="2:4", prune_method="magnitude"), ("sparse_index",)),
+    "int4-gptq-outliers": ("int4-g32", dict(method="gptq", outliers="1%"), ("perm", "outlier_rowptr")),
+    "w8a8-smooth-static": ("w8a8", dict(smooth=0.5, act_static=True), ("act_scale",)),
+    "w8a8-decomposed": ("w8a8", dict(outlier_threshold=1.0), ("fp_cols",)),
+}
+CALIB_TEXT = "Language models predict the next token. The weather is sunny today; 42 + 7 = 49. " * 60
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("scheme", ["int4-g32", "int8"])
-def test_cuda_quantized_model_matches_cpu(built, scheme, backend, request, monkeypatch, tmp_path):
-    """q4 and q8 files on the CUDA path (float activations in the GEMV, float16 in prefill)
-    against the CPU backend (int8 activations in q4 GEMVs: 3% like test_outliers; else 1%)."""
+@pytest.mark.parametrize("case", list(CUDA_FILES))
+def test_cuda_quantized_model_matches_cpu(built, case, backend, request, monkeypatch, tmp_path):
+    """Quantized files on the CUDA path against the CPU backend: decode computes the CPU's
+    numbers (q4 on int8 activations, the rest in float), prefill float16 activations where the
+    CPU prefills 4-bit weights on int8 ones (3% like test_outliers; else 1%)."""
     folder, _ = built("llama-untied")
-    qbin = tmp_path / f"{scheme}.qbin"
-    convert(folder, qbin, scheme, progress=False)
-    vocab = QbinReader(qbin).model.vocab_size
-    ids = [int(i) for i in np.random.default_rng(7).integers(0, vocab, PREFILL + 4)]
-    cpu = run_logits(Transformer(QbinReader(qbin)), ids)
+    scheme, options, roles = CUDA_FILES[case]
+    qbin, calib = tmp_path / "q.qbin", tmp_path / "calib.txt"
+    calib.write_text(CALIB_TEXT)
+    convert(folder, qbin, scheme, progress=False, calib=str(calib), calib_samples=4, calib_seqlen=32, **options)
+    reader = QbinReader(qbin)
+    held = {role for name in reader.names() if name.startswith("layers.") for role in reader[name].arrays}
+    assert held.issuperset(roles), case
+    ids = [int(i) for i in np.random.default_rng(7).integers(0, reader.model.vocab_size, PREFILL + 4)]
+    cpu = run_logits(Transformer(reader), ids)
     cuda_backend(backend, request, monkeypatch)
     ours = run_logits(Transformer(QbinReader(qbin), device="cuda"), ids)
-    tol = 3e-2 if scheme.startswith("int4") else 1e-2
+    tol = 3e-2 if "int4" in scheme else 1e-2
     assert np.abs(ours - cpu).max() <= tol * np.abs(cpu).max()
 
 

@@ -29,6 +29,7 @@ from qformat.schemes import Tensor
 
 from . import gemm_vnni
 from .features import VNNI
+from ..reference import w8a8_static
 from .linear import H2F, _Sidecars, group_quant_op
 
 # int32 accumulation of up to 255 * 127 per column
@@ -278,10 +279,7 @@ class W8A8Op:
     def __init__(self, t: Tensor):
         a = t.arrays
         rows, k = t.shape
-        mode = t.activation.get("mode")
-        if t.activation.get("bits") != 8 or mode not in ("dynamic", "static"):
-            raise ValueError(f"tensor {t.name}: activation {t.activation} is not one this runtime knows "
-                             '(bits 8, mode "dynamic" or "static")')
+        self.static = w8a8_static(t)
         check_width(k, t.name)
         self.name = t.name
         self.out_features, self.in_features = rows, k
@@ -292,7 +290,6 @@ class W8A8Op:
         self.side = _Sidecars(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items() if r in side_roles}))
         self.inv_scale = (np.float32(1.0) / np.asarray(a["input_scale"], np.float32)) if "input_scale" in a else None
         self.fp_cols = np.asarray(a["fp_cols"], np.int64) if "fp_cols" in a else None
-        self.static = mode == "static"
         self.act_scale = np.float32(a["act_scale"][0]) if self.static else np.float32(0.0)
         self.perm = np.asarray(a["perm"], np.int64) if "perm" in a else None
         self.integer = t.kind == "q8" and t.sparsity is None and min(t.group_size, k) == k

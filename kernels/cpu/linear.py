@@ -13,6 +13,7 @@ from qformat.packing import padded_len
 from qformat.schemes import KINDS, Tensor
 
 from . import dense, gemm_vnni, quant
+from ..reference import q8act
 from .features import VNNI
 from .threads import run_row_chunks, run_tasks
 from ..registry import register
@@ -23,17 +24,6 @@ H2F = quant.half_table()
 GEMM_BLOCK_BYTES = 8 << 20
 # Below this many tokens the GEMV loop beats dequantize-then-BLAS (measured on SmolLM2 shapes).
 GEMM_MIN_TOKENS = 8
-
-# Kinds whose GEMV (decode) quantizes the activations to int8 per weight group: the integer inner
-# loop is ~1.3x faster than float for 4-bit codes (quant.gemv_q4_q8act); the result is modelled
-# exactly by qformat.kernels.reference.gemv_q8act_reference.
-Q8ACT_KINDS = ("q4",)
-
-
-def q8act(kind: str, group: int) -> bool:
-    """Whether the GEMV of a `kind` weight with groups of `group` columns runs on int8 activations
-    (the integer kernel needs whole bytes per slice: group % 8 == 0, true of every usual scheme)."""
-    return kind in Q8ACT_KINDS and group % 8 == 0
 
 _KERNELS = {  # kind -> (GEMV, dequantize rows)
     "q8": (quant.gemv_q8, quant.dequant_q8), "q4": (quant.gemv_q4, quant.dequant_q4),

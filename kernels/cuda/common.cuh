@@ -38,3 +38,28 @@ __device__ __forceinline__ GroupedRow grouped_row(const u8* codes, const __half*
 __device__ __forceinline__ int group_of(int byte0, int gbytes, int n_full) {
     return byte0 < n_full * gbytes ? byte0 / gbytes : n_full;
 }
+
+// ---- any grouped layout, one code at a time (the generic kernels: q2, q3, nf4, n:m sparsity,
+// groups that are not whole 32-bit words)
+
+// Code e of a packed group of plen (padded) codes that starts at byte `base` of `row`: planar
+// slices of plen * bits / 8 bytes for 2, 4 and 8 bits; 3 bits as a 2-bit plane then a 1-bit one.
+__device__ __forceinline__ int group_code(const u8* __restrict__ row, int base, int plen, int bits, int e) {
+    if (bits == 3) {
+        const int s2 = plen / 4, s1 = plen / 8;
+        const int lo = (row[base + e % s2] >> (2 * (e / s2))) & 3;
+        const int hi = (row[base + s2 + e % s1] >> (e / s1)) & 1;
+        return lo | (hi << 2);
+    }
+    const int s = plen * bits / 8;
+    return (row[base + e % s] >> (bits * (e / s))) & ((1 << bits) - 1);
+}
+
+// Stored column of kept value c of an n:m sparse row (spec §6.3: 2-bit positions for m <= 4,
+// 4-bit for m = 8, least significant first), or c itself when m == 0 (dense).
+__device__ __forceinline__ int kept_column(const u8* __restrict__ index_row, int c, int n, int m) {
+    if (m == 0) return c;
+    const int bits = m <= 4 ? 2 : 4, per_byte = 8 / bits;
+    const int pos = (index_row[c / per_byte] >> (bits * (c % per_byte))) & ((1 << bits) - 1);
+    return (c / n) * m + pos;
+}

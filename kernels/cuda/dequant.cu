@@ -51,3 +51,28 @@ extern "C" __global__ void dequant_q8_f16(const u8* codes, const __half* scales,
                                           __half* out, int row0, int n_rows, int k, int group, int row_bytes) {
     dequant_rows<8>(codes, scales, zeros, has_zeros, out, row0, n_rows, k, group, row_bytes);
 }
+
+// Any grouped layout (gemv.cu's gemv_generic): rows row0.. to float16 in stored column order,
+// one thread per kept value; an n:m row writes its kept columns only (the caller zeroes out).
+extern "C" __global__ void dequant_generic_f16(const u8* __restrict__ codes, const __half* __restrict__ scales,
+                                               const u8* __restrict__ zeros, int has_zeros,
+                                               const u8* __restrict__ index, int index_bytes,
+                                               const float* __restrict__ levels, __half* __restrict__ out, int row0,
+                                               int n_rows, int k, int group, int row_bytes, int bits, int nf4, int n,
+                                               int m) {
+    const int kc = m ? k / m * n : k, gc = m ? group / m * n : group;
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long long)n_rows * kc) return;
+    const int i = (int)(t / kc);
+    const int c = (int)(t - (long long)i * kc);
+    const int row = row0 + i;
+    const int n_groups = (k + group - 1) / group;
+    const int g = c / gc, e = c - g * gc;
+    const int len = min(gc, kc - g * gc), plen = (len + 7) / 8 * 8;
+    const int gbytes = (gc + 7) / 8 * 8 * bits / 8;
+    const int q = group_code(codes + (size_t)row * row_bytes, g * gbytes, plen, bits, e);
+    const float s = __half2float(scales[(size_t)row * n_groups + g]);
+    const float z = has_zeros ? (float)zeros[(size_t)row * n_groups + g] : (float)(1 << (bits - 1));
+    const float v = nf4 ? s * levels[q] : s * ((float)q - z);
+    out[(size_t)i * k + kept_column(index + (size_t)row * index_bytes, c, n, m)] = __float2half(v);
+}

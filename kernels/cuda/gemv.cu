@@ -190,3 +190,50 @@ __device__ __forceinline__ void gemv_q4_int8act(const u8* __restrict__ codes, co
     }
 GEMV_Q8ACT_INSTANCE(gemv_q4_q8act_v4, 4)
 GEMV_Q8ACT_INSTANCE(gemv_q4_q8act_v1, 1)
+
+// ---- every other grouped layout: q2, q3, nf4, n:m sparse rows, groups that are not whole
+// 32-bit words. One warp per row, group by group, one code per lane step (common.cuh's
+// group_code and kept_column): correct for any layout the spec allows, and untuned; the dense
+// q4 and q8 rows the converter writes by default take the word kernels above.
+// q8act (q4, as the CPU computes it): the activations arrive as quantize_groups' codes xq and
+// scales d, and each lane's (q - z) a products are summed exactly in integers per group; else
+// float x. nf4: the value of code q is levels[q] (qformat.constants.NF4_LEVELS, passed in).
+extern "C" __global__ void gemv_generic(const u8* __restrict__ codes, const __half* __restrict__ scales,
+                                        const u8* __restrict__ zeros, int has_zeros, const u8* __restrict__ index,
+                                        int index_bytes, const float* __restrict__ levels,
+                                        const float* __restrict__ x, const signed char* __restrict__ xq,
+                                        const float* __restrict__ d, float* __restrict__ y, int rows, int k,
+                                        int group, int row_bytes, int bits, int nf4, int n, int m, int q8act) {
+    const int row = blockIdx.x * ROWS + threadIdx.y;
+    if (row >= rows) return;
+    const int lane = threadIdx.x;
+    const int kc = m ? k / m * n : k, gc = m ? group / m * n : group;  // kept values per row, per group
+    const int n_groups = (k + group - 1) / group;
+    const int gbytes = (gc + 7) / 8 * 8 * bits / 8;  // bytes of a full (padded) group
+    const u8* crow = codes + (size_t)row * row_bytes;
+    const u8* irow = index + (size_t)row * index_bytes;
+    const __half* srow = scales + (size_t)row * n_groups;
+    const u8* zrow = zeros + (size_t)row * n_groups;
+    const int zsym = 1 << (bits - 1);
+    float acc = 0.0f;
+    for (int g = 0; g < n_groups; ++g) {
+        const int c0 = g * gc, len = min(gc, kc - c0), plen = (len + 7) / 8 * 8;
+        const float s = __half2float(srow[g]);
+        const int z = has_zeros ? (int)zrow[g] : zsym;
+        if (q8act) {
+            int dot = 0;
+            for (int e = lane; e < len; e += 32)
+                dot += (group_code(crow, g * gbytes, plen, bits, e) - z) * (int)xq[kept_column(irow, c0 + e, n, m)];
+            acc += s * d[g] * (float)dot;
+        } else {
+            float part = 0.0f;
+            for (int e = lane; e < len; e += 32) {
+                const int q = group_code(crow, g * gbytes, plen, bits, e);
+                part += (nf4 ? levels[q] : (float)(q - z)) * x[kept_column(irow, c0 + e, n, m)];
+            }
+            acc += s * part;
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[row] = acc;
+}

@@ -4,6 +4,7 @@
 #include "gemv.cu"
 #include "dequant.cu"
 #include "ops.cu"
+#include "sidecars.cu"
 
 using emu::launch;
 
@@ -82,4 +83,38 @@ extern "C" void host_attn_decode_split_at(int grid, int bx, int by, const float*
                                           float* part, int n_heads, int n_kv, int hd, const int* pos, int window,
                                           float scale, int n_splits) {
     launch(grid, bx, by, [&] { attn_decode_split_at(q, k, v, part, n_heads, n_kv, hd, pos, window, scale, n_splits); });
+}
+
+extern "C" void host_gemv_generic(int grid, int bx, int by, GROUPED_PARAMS, const u8* index, int index_bytes,
+                                  const float* levels, const float* x, const signed char* xq, const float* d, float* y,
+                                  int rows, int k, int group, int row_bytes, int bits, int nf4, int n, int m, int q8act) {
+    launch(grid, bx, by, [&] {
+        gemv_generic(GROUPED_ARGS, index, index_bytes, levels, x, xq, d, y, rows, k, group, row_bytes, bits, nf4, n, m,
+                     q8act);
+    });
+}
+
+extern "C" void host_dequant_generic_f16(int grid, int bx, int by, GROUPED_PARAMS, const u8* index, int index_bytes,
+                                         const float* levels, __half* out, int row0, int n_rows, int k, int group,
+                                         int row_bytes, int bits, int nf4, int n, int m) {
+    launch(grid, bx, by, [&] {
+        dequant_generic_f16(GROUPED_ARGS, index, index_bytes, levels, out, row0, n_rows, k, group, row_bytes, bits, nf4,
+                            n, m);
+    });
+}
+
+extern "C" void host_gather_columns(int grid, int bx, int by, const float* x, float* xs, const int* src, int n, int k) {
+    launch(grid, bx, by, [&] { gather_columns(x, xs, src, n, k); });
+}
+
+extern "C" void host_add_sidecars(int grid, int bx, int by, const float* x, float* y, int n, int rows, int k,
+                                  const int* rowptr, int n_rowptr, const int* cols, const __half* vals,
+                                  const int* fp_cols, const __half* fp_weight, int n_fp) {
+    launch(grid, bx, by, [&] { add_sidecars(x, y, n, rows, k, rowptr, n_rowptr, cols, vals, fp_cols, fp_weight, n_fp); });
+}
+
+extern "C" void host_w8a8_inputs(int grid, int bx, int by, const float* x, const float* inv_scale, int has_scale,
+                                 const u8* fp_mask, int has_fp, float* x1, float* xa, int k, int static_mode,
+                                 float act_scale) {
+    launch(grid, bx, by, [&] { w8a8_inputs(x, inv_scale, has_scale, fp_mask, has_fp, x1, xa, k, static_mode, act_scale); });
 }
