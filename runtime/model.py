@@ -161,12 +161,13 @@ class Transformer:
         args = reader.model
         self.args = args
         self.context = min(args.max_seq_len, context or args.max_seq_len)
-        self.tok_embeddings = linear_op(device, reader["tok_embeddings"])  # (vocab, dim)
-        self.layers = [Block(reader, i, args, device) for i in range(args.n_layers)]
-        self.norm = RMSNorm(reader["norm"].arrays["data"], args.norm_eps, device)
-        head = "output" if "output" in reader else "tok_embeddings"  # absent: tied to the embeddings
-        self.output = Linear(reader, head, device)  # (vocab, dim)
         self.ops = device_ops(device)
+        with self.ops.loading(reader):  # a GPU copies the weights up here, layer by layer
+            self.tok_embeddings = linear_op(device, reader["tok_embeddings"])  # (vocab, dim)
+            self.layers = [Block(reader, i, args, device) for i in range(args.n_layers)]
+            self.norm = RMSNorm(reader["norm"].arrays["data"], args.norm_eps, device)
+            head = "output" if "output" in reader else "tok_embeddings"  # absent: tied to the embeddings
+            self.output = Linear(reader, head, device)  # (vocab, dim)
         self.cos, self.sin = rope_tables(rope_inv_freq(args), self.context)  # (context, head_dim/2)
         self._cos, self._sin = self.ops.asarray(self.cos), self.ops.asarray(self.sin)  # on the device
         self.cache = KVCache(args, self.context, device)

@@ -201,3 +201,20 @@ def test_cuda_ops_match_reference(scheme, rows, k):
     assert close(cp.asnumpy(op.gemm(cp.asarray(xs))), reference.linear(t, xs), tol)
     ids = np.array([0, rows - 1])
     assert close(cp.asnumpy(op.rows(ids)), t.dequantize()[ids], 1e-6)
+
+
+@pytest.mark.gpu
+def test_staged_upload_copies_every_byte():
+    """Arrays through the two pinned buffers of upload.Uploader, in chunks smaller than some of
+    them (a partial last chunk, buffers reused), and a non-contiguous view."""
+    from qformat.kernels.cuda.upload import Uploader
+
+    rng = np.random.default_rng(12)
+    arrays = [rng.integers(0, 255, n, dtype=np.uint8) for n in (0, 1, 1000, 4096, 10_001)]
+    arrays += [rng.standard_normal((37, 64)).astype(np.float16), rng.standard_normal((20, 30))[:, ::3]]
+    up = Uploader(chunk=1024)
+    copies = [up(a) for a in arrays]
+    up.close()
+    for a, c in zip(arrays, copies):
+        assert c.shape == a.shape and c.dtype == a.dtype
+        np.testing.assert_array_equal(c.get(), a)

@@ -4,6 +4,8 @@ One object per device with the same methods (kernels/cuda/device.py is the GPU's
 model (runtime/model.py) never branches on the device."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from . import ops
@@ -14,6 +16,10 @@ class CPUOps:
 
     name = "cpu"
     kv_dtype = np.float32
+
+    def loading(self, reader):
+        """Context of a model's load: nothing to do, the weights stay in the memory map."""
+        return nullcontext()
 
     def asarray(self, a: np.ndarray) -> np.ndarray:
         """A host array as this device's array (here: itself)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .module import kernel
+from .upload import uploading
 
 # Threads per block of the row and attention kernels (a multiple of 32).
 THREADS = 128
@@ -30,6 +31,12 @@ class CUDAOps:
 
     name = "cuda"
     kv_dtype = np.float16
+
+    def loading(self, reader):
+        """Context of a model's load: weights staged to the device through pinned memory, with a
+        progress bar for large files (upload.py)."""
+        tensors = [reader[name] for name in reader.names()]
+        return uploading(sum(a.nbytes for t in tensors if t.kind != "bytes" for a in t.arrays.values()))
 
     def asarray(self, a):
         return _cupy().asarray(a)

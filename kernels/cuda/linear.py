@@ -20,6 +20,7 @@ from qformat.schemes import KINDS, QUANT_KINDS, Tensor
 from ..reference import q8act, w8a8_static
 from ..registry import register
 from .module import kernel
+from .upload import to_device
 
 # Warps (rows) per block of the GEMV kernels: gemv.cu's ROWS.
 ROWS_PER_BLOCK = 4
@@ -101,12 +102,12 @@ class CudaSidecars:
             self.n_rowptr = int(self.rowptr.size)
             if int(a["outlier_rowptr"][-1]):
                 self.cols = cp.asarray(np.asarray(a["outlier_cols"], np.int32))
-                self.vals = cp.asarray(np.ascontiguousarray(a["outlier_values"]).view(np.float16))
+                self.vals = to_device(np.asarray(a["outlier_values"]).view(np.float16))
         self.n_fp = int(np.asarray(a["fp_cols"]).size) if "fp_cols" in a else 0
         self.fp_cols, self.fp_weight = none_i, none_h
         if self.n_fp:
             self.fp_cols = cp.asarray(np.asarray(a["fp_cols"], np.int32))
-            self.fp_weight = cp.asarray(np.ascontiguousarray(a["fp_weight"]).view(np.float16))
+            self.fp_weight = to_device(np.asarray(a["fp_weight"]).view(np.float16))
         self.adds = bool(self.n_rowptr or self.n_fp)
 
     def stored_x(self, x, out):
@@ -144,11 +145,11 @@ class CudaGroupQuantOp(_CudaOp):
         if self.m and (k % self.m or self.group % self.m):
             raise NotImplementedError(f"tensor {t.name}: {self.n}:{self.m} sparsity over groups of {self.group} "
                                       f"and rows of {k} columns has no CUDA kernel (run with --device cpu)")
-        self.codes = cp.asarray(np.ascontiguousarray(a["codes"]))
-        self.scales = cp.asarray(np.ascontiguousarray(a["scales"]).view(np.float16))
+        self.codes = to_device(a["codes"])
+        self.scales = to_device(np.asarray(a["scales"]).view(np.float16))
         self.has_zeros = "zeros" in a
-        self.zeros = cp.asarray(np.ascontiguousarray(a["zeros"])) if self.has_zeros else cp.zeros(1, cp.uint8)
-        self.index = cp.asarray(np.ascontiguousarray(a["sparse_index"])) if self.m else cp.zeros((1, 1), cp.uint8)
+        self.zeros = to_device(a["zeros"]) if self.has_zeros else cp.zeros(1, cp.uint8)
+        self.index = to_device(a["sparse_index"]) if self.m else cp.zeros((1, 1), cp.uint8)
         self.levels = cp.asarray(NF4_LEVELS.astype(np.float32))
         self.row_bytes = int(self.codes.shape[1])
         self.side = CudaSidecars(t)
@@ -304,14 +305,13 @@ class CudaDenseOp(_CudaOp):
 
     def __init__(self, t: Tensor):
         super().__init__(t)
-        cp = _cupy()
-        data = np.ascontiguousarray(t.arrays["data"])
+        data = np.asarray(t.arrays["data"])
         if t.kind == "f16":
-            self.w = cp.asarray(data.view(np.float16))
+            self.w = to_device(data.view(np.float16))
         elif t.kind == "bf16":  # float32 with the bf16 bits on top: exact
-            self.w = cp.asarray((data.view(np.uint16).astype(np.uint32) << 16).view(np.float32))
+            self.w = to_device((data.view(np.uint16).astype(np.uint32) << 16).view(np.float32))
         else:
-            self.w = cp.asarray(data)
+            self.w = to_device(data)
         self.kind = t.kind
         self._gemv = kernel("gemv", "gemv_f16") if t.kind == "f16" else None
 
