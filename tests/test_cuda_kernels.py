@@ -58,41 +58,45 @@ def grouped_args(t):
     return codes, np.ascontiguousarray(a["scales"]).view(np.float16), zeros, np.int32("zeros" in a)
 
 
-def host_gemv(host, t, x: np.ndarray, name: str) -> np.ndarray:
-    """W @ x through gemv.cu's kernel `name` on the host: q4 after quantize_groups (int8
-    activations), q8 on the zero-padded float x."""
+def host_gemv(host, t, x: np.ndarray, name: str, residual: np.ndarray | None = None) -> np.ndarray:
+    """W @ x (+ residual, added in place by the kernel) through gemv.cu's kernel `name` on the
+    host: q4 after quantize_groups (int8 activations), q8 on the zero-padded float x."""
     from qformat.kernels.cuda.linear import x_padded_len
 
     rows, k = t.shape
     group = min(t.group_size, k)
     codes, scales, zeros, has_zeros = grouped_args(t)
-    y = np.full(rows, np.nan, np.float32)
+    y = np.full(rows, np.nan, np.float32) if residual is None else residual.copy()
+    out = (y, y, int(residual is not None))  # y, add (y itself: the decode step's in-place residual)
     shape = (rows, k, group, codes.shape[1])
     grid, block = ((rows + 3) // 4,), (32, 4)
     if t.kind == "q4":
         n_groups = -(-k // group)
         xq, d, sums = np.full(n_groups * group, 99, np.int8), np.zeros(n_groups, np.float32), np.zeros(n_groups, np.int32)
         host_launch(host, "quantize_groups", (n_groups,), (32,), (x, xq, d, sums, k, group))
-        host_launch(host, name, grid, block, (codes, scales, zeros, has_zeros, xq, d, sums, y, *shape))
+        host_launch(host, name, grid, block, (codes, scales, zeros, has_zeros, xq, d, sums, *out, *shape))
     else:
         xp = np.zeros(x_padded_len(k, group), np.float32)
         xp[:k] = x
-        host_launch(host, name, grid, block, (codes, scales, zeros, has_zeros, xp, y, *shape))
+        host_launch(host, name, grid, block, (codes, scales, zeros, has_zeros, xp, *out, *shape))
     return y
 
 
 @pytest.mark.parametrize("scheme,rows,k", GROUPED)
 def test_host_gemv_matches_reference(host, scheme, rows, k):
-    """q4: the CPU's int8-activation numbers (reference.gemv_q8act_reference); q8: float."""
+    """q4: the CPU's int8-activation numbers (reference.gemv_q8act_reference); q8: float. Also
+    with the residual added in place."""
     from qformat.kernels.cuda.linear import gemv_variant
 
     t = make(scheme, rows, k)
     x = np.random.default_rng(1).standard_normal(k).astype(np.float32)
     x[:8] = 0.0  # an all-zero start of the first group
     want = reference.gemv_q8act_reference(t, x) if t.kind == "q4" else reference.linear(t, x[None])[0]
+    residual = np.random.default_rng(2).standard_normal(rows).astype(np.float32)
     chosen = gemv_variant(t.kind, min(t.group_size, k), t.arrays["codes"].shape[1])
     for name in {chosen, chosen[:-1] + "1"}:  # the launcher's choice and the 4-byte fallback
         assert close(host_gemv(host, t, x, name), want, 1e-5), name
+        assert close(host_gemv(host, t, x, name, residual), want + residual, 1e-5), name
 
 
 @pytest.mark.parametrize("scheme,rows,k", GROUPED)
@@ -113,8 +117,11 @@ def test_host_gemv_f16_matches_reference(host, k):
     w = np.random.default_rng(3).standard_normal((10, k)).astype(np.float16)
     x = np.random.default_rng(4).standard_normal(k).astype(np.float32)
     y = np.full(10, np.nan, np.float32)
-    host_launch(host, "gemv_f16", (3,), (32, 4), (w, x, y, 10, k))
+    host_launch(host, "gemv_f16", (3,), (32, 4), (w, x, y, y, 0, 10, k))
     assert close(y, w.astype(np.float32) @ x, 1e-5)
+    bias = np.arange(10, dtype=np.float32)
+    host_launch(host, "gemv_f16", (3,), (32, 4), (w, x, y, bias, 1, 10, k))
+    assert close(y, w.astype(np.float32) @ x + bias, 1e-5)
 
 
 def test_host_rmsnorm_rope_silu_match_reference(host):
@@ -138,6 +145,26 @@ def test_host_rmsnorm_rope_silu_match_reference(host):
     want = reference.silu_mul(g, u)
     ops.silu_mul(g, u)
     assert close(g, want, 1e-5)
+
+
+def test_host_rope_store_matches_reference(host):
+    """One decode token: q rotated in place, k rotated into cache row pos and v beside it."""
+    rng = np.random.default_rng(13)
+    n_heads, n_kv, hd, pos, context = 6, 2, 64, 5, 9
+    q, k, v = (rng.standard_normal((h, hd)).astype(np.float32) for h in (n_heads, n_kv, n_kv))
+    ang = np.arange(context, dtype=np.float32)[:, None] * rng.random(hd // 2).astype(np.float32)[None]
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    kc = np.zeros((context, n_kv, hd), np.float16)
+    vc = np.zeros((context, n_kv, hd), np.float16)
+    got = q.copy()
+    pairs = (n_heads + n_kv) * hd // 2
+    host_launch(host, "rope_store_at", ((pairs + 127) // 128,), (128,),
+                (got, k, v, cos, sin, kc, vc, n_heads, n_kv, hd, np.array([pos], np.int32)))
+    c, s = cos[pos:pos + 1], sin[pos:pos + 1]
+    assert close(got, reference.rope(q[None], c, s)[0], 1e-6)
+    np.testing.assert_array_equal(kc[pos], reference.rope(k[None], c, s)[0].astype(np.float16))
+    np.testing.assert_array_equal(vc[pos], v.astype(np.float16))
+    assert not kc[:pos].any() and not vc[pos + 1:].any()
 
 
 @pytest.mark.parametrize("start,stop", [(0, 1), (0, 300), (140, 700)])
@@ -212,6 +239,8 @@ def test_staged_upload_copies_every_byte():
     rng = np.random.default_rng(12)
     arrays = [rng.integers(0, 255, n, dtype=np.uint8) for n in (0, 1, 1000, 4096, 10_001)]
     arrays += [rng.standard_normal((37, 64)).astype(np.float16), rng.standard_normal((20, 30))[:, ::3]]
+    with pytest.raises(ValueError, match="GiB of GPU memory"):
+        Uploader(total_bytes=1 << 50)
     up = Uploader(chunk=1024)
     copies = [up(a) for a in arrays]
     up.close()

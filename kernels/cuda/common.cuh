@@ -19,6 +19,12 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// y[row] = acc, plus add[row] where the caller passes a residual (has_add): the residual add of
+// a decode step fused into the projection that feeds it (add may be y itself).
+__device__ __forceinline__ void store_row(float* y, const float* add, int has_add, int row, float acc) {
+    y[row] = has_add ? acc + add[row] : acc;
+}
+
 // One row of a grouped weight (spec §5): its code words, float16 scales and zero points.
 struct GroupedRow {
     const u32* words;

@@ -1,9 +1,13 @@
 """One decode step on the GPU with static buffers, captured once as a CUDA graph and replayed.
 
 CuPy costs several microseconds per kernel launch from Python, and a Llama-7B step launches
-~20 kernels per layer: ~700 launches, several ms, where the step's weights take ~1 ms to read.
-So the step writes only into buffers allocated here, reads the position from device memory
-(rope_f32_at, kv_store, attn_decode_split_at), and runs attention over a fixed number of splits
+~500 kernels, several ms, where the step's weights take ~1 ms to read. Per layer: two RMSNorms,
+one int8 quantization of each normalized input shared by the projections that read it (4-bit
+weights), seven GEMVs (the residual adds and biases folded into them), RoPE fused with the KV
+cache store, two attention passes and the SiLU gate: 15 kernels (13 without int8 activations).
+Even replayed from a graph, each kernel costs a few microseconds of launch and tail, so fewer is
+faster. The step writes only into buffers allocated here, reads the position from device memory
+(rope_store_at, attn_decode_split_at), and runs attention over a fixed number of splits
 that covers the whole context (splits past the position are empty); the whole step is then one
 CUDA graph, replayed per token after the position and the embedding are copied in. Where
 capture fails (CUPY_... settings, an older CuPy), the same step runs eagerly.
@@ -40,7 +44,6 @@ class CudaDecodeStep:
         self.k = cp.zeros(a.n_kv_heads * hd, cp.float32)
         self.v = cp.zeros(a.n_kv_heads * hd, cp.float32)
         self.att = cp.zeros(a.n_heads * hd, cp.float32)
-        self.o = cp.zeros(a.dim, cp.float32)
         self.gate = cp.zeros(a.ffn_dim, cp.float32)
         self.up = cp.zeros(a.ffn_dim, cp.float32)
         self.logits = cp.zeros(linears["head"].out_features, cp.float32)
@@ -56,46 +59,43 @@ class CudaDecodeStep:
         d = x.size // rows
         kernel("ops", "rmsnorm_f32")((rows,), (THREADS,), (x, w, out, np.int32(d), np.float32(self.args.norm_eps)))
 
-    def _rope(self, x, heads: int):
-        n = heads * self.args.head_dim // 2
-        kernel("ops", "rope_f32_at")(((n + THREADS - 1) // THREADS,), (THREADS,),
-                                     (x, self.cos, self.sin, np.int32(heads), np.int32(self.args.head_dim), self.pos))
+    def _project(self, names: tuple, x, outs: tuple, add: tuple) -> None:
+        """outs[i] = lin[names[i]] @ x + add[i] (None: nothing added); x quantized once where the
+        ops would all quantize it alike (CudaGroupQuantOp.shared_input)."""
+        ops = [self.lin[n] for n in names]
+        key = ops[0].shared_input
+        quantized = ops[0].quantize(x) if key is not None and all(op.shared_input == key for op in ops) else None
+        for op, out, a in zip(ops, outs, add):
+            op.gemv(x, out, a, quantized)
 
     def _step(self) -> None:
         """The decode step over the static buffers (what the graph captures)."""
-        cp, a, hd = _cupy(), self.args, self.args.head_dim
-        kv = a.n_kv_heads * hd
+        a, hd = self.args, self.args.head_dim
         for i in range(a.n_layers):
-            lin = self.lin
-            self._rmsnorm(self.x, self.norms[f"layers.{i}.attn_norm"], self.xn)
-            for name, out in (("wq", self.q), ("wk", self.k), ("wv", self.v)):
-                lin[f"layers.{i}.attn.{name}"].gemv(self.xn, out)
-                bias = self.biases.get(f"layers.{i}.attn.b{name[1]}")
-                if bias is not None:
-                    cp.add(out, bias, out=out)
+            p = f"layers.{i}."
+            self._rmsnorm(self.x, self.norms[p + "attn_norm"], self.xn)
+            self._project((p + "attn.wq", p + "attn.wk", p + "attn.wv"), self.xn, (self.q, self.k, self.v),
+                          tuple(self.biases.get(p + f"attn.b{w}") for w in "qkv"))
             if a.qk_norm:
-                self._rmsnorm(self.q, self.norms[f"layers.{i}.attn.q_norm"], self.q, a.n_heads)
-                self._rmsnorm(self.k, self.norms[f"layers.{i}.attn.k_norm"], self.k, a.n_kv_heads)
-            self._rope(self.q, a.n_heads)
-            self._rope(self.k, a.n_kv_heads)
+                self._rmsnorm(self.q, self.norms[p + "attn.q_norm"], self.q, a.n_heads)
+                self._rmsnorm(self.k, self.norms[p + "attn.k_norm"], self.k, a.n_kv_heads)
             kc, vc = self.cache.k[i], self.cache.v[i]
-            kernel("ops", "kv_store")(((kv + THREADS - 1) // THREADS,), (THREADS,),
-                                      (self.k, self.v, kc, vc, np.int32(kv), self.pos))
+            pairs = (a.n_heads + a.n_kv_heads) * hd // 2
+            kernel("ops", "rope_store_at")(((pairs + THREADS - 1) // THREADS,), (THREADS,),
+                                           (self.q, self.k, self.v, self.cos, self.sin, kc, vc, np.int32(a.n_heads),
+                                            np.int32(a.n_kv_heads), np.int32(hd), self.pos))
             kernel("ops", "attn_decode_split_at")(
                 (a.n_heads * self.n_splits,), (THREADS,),
                 (self.q, kc, vc, self.part, np.int32(a.n_heads), np.int32(a.n_kv_heads), np.int32(hd), self.pos,
                  self.window, self.scale, np.int32(self.n_splits)))
             kernel("ops", "attn_decode_combine")((a.n_heads,), (THREADS,),
                                                  (self.part, self.att, np.int32(hd), np.int32(self.n_splits)))
-            lin[f"layers.{i}.attn.wo"].gemv(self.att, self.o)
-            cp.add(self.x, self.o, out=self.x)
-            self._rmsnorm(self.x, self.norms[f"layers.{i}.ffn_norm"], self.xn)
-            lin[f"layers.{i}.ffn.w1"].gemv(self.xn, self.gate)
-            lin[f"layers.{i}.ffn.w3"].gemv(self.xn, self.up)
+            self.lin[p + "attn.wo"].gemv(self.att, self.x, self.x)  # the residual add in the GEMV
+            self._rmsnorm(self.x, self.norms[p + "ffn_norm"], self.xn)
+            self._project((p + "ffn.w1", p + "ffn.w3"), self.xn, (self.gate, self.up), (None, None))
             n = a.ffn_dim
             kernel("ops", "silu_mul_f32")(((n + THREADS - 1) // THREADS,), (THREADS,), (self.gate, self.up, np.int64(n)))
-            lin[f"layers.{i}.ffn.w2"].gemv(self.gate, self.o)
-            cp.add(self.x, self.o, out=self.x)
+            self.lin[p + "ffn.w2"].gemv(self.gate, self.x, self.x)
         self._rmsnorm(self.x, self.norms["norm"], self.xn)
         self.lin["head"].gemv(self.xn, self.logits)
 

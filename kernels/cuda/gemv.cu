@@ -48,7 +48,8 @@ template <int VEC>
 __device__ __forceinline__ void gemv_q8(const u8* __restrict__ codes, const __half* __restrict__ scales,
                                              const u8* __restrict__ zeros, int has_zeros,
                                              const float* __restrict__ x, float* __restrict__ y,
-                                             int rows, int k, int group, int row_bytes) {
+                                             const float* __restrict__ add, int has_add, int rows, int k, int group,
+                                             int row_bytes) {
     const int row = blockIdx.x * ROWS + threadIdx.y;
     if (row >= rows) return;
     const int lane = threadIdx.x;
@@ -71,20 +72,22 @@ __device__ __forceinline__ void gemv_q8(const u8* __restrict__ codes, const __ha
         acc += s * part;
     }
     acc = warp_sum(acc);
-    if (lane == 0) y[row] = acc;
+    if (lane == 0) store_row(y, add, has_add, row, acc);
 }
 
 // The launchable instances, chosen by kernels/cuda/linear.py's gemv_variant.
-#define GEMV_INSTANCE(NAME, VEC)                                                                             \
-    extern "C" __global__ void NAME(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,  \
-                                    const float* x, float* y, int rows, int k, int group, int row_bytes) {   \
-        gemv_q8<VEC>(codes, scales, zeros, has_zeros, x, y, rows, k, group, row_bytes);                     \
+#define GEMV_INSTANCE(NAME, VEC)                                                                            \
+    extern "C" __global__ void NAME(const u8* codes, const __half* scales, const u8* zeros, int has_zeros, \
+                                    const float* x, float* y, const float* add, int has_add, int rows, int k, \
+                                    int group, int row_bytes) {                                             \
+        gemv_q8<VEC>(codes, scales, zeros, has_zeros, x, y, add, has_add, rows, k, group, row_bytes);      \
     }
 GEMV_INSTANCE(gemv_q8_v4, 4)
 GEMV_INSTANCE(gemv_q8_v1, 1)
 
 // float16 rows: 8 columns (16 bytes) per lane step when k % 8 == 0, else one column.
-extern "C" __global__ void gemv_f16(const __half* w, const float* x, float* y, int rows, int k) {
+extern "C" __global__ void gemv_f16(const __half* w, const float* x, float* y, const float* add, int has_add, int rows,
+                                    int k) {
     const int row = blockIdx.x * ROWS + threadIdx.y;
     if (row >= rows) return;
     const int lane = threadIdx.x;
@@ -105,7 +108,7 @@ extern "C" __global__ void gemv_f16(const __half* w, const float* x, float* y, i
         for (int c = lane; c < k; c += 32) acc += __half2float(wrow[c]) * x[c];
     }
     acc = warp_sum(acc);
-    if (lane == 0) y[row] = acc;
+    if (lane == 0) store_row(y, add, has_add, row, acc);
 }
 
 // ---- q4 on int8 activations: the CPU's decode numerics (kernels/cpu/quant.py, reference
@@ -147,7 +150,8 @@ __device__ __forceinline__ void gemv_q4_int8act(const u8* __restrict__ codes, co
                                                 const u8* __restrict__ zeros, int has_zeros,
                                                 const signed char* __restrict__ xq, const float* __restrict__ d,
                                                 const int* __restrict__ sums, float* __restrict__ y,
-                                                int rows, int k, int group, int row_bytes) {
+                                                const float* __restrict__ add, int has_add, int rows, int k,
+                                                int group, int row_bytes) {
     const int row = blockIdx.x * ROWS + threadIdx.y;
     if (row >= rows) return;
     const int lane = threadIdx.x;
@@ -179,14 +183,15 @@ __device__ __forceinline__ void gemv_q4_int8act(const u8* __restrict__ codes, co
         acc -= __half2float(r.scales[g]) * d[g] * z * (float)sums[g];
     }
     acc = warp_sum(acc);
-    if (lane == 0) y[row] = acc;
+    if (lane == 0) store_row(y, add, has_add, row, acc);
 }
 
 #define GEMV_Q8ACT_INSTANCE(NAME, VEC)                                                                          \
     extern "C" __global__ void NAME(const u8* codes, const __half* scales, const u8* zeros, int has_zeros,     \
-                                    const signed char* xq, const float* d, const int* sums, float* y, int rows, \
-                                    int k, int group, int row_bytes) {                                          \
-        gemv_q4_int8act<VEC>(codes, scales, zeros, has_zeros, xq, d, sums, y, rows, k, group, row_bytes);       \
+                                    const signed char* xq, const float* d, const int* sums, float* y,           \
+                                    const float* add, int has_add, int rows, int k, int group, int row_bytes) { \
+        gemv_q4_int8act<VEC>(codes, scales, zeros, has_zeros, xq, d, sums, y, add, has_add, rows, k, group,     \
+                             row_bytes);                                                                        \
     }
 GEMV_Q8ACT_INSTANCE(gemv_q4_q8act_v4, 4)
 GEMV_Q8ACT_INSTANCE(gemv_q4_q8act_v1, 1)
@@ -202,8 +207,9 @@ extern "C" __global__ void gemv_generic(const u8* __restrict__ codes, const __ha
                                         const u8* __restrict__ zeros, int has_zeros, const u8* __restrict__ index,
                                         int index_bytes, const float* __restrict__ levels,
                                         const float* __restrict__ x, const signed char* __restrict__ xq,
-                                        const float* __restrict__ d, float* __restrict__ y, int rows, int k,
-                                        int group, int row_bytes, int bits, int nf4, int n, int m, int q8act) {
+                                        const float* __restrict__ d, float* __restrict__ y,
+                                        const float* __restrict__ add, int has_add, int rows, int k, int group,
+                                        int row_bytes, int bits, int nf4, int n, int m, int q8act) {
     const int row = blockIdx.x * ROWS + threadIdx.y;
     if (row >= rows) return;
     const int lane = threadIdx.x;
@@ -235,5 +241,5 @@ extern "C" __global__ void gemv_generic(const u8* __restrict__ codes, const __ha
         }
     }
     acc = warp_sum(acc);
-    if (lane == 0) y[row] = acc;
+    if (lane == 0) store_row(y, add, has_add, row, acc);
 }

@@ -185,28 +185,44 @@ class CudaGroupQuantOp(_CudaOp):
         return (np.int32(self.group), np.int32(self.row_bytes), np.int32(self.bits), np.int32(self.nf4),
                 np.int32(self.n), np.int32(self.m))
 
-    def gemv(self, x, out):
-        """out (out_features,) float32 = W @ x, x (in_features,) float32, both on the device
-        (out contiguous: the kernels write it)."""
+    @property
+    def shared_input(self):
+        """Equal for ops whose GEMV quantizes one input to the same int8 codes (the decode step then
+        quantizes it once, see `quantize`); None where the GEMV reads float or gathered input."""
+        return (self.in_features, self.group) if self.int8_activations and not self.side.gathers else None
+
+    def quantize(self, x):
+        """x's int8 codes, scales and code sums per group (quantize_groups) in this op's buffers."""
+        self._quantize((self._d.size,), (32,), (x, self._xq, self._d, self._sums, np.int32(self.in_features),
+                                                np.int32(self.group)))
+        return self._xq, self._d, self._sums
+
+    def gemv(self, x, out, add=None, quantized=None):
+        """out (out_features,) float32 = W @ x (+ add, a residual or bias: may be out itself), x
+        (in_features,) float32, all on the device (out contiguous: the kernels write it).
+        quantized: `quantize(x)` of an op with the same `shared_input`, instead of quantizing again."""
         cp = _cupy()
         rows, k = self.out_features, self.in_features
         x = cp.ascontiguousarray(x)
         xs = self.side.stored_x(x, self._xs) if self.side.gathers else x
         if self.int8_activations:
-            self._quantize((self._d.size,), (32,), (xs, self._xq, self._d, self._sums, np.int32(k), np.int32(self.group)))
+            xq, d, sums = quantized or self.quantize(xs)
+        else:
+            xq, d, sums = self._xq, self._d, self._sums  # unread
         grid, block = _grid(rows, ROWS_PER_BLOCK), (32, ROWS_PER_BLOCK)
+        y = (out, add if add is not None else self._d, np.int32(add is not None))
         if not self.words:
             self._gemv(grid, block, (*self._weights(), self.index, np.int32(self.index.shape[1]), self.levels, xs,
-                                     self._xq, self._d, out, np.int32(rows), np.int32(k), *self._layout(),
+                                     xq, d, *y, np.int32(rows), np.int32(k), *self._layout(),
                                      np.int32(self.int8_activations)))
         else:
             shape = (np.int32(rows), np.int32(k), np.int32(self.group), np.int32(self.row_bytes))
             if self.int8_activations:
-                self._gemv(grid, block, (*self._weights(), self._xq, self._d, self._sums, out, *shape))
+                self._gemv(grid, block, (*self._weights(), xq, d, sums, *y, *shape))
             else:
                 if xs is not self._xs:  # gathered straight into the padded buffer otherwise
                     self._x[:k] = xs
-                self._gemv(grid, block, (*self._weights(), self._x, out, *shape))
+                self._gemv(grid, block, (*self._weights(), self._x, *y, *shape))
         if self.side.adds:
             self.side.add(x, out)
         return out
@@ -277,9 +293,11 @@ class CudaW8A8Op(_CudaOp):
             x, self.inv_scale, np.int32(self.has_scale), self.fp_mask, np.int32(self.has_fp), x1, xa,
             np.int32(self.in_features), self.static, self.act_scale))
 
-    def gemv(self, x, out):
+    shared_input = None  # its inputs are its own quantization
+
+    def gemv(self, x, out, add=None, quantized=None):
         self._inputs(_cupy().ascontiguousarray(x), self._x1, self._xa)
-        self.dense.gemv(self._xa, out)
+        self.dense.gemv(self._xa, out, add)
         if self.side.adds:
             self.side.add(self._x1, out)
         return out
@@ -315,14 +333,22 @@ class CudaDenseOp(_CudaOp):
         self.kind = t.kind
         self._gemv = kernel("gemv", "gemv_f16") if t.kind == "f16" else None
 
-    def gemv(self, x, out):
+    shared_input = None  # float inputs
+
+    def gemv(self, x, out, add=None, quantized=None):
+        """out = W @ x (+ add), as CudaGroupQuantOp.gemv."""
+        cp = _cupy()
         if self._gemv is None:
-            out[...] = self.w @ x
+            if add is None:
+                out[...] = self.w @ x
+            else:
+                cp.add(self.w @ x, add, out=out)
             return out
-        x = _cupy().ascontiguousarray(x)
+        x = cp.ascontiguousarray(x)
         rows = self.out_features
         self._gemv(_grid(rows, ROWS_PER_BLOCK), (32, ROWS_PER_BLOCK),
-                   (self.w, x, out, np.int32(rows), np.int32(self.in_features)))
+                   (self.w, x, out, add if add is not None else x, np.int32(add is not None), np.int32(rows),
+                    np.int32(self.in_features)))
         return out
 
     def gemm(self, x):

@@ -55,29 +55,38 @@ extern "C" __global__ void silu_mul_f32(float* __restrict__ gate, const float* _
     gate[i] = g / (1.0f + __expf(-g)) * up[i];
 }
 
-// One token's RoPE in place at the position *pos (device memory: a captured decode step reads
-// the position of each replay): x (heads, hd).
-extern "C" __global__ void rope_f32_at(float* __restrict__ x, const float* __restrict__ cos_t,
-                                       const float* __restrict__ sin_t, int heads, int hd, const int* __restrict__ pos) {
-    const int half = hd / 2;
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= heads * half) return;
-    const int j = i % half;
-    float* v = x + (size_t)(i / half) * hd;
-    const float c = cos_t[(size_t)(*pos) * half + j], s = sin_t[(size_t)(*pos) * half + j];
-    const float a = v[j], b = v[half + j];
-    v[j] = a * c - b * s;
-    v[half + j] = b * c + a * s;
+// One decode token at the position *pos (device memory: a captured decode step reads the
+// position of each replay): RoPE on q (n_heads, hd) in place, and on k (n_kv, hd) on its way
+// into row *pos of the layer's float16 cache, with v beside it. One thread per rotated pair.
+__device__ __forceinline__ void rotate(float a, float b, float c, float s, float& ra, float& rb) {
+    ra = a * c - b * s;
+    rb = b * c + a * s;
 }
 
-// One token's keys and values (n float32 each) into row *pos of a layer's float16 cache.
-extern "C" __global__ void kv_store(const float* __restrict__ k, const float* __restrict__ v,
-                                    __half* __restrict__ k_cache, __half* __restrict__ v_cache, int n,
-                                    const int* __restrict__ pos) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    k_cache[(size_t)(*pos) * n + i] = __float2half(k[i]);
-    v_cache[(size_t)(*pos) * n + i] = __float2half(v[i]);
+extern "C" __global__ void rope_store_at(float* __restrict__ q, const float* __restrict__ k,
+                                         const float* __restrict__ v, const float* __restrict__ cos_t,
+                                         const float* __restrict__ sin_t, __half* __restrict__ k_cache,
+                                         __half* __restrict__ v_cache, int n_heads, int n_kv, int hd,
+                                         const int* __restrict__ pos) {
+    const int half = hd / 2;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (n_heads + n_kv) * half) return;
+    const int j = i % half;
+    const float c = cos_t[(size_t)(*pos) * half + j], s = sin_t[(size_t)(*pos) * half + j];
+    if (i < n_heads * half) {
+        float* x = q + (size_t)(i / half) * hd;
+        rotate(x[j], x[half + j], c, s, x[j], x[half + j]);
+        return;
+    }
+    i -= n_heads * half;
+    const size_t e = (size_t)(i / half) * hd + j;  // this pair's first element in the token's (n_kv, hd)
+    const size_t row = (size_t)(*pos) * n_kv * hd;
+    float ra, rb;
+    rotate(k[e], k[e + half], c, s, ra, rb);
+    k_cache[row + e] = __float2half(ra);
+    k_cache[row + e + half] = __float2half(rb);
+    v_cache[row + e] = __float2half(v[e]);
+    v_cache[row + e + half] = __float2half(v[e + half]);
 }
 
 // Decode attention, pass 1: block (head h, split s) over keys [start + s*CHUNK, ...) < stop.

@@ -38,6 +38,12 @@ class Uploader:
         if self.staged:
             import cupyx
 
+            free, _ = cp.cuda.runtime.memGetInfo()
+            if total_bytes > free:
+                raise ValueError(f"the weights need {total_bytes / 2**30:.2f} GiB of GPU memory and "
+                                 f"{free / 2**30:.2f} GiB is free; use --device cpu, a smaller scheme, or a "
+                                 "GPU with more memory")
+
             self.buffers = [cupyx.empty_pinned(chunk, np.uint8) for _ in range(2)]
             self.done = [None, None]  # the event after each buffer's last copy
             self.stream = cp.cuda.Stream(non_blocking=True)

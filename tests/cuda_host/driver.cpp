@@ -12,17 +12,18 @@ using emu::launch;
 #define GROUPED_ARGS codes, scales, zeros, has_zeros
 
 #define HOST_GEMV(K)                                                                                       \
-    extern "C" void host_##K(int grid, int bx, int by, GROUPED_PARAMS, const float* x, float* y, int rows, \
-                             int k, int group, int row_bytes) {                                            \
-        launch(grid, bx, by, [&] { K(GROUPED_ARGS, x, y, rows, k, group, row_bytes); });                   \
+    extern "C" void host_##K(int grid, int bx, int by, GROUPED_PARAMS, const float* x, float* y,          \
+                             const float* add, int has_add, int rows, int k, int group, int row_bytes) {   \
+        launch(grid, bx, by, [&] { K(GROUPED_ARGS, x, y, add, has_add, rows, k, group, row_bytes); });     \
     }
 HOST_GEMV(gemv_q8_v4)
 HOST_GEMV(gemv_q8_v1)
 
 #define HOST_GEMV_Q8ACT(K)                                                                                   \
     extern "C" void host_##K(int grid, int bx, int by, GROUPED_PARAMS, const signed char* xq, const float* d, \
-                             const int* sums, float* y, int rows, int k, int group, int row_bytes) {         \
-        launch(grid, bx, by, [&] { K(GROUPED_ARGS, xq, d, sums, y, rows, k, group, row_bytes); });           \
+                             const int* sums, float* y, const float* add, int has_add, int rows, int k,     \
+                             int group, int row_bytes) {                                                     \
+        launch(grid, bx, by, [&] { K(GROUPED_ARGS, xq, d, sums, y, add, has_add, rows, k, group, row_bytes); }); \
     }
 HOST_GEMV_Q8ACT(gemv_q4_q8act_v4)
 HOST_GEMV_Q8ACT(gemv_q4_q8act_v1)
@@ -40,8 +41,9 @@ extern "C" void host_quantize_groups(int grid, int bx, int by, const float* x, s
 HOST_DEQUANT(dequant_q4_f16)
 HOST_DEQUANT(dequant_q8_f16)
 
-extern "C" void host_gemv_f16(int grid, int bx, int by, const __half* w, const float* x, float* y, int rows, int k) {
-    launch(grid, bx, by, [&] { gemv_f16(w, x, y, rows, k); });
+extern "C" void host_gemv_f16(int grid, int bx, int by, const __half* w, const float* x, float* y, const float* add,
+                              int has_add, int rows, int k) {
+    launch(grid, bx, by, [&] { gemv_f16(w, x, y, add, has_add, rows, k); });
 }
 
 extern "C" void host_rmsnorm_f32(int grid, int bx, int by, const float* x, const float* w, float* out, int d,
@@ -69,14 +71,10 @@ extern "C" void host_attn_decode_combine(int grid, int bx, int by, const float* 
     launch(grid, bx, by, [&] { attn_decode_combine(part, out, hd, n_splits); });
 }
 
-extern "C" void host_rope_f32_at(int grid, int bx, int by, float* x, const float* cos_t, const float* sin_t, int heads,
-                                 int hd, const int* pos) {
-    launch(grid, bx, by, [&] { rope_f32_at(x, cos_t, sin_t, heads, hd, pos); });
-}
-
-extern "C" void host_kv_store(int grid, int bx, int by, const float* k, const float* v, __half* k_cache,
-                              __half* v_cache, int n, const int* pos) {
-    launch(grid, bx, by, [&] { kv_store(k, v, k_cache, v_cache, n, pos); });
+extern "C" void host_rope_store_at(int grid, int bx, int by, float* q, const float* k, const float* v, const float* cos_t,
+                                   const float* sin_t, __half* k_cache, __half* v_cache, int n_heads, int n_kv, int hd,
+                                   const int* pos) {
+    launch(grid, bx, by, [&] { rope_store_at(q, k, v, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv, hd, pos); });
 }
 
 extern "C" void host_attn_decode_split_at(int grid, int bx, int by, const float* q, const __half* k, const __half* v,
@@ -87,10 +85,11 @@ extern "C" void host_attn_decode_split_at(int grid, int bx, int by, const float*
 
 extern "C" void host_gemv_generic(int grid, int bx, int by, GROUPED_PARAMS, const u8* index, int index_bytes,
                                   const float* levels, const float* x, const signed char* xq, const float* d, float* y,
-                                  int rows, int k, int group, int row_bytes, int bits, int nf4, int n, int m, int q8act) {
+                                  const float* add, int has_add, int rows, int k, int group, int row_bytes, int bits,
+                                  int nf4, int n, int m, int q8act) {
     launch(grid, bx, by, [&] {
-        gemv_generic(GROUPED_ARGS, index, index_bytes, levels, x, xq, d, y, rows, k, group, row_bytes, bits, nf4, n, m,
-                     q8act);
+        gemv_generic(GROUPED_ARGS, index, index_bytes, levels, x, xq, d, y, add, has_add, rows, k, group, row_bytes, bits,
+                     nf4, n, m, q8act);
     });
 }
 
