@@ -178,7 +178,7 @@ def linear_w8a8(t: Tensor, x: np.ndarray) -> np.ndarray:
     a = t.arrays
     rows, k = t.shape
     x, xi = w8a8_inputs(t, x)
-    static = t.activation is not None and t.activation.get("mode") == "static"
+    static = w8a8_static(t)
     q, d = quantize_tokens(xi, float(a["act_scale"][0]) if static else None)
     kind = KINDS[t.kind]
     dense = kind.dequantize(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items()

@@ -36,7 +36,7 @@ class CUDAOps:
         """Context of a model's load: weights staged to the device through pinned memory, with a
         progress bar for large files (upload.py)."""
         tensors = [reader[name] for name in reader.names()]
-        return uploading(sum(a.nbytes for t in tensors if t.kind != "bytes" for a in t.arrays.values()))
+        return uploading(sum(t.nbytes for t in tensors if t.kind != "bytes"))
 
     def asarray(self, a):
         return _cupy().asarray(a)

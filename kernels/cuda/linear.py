@@ -150,7 +150,7 @@ class CudaGroupQuantOp(_CudaOp):
         self.has_zeros = "zeros" in a
         self.zeros = to_device(a["zeros"]) if self.has_zeros else cp.zeros(1, cp.uint8)
         self.index = to_device(a["sparse_index"]) if self.m else cp.zeros((1, 1), cp.uint8)
-        self.levels = cp.asarray(NF4_LEVELS.astype(np.float32))
+        self.levels = cp.asarray(NF4_LEVELS.astype(np.float32)) if self.nf4 else cp.zeros(1, cp.float32)
         self.row_bytes = int(self.codes.shape[1])
         self.side = CudaSidecars(t)
         self.int8_activations = q8act(t.kind, self.group, sparse=bool(self.m))
@@ -210,6 +210,7 @@ class CudaGroupQuantOp(_CudaOp):
         else:
             xq, d, sums = self._xq, self._d, self._sums  # unread
         grid, block = _grid(rows, ROWS_PER_BLOCK), (32, ROWS_PER_BLOCK)
+        # out, the added vector (any float array where none: the kernel does not read it), whether one
         y = (out, add if add is not None else self._d, np.int32(add is not None))
         if not self.words:
             self._gemv(grid, block, (*self._weights(), self.index, np.int32(self.index.shape[1]), self.levels, xs,
