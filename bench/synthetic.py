@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qformat import tensors as T
 from qformat.config import ModelArgs, Provenance
 from qformat.schemes import KINDS, Tensor, float_tensor, parse_scheme
 from qformat.writer import QbinWriter
@@ -49,19 +50,14 @@ def write_random_qbin(path: Path, args: ModelArgs, scheme: str, seed: int = 0) -
     rng = np.random.default_rng(seed)
     low_bits = scheme != "f16" and KINDS[parse_scheme(scheme).kind].bits < 8
     head_scheme = "int8" if low_bits else scheme
-    hd, d, f = args.head_dim, args.dim, args.ffn_dim
     with QbinWriter(path, overwrite=True) as w:
-        w.add_tensor(random_linear("tok_embeddings", args.vocab_size, d, "f16", rng))
-        for i in range(args.n_layers):
-            p = f"layers.{i}."
-            for name, rows, cols in (("attn.wq", args.n_heads * hd, d), ("attn.wk", args.n_kv_heads * hd, d),
-                                     ("attn.wv", args.n_kv_heads * hd, d), ("attn.wo", d, args.n_heads * hd),
-                                     ("ffn.w1", f, d), ("ffn.w3", f, d), ("ffn.w2", d, f)):
-                w.add_tensor(random_linear(p + name, rows, cols, scheme, rng))
-            for norm in ("attn_norm", "ffn_norm"):
-                w.add_tensor(float_tensor(p + norm, np.ones(d, np.float32), "f32"))
-        w.add_tensor(float_tensor("norm", np.ones(d, np.float32), "f32"))
-        w.add_tensor(random_linear("output", args.vocab_size, d, head_scheme, rng))
+        for entry, layer in T.file_order(args.n_layers, lambda t: t.present(args)):
+            name, shape = entry.name(layer), entry.shape_of(args)
+            if entry.role in ("norm", "bias"):
+                w.add_tensor(float_tensor(name, np.ones(shape, np.float32), "f32"))
+            else:
+                tensor_scheme = {"embed": "f16", "head": head_scheme}.get(entry.role, scheme)
+                w.add_tensor(random_linear(name, *shape, tensor_scheme, rng))
         w.finish(model=args, provenance=Provenance(source="random weights (bench/synthetic.py)", scheme=scheme,
                                                    method="random"))
     return path

@@ -1,6 +1,10 @@
-"""qconvert: Hugging Face checkpoints to .qbin files with round-to-nearest schemes."""
+"""qconvert: Hugging Face checkpoints to .qbin files, by round-to-nearest, GPTQ or AWQ, with
+pruning, 16-bit outliers and SmoothQuant W8A8 (convert/methods.py lists them)."""
 from __future__ import annotations
 
-from .converter import ConvertError, ConvertReport, TensorReport, convert
+from .converter import convert
+from .options import ConvertOptions
+from .plan import ConvertError
+from .report import ConvertReport, TensorReport
 
-__all__ = ["ConvertError", "ConvertReport", "TensorReport", "convert"]
+__all__ = ["ConvertError", "ConvertOptions", "ConvertReport", "TensorReport", "convert"]

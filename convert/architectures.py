@@ -1,12 +1,16 @@
 """Supported Hugging Face architectures, as data.
 
 A new architecture of the Llama family adds a row to ARCHITECTURES (and, if it brings a new kind
-of tensor, a row to TENSOR_MAP with the flag that enables it); no code changes elsewhere.
+of tensor, an entry to qformat.tensors with the flag that enables it and its HF name here); no
+code changes elsewhere. The flags of Architecture are ModelArgs' (qkv_bias, qk_norm), so a
+tensor's flag names both.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from qformat import tensors as T
 
 
 @dataclass(frozen=True)
@@ -38,49 +42,49 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 @dataclass(frozen=True)
 class TensorRule:
-    """One HF tensor name pattern -> qbin name. `role` decides how the tensor is stored.
-
-    roles: "embed" (token embeddings), "head" (LM head), "linear" (a quantizable projection),
-    "norm" and "bias" (kept in float32). `needs` names the Architecture flag that must be set
-    for the tensor to exist.
-    """
+    """One HF tensor name pattern -> its entry in the qbin tensor name table (qformat.tensors),
+    which gives its qbin name, its role (how it is stored: "embed", "head", "linear", "norm",
+    "bias") and the flag without which it does not exist."""
 
     hf: str  # "{i}" stands for the layer index
-    qbin: str
-    role: str
-    needs: str | None = None
+    tensor: T.TensorName
 
     def hf_name(self, layer: int | None = None) -> str:
         return self.hf.format(i=layer)
 
     def qbin_name(self, layer: int | None = None) -> str:
-        return self.qbin.format(i=layer)
+        return self.tensor.name(layer)
+
+    @property
+    def role(self) -> str:
+        return self.tensor.role
 
     @property
     def per_layer(self) -> bool:
-        return "{i}" in self.hf
+        return self.tensor.per_layer
 
 
-# Order here is the order tensors are written in (and so the file's byte order).
-TENSOR_MAP: tuple[TensorRule, ...] = (
-    TensorRule("model.embed_tokens.weight", "tok_embeddings", "embed"),
-    TensorRule("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm", "norm"),
-    TensorRule("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.wq", "linear"),
-    TensorRule("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.bq", "bias", "qkv_bias"),
-    TensorRule("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.wk", "linear"),
-    TensorRule("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.bk", "bias", "qkv_bias"),
-    TensorRule("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.wv", "linear"),
-    TensorRule("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.bv", "bias", "qkv_bias"),
-    TensorRule("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.wo", "linear"),
-    TensorRule("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm", "norm", "qk_norm"),
-    TensorRule("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm", "norm", "qk_norm"),
-    TensorRule("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm", "norm"),
-    TensorRule("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.ffn.w1", "linear"),
-    TensorRule("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.ffn.w3", "linear"),
-    TensorRule("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.ffn.w2", "linear"),
-    TensorRule("model.norm.weight", "norm", "norm"),
-    TensorRule("lm_head.weight", "output", "head"),
-)
+# Every qbin tensor in the order of qformat.tensors.TENSORS (the file's byte order).
+_HF_NAMES = {
+    T.TOK_EMBEDDINGS: "model.embed_tokens.weight",
+    T.ATTN_NORM: "model.layers.{i}.input_layernorm.weight",
+    T.ATTN_Q: "model.layers.{i}.self_attn.q_proj.weight",
+    T.ATTN_Q_BIAS: "model.layers.{i}.self_attn.q_proj.bias",
+    T.ATTN_K: "model.layers.{i}.self_attn.k_proj.weight",
+    T.ATTN_K_BIAS: "model.layers.{i}.self_attn.k_proj.bias",
+    T.ATTN_V: "model.layers.{i}.self_attn.v_proj.weight",
+    T.ATTN_V_BIAS: "model.layers.{i}.self_attn.v_proj.bias",
+    T.ATTN_OUT: "model.layers.{i}.self_attn.o_proj.weight",
+    T.ATTN_Q_NORM: "model.layers.{i}.self_attn.q_norm.weight",
+    T.ATTN_K_NORM: "model.layers.{i}.self_attn.k_norm.weight",
+    T.FFN_NORM: "model.layers.{i}.post_attention_layernorm.weight",
+    T.FFN_GATE: "model.layers.{i}.mlp.gate_proj.weight",
+    T.FFN_UP: "model.layers.{i}.mlp.up_proj.weight",
+    T.FFN_DOWN: "model.layers.{i}.mlp.down_proj.weight",
+    T.OUTPUT_NORM: "model.norm.weight",
+    T.OUTPUT: "lm_head.weight",
+}
+TENSOR_MAP: tuple[TensorRule, ...] = tuple(TensorRule(_HF_NAMES[t], t) for t in T.TENSORS)
 
 # Checkpoint entries that carry no weights (old Llama checkpoints saved RoPE's inverse
 # frequencies as a buffer); they are recomputed from the config and never read.
@@ -105,15 +109,7 @@ def tensor_rules(arch: Architecture, n_layers: int) -> list[tuple[str, str, str]
 
     The LM head is listed last; it is absent from tied checkpoints.
     """
-    out = []
-    global_first = [r for r in TENSOR_MAP if not r.per_layer and r.role == "embed"]
-    per_layer = [r for r in TENSOR_MAP if r.per_layer and (r.needs is None or getattr(arch, r.needs))]
-    global_last = [r for r in TENSOR_MAP if not r.per_layer and r.role != "embed"]
-    for r in global_first:
-        out.append((r.hf_name(), r.qbin_name(), r.role))
-    for i in range(n_layers):
-        for r in per_layer:
-            out.append((r.hf_name(i), r.qbin_name(i), r.role))
-    for r in global_last:
-        out.append((r.hf_name(), r.qbin_name(), r.role))
-    return out
+    def exists(t: T.TensorName) -> bool:
+        return t.flag is None or bool(getattr(arch, t.flag))
+
+    return [(_HF_NAMES[t].format(i=layer), t.name(layer), t.role) for t, layer in T.file_order(n_layers, exists)]

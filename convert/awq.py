@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qformat import tensors as T
 from qformat.schemes import Scheme, Tensor
 
 from .groupquant import fake_quant, output_clip_search, quantize_to_tensor
@@ -57,7 +58,7 @@ def fold(w: dict[str, torch.Tensor], names: list[str], into: str, s: torch.Tenso
         w[into] = w[into] / s
     else:
         w[into] = w[into] / s[:, None]
-        bias = {"attn.wv": "attn.bv"}.get(into)
+        bias = {t.key: b.key for t, b in T.BIAS_OF.items()}.get(into)
         if bias in w:
             w[bias] = w[bias] / s
 

@@ -8,12 +8,13 @@ import click
 
 from qformat.schemes import SCHEME_NAMES, parse_scheme
 
-from .calibrated import METHODS
-from .calibration import DEFAULT_SOURCE
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_SOURCE
+from .converter import convert
 from .gptq import DEFAULT_DAMP
+from .methods import METHODS
+from .options import SPECIAL_CHOICES, ConvertOptions
 from .outliers import parse_fraction
 from .prune import PRUNE_METHODS, parse_pattern
-from .converter import SPECIAL_CHOICES, convert
 
 
 class OneLineCommand(click.Command):
@@ -94,7 +95,7 @@ SPECIAL_HELP = (
 @click.option("--clip-search/--no-clip-search", default=None,
               help="Search a clipping ratio per group minimizing the weight MSE (else plain min/max). "
                    "Default: off for rtn, on for gptq/awq, as measured on SmolLM2-135M int4-g64 "
-                   "(rtn: ppl 18.32 min/max vs 19.00 searched; see convert.converter.default_clip_search).")
+                   "(rtn: ppl 18.32 min/max vs 19.00 searched; see ConvertOptions.clip in convert/options.py).")
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True,
               help="rtn: round-to-nearest; gptq: error-compensating, calibrated; awq: activation-aware "
                    "scales folded into the norms, calibrated (both run layer by layer, CUDA when available).")
@@ -102,9 +103,9 @@ SPECIAL_HELP = (
               help="Calibration text for calibrated methods: mix (half pydoc, half self; generalizes best "
                    "out of domain, see README), pydoc (built-in, CPython's pydoc topics), self (sampled from "
                    "the model; cached per model), or a UTF-8 file.")
-@click.option("--calib-samples", type=click.IntRange(1), default=128, show_default=True,
+@click.option("--calib-samples", type=click.IntRange(1), default=DEFAULT_SAMPLES, show_default=True,
               help="Calibration windows.")
-@click.option("--calib-seqlen", type=click.IntRange(2), default=512, show_default=True,
+@click.option("--calib-seqlen", type=click.IntRange(2), default=DEFAULT_SEQLEN, show_default=True,
               help="Tokens per calibration window.")
 @click.option("--damp", type=click.FloatRange(0, 10), default=DEFAULT_DAMP, show_default=True,
               help="GPTQ/SparseGPT dampening, a fraction of the Hessian's mean diagonal (0.03: best of 0.01, "
@@ -146,28 +147,19 @@ SPECIAL_HELP = (
               help="Accept a pytorch_model.bin-only checkpoint (loaded with torch.load(weights_only=True)).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
-def main(ctx: click.Context, src: str, dst: str, scheme: str, head: str, embed: str, skip: tuple[str, ...],
-         clip_search: bool | None, dry_run: bool, force: bool, allow_pickle: bool, quiet: bool,
-         method: str, calib: str, calib_samples: int, calib_seqlen: int, damp: float, act_order: bool,
-         prune: str | None, prune_method: str | None, outliers: float | None, outlier_threshold: float | None,
-         smooth: float | None, act_static: bool, act_calib: str | None) -> None:
+def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:
     """Convert the Hugging Face checkpoint in MODEL_DIR to OUT.qbin.
 
     Reads Llama, Mistral, Qwen2 and Qwen3 checkpoints (safetensors, bf16/fp16/fp32, sharded or
     not) with their tokenizer and chat template; streams one tensor at a time.
     """
-    command = shlex.join((ctx.obj or {}).get("argv", ["qconvert"]))
+    options = ConvertOptions(**fields, progress=not quiet and not fields["dry_run"],
+                             command=shlex.join((ctx.obj or {}).get("argv", ["qconvert"])))
     try:
-        report = convert(src, dst, scheme, head=head, embed=embed, skip=skip, clip_search=clip_search,
-                         force=force, dry_run=dry_run, allow_pickle=allow_pickle,
-                         progress=not quiet and not dry_run, command=command,
-                         method=method, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                         damp=damp, act_order=act_order, prune=prune, prune_method=prune_method,
-                         outliers=outliers, outlier_threshold=outlier_threshold,
-                         smooth=smooth, act_static=act_static, act_calib=act_calib)
+        report = convert(src, dst, options=options)
     except (ValueError, OSError) as e:  # ConvertError, CheckpointError, QbinError, missing files
         raise InputError(str(e)) from None
-    if dry_run:
+    if options.dry_run:
         for line in report.plan_lines():
             click.echo(line)
     click.echo(report.summary())

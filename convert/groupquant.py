@@ -17,7 +17,7 @@ from qformat.constants import NF4_LEVELS
 from qformat.packing import pack_codes
 from qformat.schemes import KINDS, Scheme, Tensor, compress_nm
 
-_F16_TINY = 2.0**-24  # smallest positive float16, as qformat.schemes._f16_scale
+_F16_TINY = 2.0**-24  # smallest positive float16, as qformat.schemes.f16_scale
 _F16_MAX = 65504.0
 _NF4 = torch.from_numpy(NF4_LEVELS.copy())
 _NF4_MIDS = (_NF4[1:] + _NF4[:-1]) / 2

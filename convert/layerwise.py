@@ -23,9 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qformat import tensors as T
 from qformat.config import ModelArgs
 from qformat.schemes import Scheme, Tensor, float_tensor
 
+# A layer's tensors by the part of their name after "layers.{i}." (qformat.tensors): w's keys.
+(ATTN_NORM, WQ, WK, WV, WO, BQ, BK, BV, Q_NORM, K_NORM, FFN_NORM, W1, W3, W2) = (t.key for t in (
+    T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_Q_BIAS, T.ATTN_K_BIAS, T.ATTN_V_BIAS,
+    T.ATTN_Q_NORM, T.ATTN_K_NORM, T.FFN_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN))
+QKV, GATE_UP = [WQ, WK, WV], [W1, W3]  # the projections that read one input
 # Sequences per forward chunk: bounds the attention scores' memory (heads x T x T per sequence).
 CHUNK = 8
 # Chunks of the batch used to search down_proj's scales (on float gate/up outputs, an extra pass).
@@ -75,12 +81,12 @@ def attention(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rop
             y = y + w[bias]
         return y.view(b, t, heads, hd).transpose(1, 2)  # (B, heads, T, hd)
 
-    q = proj("attn.wq", "attn.bq", args.n_heads)
-    k = proj("attn.wk", "attn.bk", args.n_kv_heads)
-    v = proj("attn.wv", "attn.bv", args.n_kv_heads)
-    if "attn.q_norm" in w:
-        q = rms_norm(q, w["attn.q_norm"], args.norm_eps)
-        k = rms_norm(k, w["attn.k_norm"], args.norm_eps)
+    q = proj(WQ, BQ, args.n_heads)
+    k = proj(WK, BK, args.n_kv_heads)
+    v = proj(WV, BV, args.n_kv_heads)
+    if Q_NORM in w:
+        q = rms_norm(q, w[Q_NORM], args.norm_eps)
+        k = rms_norm(k, w[K_NORM], args.norm_eps)
     cos, sin = rope[0][:t], rope[1][:t]
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     rep = args.n_heads // args.n_kv_heads
@@ -96,13 +102,13 @@ def attention(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rop
 
 def ffn_act(xn: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     """SiLU-gated hidden activations: down_proj's input."""
-    return F.silu(xn @ w["ffn.w1"].T) * (xn @ w["ffn.w3"].T)
+    return F.silu(xn @ w[W1].T) * (xn @ w[W3].T)
 
 
 def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope) -> torch.Tensor:
     """One decoder layer: h = x + attn(norm1(x)); out = h + ffn(norm2(h))."""
-    h = x + attention(rms_norm(x, w["attn_norm"], args.norm_eps), w, args, rope) @ w["attn.wo"].T
-    return h + ffn_act(rms_norm(h, w["ffn_norm"], args.norm_eps), w) @ w["ffn.w2"].T
+    h = x + attention(rms_norm(x, w[ATTN_NORM], args.norm_eps), w, args, rope) @ w[WO].T
+    return h + ffn_act(rms_norm(h, w[FFN_NORM], args.norm_eps), w) @ w[W2].T
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -221,34 +227,34 @@ def quantize_layer(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs,
         return seen(names, inputs) if seen is not None and names else inputs
 
     # q, k, v read the normed residual stream: their scales fold into attn_norm.
-    fold(["attn.wq", "attn.wk", "attn.wv"], lambda: _chunks(x, lambda c: rms_norm(c, w["attn_norm"], eps)), "attn_norm")
-    xn = _chunks(x, lambda c: rms_norm(c, w["attn_norm"], eps))
+    fold(QKV, lambda: _chunks(x, lambda c: rms_norm(c, w[ATTN_NORM], eps)), ATTN_NORM)
+    xn = _chunks(x, lambda c: rms_norm(c, w[ATTN_NORM], eps))
     # o's scales fold into v's rows only for methods that ask (SmoothQuant, GQA-aware, before v
     # is quantized); AWQ does not scale o (under GQA one v row feeds several o columns).
     if getattr(method, "folds_v_o", False):
-        fold(["attn.wo"], lambda: [attention(c, w, args, rope) for c in xn], "attn.wv")
-    xq = runtime_inputs(["attn.wq", "attn.wk", "attn.wv"], xn)
-    quant(["attn.wq", "attn.wk", "attn.wv"], xn)
+        fold([WO], lambda: [attention(c, w, args, rope) for c in xn], WV)
+    xq = runtime_inputs(QKV, xn)
+    quant(QKV, xn)
     # o reads the attention output of the quantized q/k/v.
     o_in = [attention(c, w, args, rope) for c in xq]
     del xn, xq
-    oq = runtime_inputs(["attn.wo"], o_in)
-    quant(["attn.wo"], o_in)
-    h = torch.cat([xc + oc @ w["attn.wo"].T for xc, oc in zip(x.split(CHUNK), oq)])
+    oq = runtime_inputs([WO], o_in)
+    quant([WO], o_in)
+    h = torch.cat([xc + oc @ w[WO].T for xc, oc in zip(x.split(CHUNK), oq)])
     del o_in, oq
     # gate/up read the normed residual after attention: their scales fold into ffn_norm.
-    fold(["ffn.w1", "ffn.w3"], lambda: _chunks(h, lambda c: rms_norm(c, w["ffn_norm"], eps)), "ffn_norm")
-    hn = _chunks(h, lambda c: rms_norm(c, w["ffn_norm"], eps))
+    fold(GATE_UP, lambda: _chunks(h, lambda c: rms_norm(c, w[FFN_NORM], eps)), FFN_NORM)
+    hn = _chunks(h, lambda c: rms_norm(c, w[FFN_NORM], eps))
     # down's scales fold into up's rows (the gated product is linear in up); they are searched on
     # the float gate/up outputs, before those projections are quantized.
-    fold(["ffn.w2"], lambda: [ffn_act(c, w) for c in hn[:FOLD_CHUNKS]], "ffn.w3")
-    hq = runtime_inputs(["ffn.w1", "ffn.w3"], hn)
-    quant(["ffn.w1", "ffn.w3"], hn)
+    fold([W2], lambda: [ffn_act(c, w) for c in hn[:FOLD_CHUNKS]], W3)
+    hq = runtime_inputs(GATE_UP, hn)
+    quant(GATE_UP, hn)
     act = [ffn_act(c, w) for c in hq]
     del hn, hq
-    aq = runtime_inputs(["ffn.w2"], act)
-    quant(["ffn.w2"], act)
-    y = torch.cat([hc + ac @ w["ffn.w2"].T for hc, ac in zip(h.split(CHUNK), aq)])
+    aq = runtime_inputs([W2], act)
+    quant([W2], act)
+    y = torch.cat([hc + ac @ w[W2].T for hc, ac in zip(h.split(CHUNK), aq)])
     return y, out, refs
 
 
@@ -266,8 +272,9 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
     device = device or best_device()
     by_layer: dict[int, list] = {}
     for p in planned:
-        if p.name.startswith("layers."):
-            by_layer.setdefault(int(p.name.split(".")[1]), []).append(p)
+        _, layer = T.parse_name(p.name)
+        if layer is not None:
+            by_layer.setdefault(layer, []).append(p)
     rope = rope_tables(args, tokens.shape[1], device)
     x = None
     bar = None
@@ -278,7 +285,8 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
                    desc=f"{method.name}")
     with torch.no_grad():
         for p in planned:
-            if not p.name.startswith("layers."):
+            _, layer = T.parse_name(p.name)
+            if layer is None:
                 w = ckpt.read(p.hf_name)
                 if p.role == "embed" and x is None:
                     emb = torch.from_numpy(w)
@@ -287,17 +295,16 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
                 t, stats = store(p.name, w, p.scheme)
                 yield p, t, stats
                 continue
-            layer = int(p.name.split(".")[1])
             if p is not by_layer[layer][0]:
                 continue
             if x is None:  # the embeddings are planned first; a plan without them is a bug
                 raise RuntimeError("the plan lists a decoder layer before the token embeddings")
             started = time.perf_counter()
             items = by_layer[layer]
-            fp = {q.name.split(".", 2)[2]: torch.from_numpy(ckpt.read(q.hf_name)).to(device) for q in items}
+            fp = {T.parse_name(q.name)[0].key: torch.from_numpy(ckpt.read(q.hf_name)).to(device) for q in items}
             # a method may choose its projections (pruning also takes float ones); by default the quantized
             handles = getattr(method, "handles", lambda q: q.scheme.quantized)
-            schemes = {q.name.split(".", 2)[2]: q.scheme for q in items if q.role == "linear" and handles(q)}
+            schemes = {T.parse_name(q.name)[0].key: q.scheme for q in items if q.role == "linear" and handles(q)}
             rep = LayerReport(layer)
             x, stored, refs = quantize_layer(x, fp, args, rope, method, schemes, rep)
             rep.seconds = time.perf_counter() - started
@@ -307,7 +314,7 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
                 bar.set_postfix_str(f"layer {layer} rel err {np.mean([r.rel_err for r in rep.linears] or [0]):.2e}")
                 bar.update(1)
             for q in items:
-                short = q.name.split(".", 2)[2]
+                short = T.parse_name(q.name)[0].key
                 if short in stored:
                     t = dataclasses.replace(stored[short], name=q.name)
                     ref = refs[short].cpu().numpy()
@@ -323,9 +330,9 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
 def _weight_stats(t: Tensor, w: np.ndarray, scheme: Scheme, cls):
     """Weight-space errors of a stored tensor: plain min/max RTN's and the stored one's.
     For AWQ, w is the scaled weight the tensor approximates (its folded partner absorbs 1/s)."""
-    from .rtn import _plain_error, _sum_sq
+    from .rtn import plain_error, sum_sq
 
     err = t.dequantize() - w
     if not scheme.quantized:  # a pruned float projection: no rounding to compare with
-        return cls(w.size, _sum_sq(w), _sum_sq(err), _sum_sq(err))
-    return cls(w.size, _sum_sq(w), float(_plain_error(w, scheme).sum(dtype=np.float64)), _sum_sq(err))
+        return cls(w.size, sum_sq(w), sum_sq(err), sum_sq(err))
+    return cls(w.size, sum_sq(w), float(plain_error(w, scheme).sum(dtype=np.float64)), sum_sq(err))

@@ -44,7 +44,6 @@ from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP, gptq_quantize
 from .groupquant import to_nm_tensor, to_tensor
 from .rtn import QuantStats, search_clip
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 NM_PATTERNS = ((2, 4), (4, 8))  # the n:m forms spec/qbin.md §6.3 stores
 
 UNSTRUCTURED_STORAGE = """\
@@ -128,6 +127,16 @@ def magnitude_mask(w: torch.Tensor, pattern: Pattern) -> torch.Tensor:
 def wanda_mask(w: torch.Tensor, gram: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Keep the largest |W_ij|·‖X_j‖₂; ‖X_j‖₂² is the diagonal of the Gram matrix XᵀX."""
     return keep_top(w.abs() * torch.diagonal(gram).clamp(min=0).sqrt()[None, :], pattern)
+
+
+# How each --prune-method chooses its mask before any weight is changed: mask(w, gram, pattern);
+# None: the mask is chosen inside the SparseGPT sweep, from the weights as they are updated.
+MASKS = {
+    "magnitude": lambda w, gram, pattern: magnitude_mask(w, pattern),
+    "wanda": wanda_mask,
+    "sparsegpt": None,
+}
+PRUNE_METHODS = tuple(MASKS)
 
 
 class SweepMask:
@@ -282,13 +291,10 @@ class PruneMethod:
             # rows are independent under every pattern, so projections sharing inputs run stacked
             stacked = torch.cat([w[n] for n in group], dim=0)
             joint = self.quantizer == "gptq" and scheme.quantized
-            mask = None
-            if self.how == "magnitude":
-                mask = magnitude_mask(stacked, self.pattern)
-            elif self.how == "wanda":
-                mask = wanda_mask(stacked, stats.gram, self.pattern)
+            choose = MASKS[self.how]
+            mask = choose(stacked, stats.gram, self.pattern) if choose is not None else None
             res = None
-            if self.how == "sparsegpt" or joint:
+            if choose is None or joint:
                 res = sparse_sweep(stacked, stats.gram, self.pattern, scheme if joint else _FLOAT, mask=mask,
                                    damp=self.damp, block=self.block, clip_search=self.clip_search)
             start = 0
@@ -309,21 +315,11 @@ class PruneMethod:
 _FLOAT = Scheme("f32", "f32")
 
 
-def default_prune_method(method: str) -> str:
-    """sparsegpt with --method gptq (one sweep prunes and quantizes, each compensating the
-    other), wanda otherwise: --method rtn promises no weight update and a quick conversion, and
-    Wanda is the calibrated mask that updates nothing (it only needs the input norms)."""
-    return "sparsegpt" if method == "gptq" else "wanda"
-
-
-def check_prune_options(method: str, prune: str, prune_method: str) -> Pattern:
-    """ValueError with one line for a pattern or combination that is not supported."""
+def check_prune_options(prune: str, prune_method: str) -> Pattern:
+    """ValueError with one line for a pattern or pruning method that is not supported."""
     pattern = parse_pattern(prune)
     if prune_method not in PRUNE_METHODS:
         raise ValueError(f"prune method {prune_method!r}; expected one of {', '.join(PRUNE_METHODS)}")
-    if method == "awq":
-        raise ValueError("--prune does not combine with --method awq (its scales are searched on the dense "
-                         "weights); use --method gptq (pruned and quantized jointly) or rtn")
     return pattern
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qformat.constants import NF4_LEVELS
-from qformat.schemes import KINDS, Scheme, Tensor, _f16_scale
+from qformat.schemes import KINDS, Scheme, Tensor, f16_scale
 
 # 1.0 first: on ties the widest range (plain min/max) wins.
 CLIP_GRID = np.linspace(1.0, 0.5, 21, dtype=np.float32)
@@ -57,7 +57,7 @@ class QuantStats:
 def _f16(x: np.ndarray) -> np.ndarray:
     """float32 scale -> the core's stored float16 scale, as float32. The core's own rounding rule
     is used (not a copy) so that the search measures exactly what will be stored."""
-    return _f16_scale(x).astype(np.float32)
+    return f16_scale(x).astype(np.float32)
 
 
 # Nearest NF4 level through a lookup table: x in [-1, 1] falls in one of _NF4_BINS equal bins;
@@ -145,12 +145,12 @@ def search_clip(w: np.ndarray, scheme: Scheme, grid: np.ndarray = CLIP_GRID) -> 
     return np.concatenate(ratios, axis=1), np.concatenate(plain, axis=1)
 
 
-def _plain_error(w: np.ndarray, scheme: Scheme) -> np.ndarray:
+def plain_error(w: np.ndarray, scheme: Scheme) -> np.ndarray:
     group = scheme.group_for(w.shape[1])
     return np.concatenate([group_errors(g, scheme, 1.0) for g in _split_groups(w, group)], axis=1)
 
 
-def _sum_sq(x: np.ndarray) -> float:
+def sum_sq(x: np.ndarray) -> float:
     """Sum of squares accumulated in float64 (float32 sums of millions of terms drift)."""
     return float(np.square(x, dtype=np.float64).sum())
 
@@ -174,12 +174,12 @@ def quantize_weight(name: str, w, scheme: Scheme, *, clip_search: bool = True) -
             ratios, plain = search_clip(block, scheme)
             t = scheme.quantize(name, block, clip=ratios)
         else:
-            plain = _plain_error(block, scheme)
+            plain = plain_error(block, scheme)
             t = scheme.quantize(name, block)
         err = t.dequantize() - block
-        sq_err += _sum_sq(err)
+        sq_err += sum_sq(err)
         sq_plain += float(plain.sum(dtype=np.float64))
-        sq_w += _sum_sq(block)
+        sq_w += sum_sq(block)
         if first is None:
             first = t
             arrays = {role: np.empty((rows, *a.shape[1:]), a.dtype) for role, a in t.arrays.items()}

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from qformat import tensors as T
 from qformat.schemes import QUANT_KINDS, Scheme, Tensor
 
 from .awq import fold
@@ -46,8 +47,7 @@ KL_LEVELS = 128  # quantized levels of |x| for int8 (sign aside)
 SCALE_FLOOR = 1e-5
 
 
-def check_options(alpha: float | None, act_static: bool, act_calib: str | None, scheme: Scheme,
-                  method: str) -> None:
+def check_options(alpha: float | None, act_static: bool, act_calib: str | None, scheme: Scheme) -> None:
     """ValueError with one line naming the bad combination."""
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--smooth {alpha}: α must lie in [0, 1] (0.5 is the paper's default)")
@@ -58,9 +58,6 @@ def check_options(alpha: float | None, act_static: bool, act_calib: str | None, 
         raise ValueError("--act-calib chooses the static activation scale; add --act-static")
     if act_calib is not None and act_calib not in ACT_CALIBS:
         raise ValueError(f"--act-calib {act_calib!r}; expected one of {', '.join(ACT_CALIBS)}")
-    if (alpha is not None or act_static) and method == "awq":
-        raise ValueError("--smooth/--act-static do not combine with --method awq (both fold scales "
-                         "into the norms); use --method rtn or gptq")
 
 
 def describe(alpha: float | None, act_static: bool, act_calib: str | None) -> str:
@@ -93,7 +90,7 @@ def fold_attention_output(w: dict[str, torch.Tensor], act_max: torch.Tensor, alp
     o's input channel h·hd + d is channel d of query head h, which reads v channel
     (h // rep)·hd + d: the rep query heads of a KV group share one s, computed from the maxima
     over the group (activations and o's columns alike)."""
-    wo, wv = w["attn.wo"], w["attn.wv"]
+    wo, wv = w[T.ATTN_OUT.key], w[T.ATTN_V.key]
     kv_dim = wv.shape[0]
     rep = wo.shape[1] // kv_dim
     n_kv = kv_dim // head_dim
@@ -101,10 +98,10 @@ def fold_attention_output(w: dict[str, torch.Tensor], act_max: torch.Tensor, alp
     wmax = wo.abs().amax(0).reshape(n_kv, rep, head_dim).amax(1)
     s_kv = (a.clamp(min=SCALE_FLOOR).pow(alpha) / wmax.clamp(min=SCALE_FLOOR).pow(1.0 - alpha)).clamp(min=SCALE_FLOOR)
     s_o = s_kv[:, None, :].expand(n_kv, rep, head_dim).reshape(-1)
-    w["attn.wo"] = wo * s_o[None, :]
-    w["attn.wv"] = wv / s_kv.reshape(-1)[:, None]
-    if "attn.bv" in w:
-        w["attn.bv"] = w["attn.bv"] / s_kv.reshape(-1)
+    w[T.ATTN_OUT.key] = wo * s_o[None, :]
+    w[T.ATTN_V.key] = wv / s_kv.reshape(-1)[:, None]
+    if T.ATTN_V_BIAS.key in w:
+        w[T.ATTN_V_BIAS.key] = w[T.ATTN_V_BIAS.key] / s_kv.reshape(-1)
 
 
 # ---------------------------------------------------------------------------- activations
@@ -230,7 +227,7 @@ class SmoothQuantMethod:
     def fold_scales(self, names, stats, w, into, schemes) -> None:
         if self.alpha is None:
             return
-        if into == "attn.wv":
+        if into == T.ATTN_V.key:
             fold_attention_output(w, stats.abs_max, self.alpha, self.head_dim)
             return
         fold(w, names, into, smooth_scales(stats.abs_max, [w[n] for n in names], self.alpha))

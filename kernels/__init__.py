@@ -1,6 +1,5 @@
-"""Compute kernels for qbin tensors: the (device, kind) table and the NumPy references."""
-from .registry import (LinearOp, device_ops, fused_decoder, linear_op, register, register_decoder,
-                       register_device_ops, registered)
+"""Compute kernels for qbin tensors: the (device, kind, form) table, each device's backend, the
+shared layout rules (layouts.py) and the NumPy references the kernels are tested against."""
+from .registry import LinearOp, backend, device_ops, fused_decoder, linear_op, registered
 
-__all__ = ["LinearOp", "device_ops", "fused_decoder", "linear_op", "register", "register_decoder",
-           "register_device_ops", "registered"]
+__all__ = ["LinearOp", "backend", "device_ops", "fused_decoder", "linear_op", "registered"]

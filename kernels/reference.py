@@ -1,38 +1,28 @@
 """Pure NumPy references of every kernel (CPU and CUDA); tests compare the compiled kernels against
-these. Also the numerics both backends share: which weights run on int8 activations."""
+these. Which weights a backend runs on int8 activations is the rule of kernels.layouts.q8act."""
 from __future__ import annotations
 
 import numpy as np
 
 from qformat.schemes import Tensor
 
-
-# Kinds whose decode GEMV quantizes the activations to int8 per weight group, on every backend:
-# the integer inner loop is ~1.3x faster than float for 4-bit codes on a CPU, and a GPU computes
-# the same numbers so that both backends give one answer. gemv_q8act_reference (dense) and
-# gemv_nm_q8act_reference (n:m sparse) model them exactly.
-Q8ACT_KINDS = ("q4",)
-
-
-def q8act(kind: str, group: int, sparse: bool = False) -> bool:
-    """Whether the GEMV of a `kind` weight with groups of `group` columns runs on int8 activations:
-    q4 with whole bytes per slice (group % 8 == 0, every usual scheme), and every n:m sparse q4."""
-    return kind in Q8ACT_KINDS and (sparse or group % 8 == 0)
-
-
-def w8a8_static(t: Tensor) -> bool:
-    """Whether a tensor with `activation` (W8A8, spec §6.5) quantizes its inputs with the stored
-    act_scale (static) or per token (dynamic); ValueError for a mode this runtime does not know."""
-    mode = t.activation.get("mode")
-    if t.activation.get("bits") != 8 or mode not in ("dynamic", "static"):
-        raise ValueError(f"tensor {t.name}: activation {t.activation} is not one this runtime knows "
-                         '(bits 8, mode "dynamic" or "static")')
-    return mode == "static"
+from .layouts import A8, NM, form_of, q8act, w8a8_static
 
 
 def linear(t: Tensor, x: np.ndarray) -> np.ndarray:
     """x (..., in) @ W.T through the kind's NumPy dequantization."""
     return np.asarray(x, np.float32) @ t.dequantize().T
+
+
+def decode_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
+    """W @ x (x (in,)) as every backend's decode GEMV computes it for t's layout: W8A8 per spec
+    §6.5, int8 activations where kernels.layouts.q8act says so, else float."""
+    form = form_of(t)
+    if form == A8:
+        return linear_w8a8(t, x[None])[0]
+    if q8act(t.kind, min(t.group_size, t.shape[1]), sparse=form == NM):
+        return (gemv_nm_q8act_reference if form == NM else gemv_q8act_reference)(t, x)
+    return linear(t, x[None])[0]
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -1,16 +1,25 @@
-"""One table picks the kernel: (device, kind) -> a factory that prepares a weight for that device.
+"""One table picks the kernel: (device, kind, form) -> the op that runs such a weight there.
 
-A backend (qformat.kernels.cpu, later qformat.kernels.cuda) registers one factory per tensor kind
-it runs. The model never branches on schemes: it asks `linear_op(device, tensor)` and calls the
-returned op's `gemv` (one token), `gemm` (a block of tokens) or `rows` (embedding lookup).
+Each backend package (qformat.kernels.cpu, qformat.kernels.cuda) publishes, as module data:
+  LINEAR_OPS  {(kind, form): factory(tensor) -> op}   the linear ops of every layout it runs
+  DEVICE_OPS  the per-token operations (RMSNorm, RoPE, SiLU gate, attention, arrays)
+  build_decoder(blocks, reader, args, cache, cos, sin, linears)   its one-call decode step, or None
+The registry imports a backend the first time a device is asked for (numba, CuPy) and reads
+those tables; backends never import the registry. The model never branches on schemes or
+devices: it asks `linear_op(device, tensor)` and calls the returned op's `gemv` (one token),
+`gemm` (a block of tokens) or `rows` (embedding lookup).
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from functools import lru_cache
+from types import ModuleType
+from typing import Protocol
 
 import numpy as np
 
 from qformat.schemes import Tensor
+
+from .layouts import form_of
 
 
 class LinearOp(Protocol):
@@ -29,68 +38,57 @@ class LinearOp(Protocol):
         """(len(ids), in_features) float32 rows of W (embedding lookup)."""
 
 
-_TABLE: dict[tuple[str, str], Callable[[Tensor], LinearOp]] = {}
+def _cpu() -> ModuleType:
+    from . import cpu
+
+    return cpu
 
 
-def register(device: str, kind: str, factory: Callable[[Tensor], LinearOp]) -> None:
-    """Make `factory(tensor)` the way `device` runs tensors of `kind`."""
-    _TABLE[(device, kind)] = factory
+def _cuda() -> ModuleType:
+    from . import cuda  # CuPy itself is imported when a kernel first runs
+
+    return cuda
+
+
+# Importing a backend lazily keeps numba out of `import qformat` and lets a machine without
+# CUDA use the CPU table.
+BACKENDS = {"cpu": _cpu, "cuda": _cuda}
+
+
+@lru_cache(maxsize=None)
+def backend(device: str) -> ModuleType:
+    """The backend package of `device`; NotImplementedError naming the known devices."""
+    load = BACKENDS.get(device)
+    if load is None:
+        raise NotImplementedError(f"no backend for device {device!r} (known: {', '.join(BACKENDS)})")
+    return load()
 
 
 def linear_op(device: str, tensor: Tensor) -> LinearOp:
-    """The registered op for `tensor` on `device`; NotImplementedError naming both if none."""
-    _load_backend(device)
-    factory = _TABLE.get((device, tensor.kind))
+    """The op for `tensor` on `device`; NotImplementedError naming the layout and device if none."""
+    ops = backend(device).LINEAR_OPS
+    layout = (tensor.kind, form_of(tensor))
+    factory = ops.get(layout)
     if factory is None:
-        raise NotImplementedError(f"no {device} kernel for tensor kind {tensor.kind!r} "
+        raise NotImplementedError(f"no {device} kernel for tensor kind {tensor.kind!r} in {layout[1]} form "
                                   f"(tensor {tensor.name}); known on {device}: "
-                                  f"{', '.join(sorted(k for d, k in _TABLE if d == device)) or 'none'}")
+                                  f"{', '.join(f'{k} {f}' for k, f in sorted(ops)) or 'none'}")
     return factory(tensor)
 
 
-_DECODERS: dict[str, Callable] = {}
-
-
-def register_decoder(device: str, build: Callable) -> None:
-    """`build(reader, args, cache, cos, sin, linears)` makes a one-call decode step for `device`,
-    or None (linears: the model's ops by tensor name, "head" the output projection)."""
-    _DECODERS[device] = build
-
-
-def fused_decoder(device: str, reader, args, cache, cos, sin, linears: dict | None = None):
-    """A callable (embedding, position) -> logits running a whole decode step in one compiled call,
-    or None where the device has none or some tensor needs the per-operation path."""
-    _load_backend(device)
-    build = _DECODERS.get(device)
-    return build(reader, args, cache, cos, sin, linears) if build is not None else None
-
-
-_DEVICE_OPS: dict[str, object] = {}
-
-
-def register_device_ops(device: str, ops: object) -> None:
-    """`ops`: the model's per-token operations on `device` (kernels/cpu/device.py's methods)."""
-    _DEVICE_OPS[device] = ops
+def fused_decoder(device: str, blocks: list, reader, args, cache, cos, sin, linears: dict):
+    """A callable (embedding, position) -> logits running a whole decode step of `blocks`
+    (qformat.block.decoder(args)) in one call, or None where the device has none or some tensor
+    needs the per-operation path. linears: the model's ops by tensor name; cos, sin: the RoPE
+    tables (NumPy)."""
+    return backend(device).build_decoder(blocks, reader, args, cache, cos, sin, linears)
 
 
 def device_ops(device: str):
     """The per-token operations (RMSNorm, RoPE, SiLU gate, attention, arrays) of `device`."""
-    _load_backend(device)
-    if device not in _DEVICE_OPS:
-        raise NotImplementedError(f"no backend for device {device!r} (known: cpu, cuda)")
-    return _DEVICE_OPS[device]
+    return backend(device).DEVICE_OPS
 
 
-def registered(device: str) -> list[str]:
-    """Kinds that `device` has kernels for."""
-    _load_backend(device)
-    return sorted(k for d, k in _TABLE if d == device)
-
-
-def _load_backend(device: str) -> None:
-    # Importing a backend registers its kernels; importing it lazily keeps numba out of
-    # `import qformat` and lets a machine without CUDA use the CPU table.
-    if device == "cpu":
-        from . import cpu  # noqa: F401
-    elif device == "cuda":
-        from . import cuda  # noqa: F401  (needs CuPy)
+def registered(device: str) -> list[tuple[str, str]]:
+    """(kind, form) of every layout `device` has ops for."""
+    return sorted(backend(device).LINEAR_OPS)

@@ -56,6 +56,16 @@ class ModelArgs:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
 
+    @property
+    def q_dim(self) -> int:
+        """Width of the queries (and of attention's output): n_heads x head_dim."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys and of the values: n_kv_heads x head_dim."""
+        return self.n_kv_heads * self.head_dim
+
 
 @dataclass(frozen=True)
 class SelfTestCase:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -18,18 +17,11 @@ from .constants import PREAMBLE_SIZE
 from .errors import QbinError
 from .reader import QbinReader
 from .schemes import QUANT_KINDS
+from .tensors import tensor_group
 
-# Tensor classes in display order. A class is derived from the tensor name contract
-# (spec/qbin.md §3.1); names outside the contract are "other".
+# Tensor classes in display order. A class is the group of the name's entry in the tensor name
+# table (qformat.tensors, spec/qbin.md §3.1); names outside the contract are "other".
 CLASSES = ("embeddings", "attention", "mlp", "head", "norms", "biases", "other")
-_CLASS_PATTERNS = (
-    ("embeddings", re.compile(r"tok_embeddings")),
-    ("head", re.compile(r"output")),
-    ("norms", re.compile(r"norm|layers\.\d+\.(attn_norm|ffn_norm|attn\.q_norm|attn\.k_norm)")),
-    ("attention", re.compile(r"layers\.\d+\.attn\.w[qkvo]")),
-    ("biases", re.compile(r"layers\.\d+\.attn\.b[qkv]")),
-    ("mlp", re.compile(r"layers\.\d+\.ffn\.w[123]")),
-)
 
 # Array roles that hold the quantized weight itself; every other role is a sidecar.
 _BASE_ROLES = frozenset({"data", "codes", "scales", "zeros"})
@@ -52,14 +44,6 @@ class QinfoError(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"qinfo: error: {self.format_message()}", err=True)
-
-
-def tensor_class(name: str) -> str:
-    """The class of a tensor from its name: embeddings, attention, mlp, head, norms, biases, other."""
-    for cls, pattern in _CLASS_PATTERNS:
-        if pattern.fullmatch(name):
-            return cls
-    return "other"
 
 
 def scheme_of(entry: dict) -> dict:
@@ -107,7 +91,7 @@ def summarize(reader: QbinReader) -> dict:
     for name, entry in directory.items():
         if entry["kind"] == "bytes":
             continue
-        cls = classes.setdefault(tensor_class(name), {
+        cls = classes.setdefault(tensor_group(name), {
             "tensors": 0, "parameters": 0, "bytes": 0, "_schemes": Counter(), "_sidecars": Counter()})
         cls["tensors"] += 1
         cls["parameters"] += math.prod(entry["shape"])

@@ -68,9 +68,36 @@ class Tensor:
         """The tensor as float32, through the NumPy reference of its kind."""
         return KINDS[self.kind].dequantize(self)
 
+    def take_rows(self, ids) -> "Tensor":
+        """The tensor of rows `ids` of this 2-D tensor, sidecars included: what an embedding
+        lookup dequantizes (spec §6: row arrays are sliced, column arrays kept, the outliers'
+        CSR rows gathered)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        rows, k = self.shape
+        arrays = {}
+        for role, a in self.arrays.items():
+            if role in _ROW_ARRAYS:
+                arrays[role] = np.asarray(a)[ids]
+            elif role not in _CSR_ARRAYS:
+                arrays[role] = a
+        if "outlier_rowptr" in self.arrays:
+            ptr = np.asarray(self.arrays["outlier_rowptr"], np.int64)
+            counts = ptr[ids + 1] - ptr[ids]
+            sel = np.concatenate([np.arange(ptr[r], ptr[r + 1]) for r in ids]) if ids.size else np.zeros(0, np.int64)
+            arrays["outlier_rowptr"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            arrays["outlier_cols"] = np.asarray(self.arrays["outlier_cols"])[sel.astype(np.int64)]
+            arrays["outlier_values"] = np.asarray(self.arrays["outlier_values"])[sel.astype(np.int64)]
+        return Tensor(self.name, self.kind, (ids.size, k), arrays, self.group_size, self.symmetric,
+                      self.sparsity, self.activation)
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
+
+
+# Arrays with one entry per row (sliced by Tensor.take_rows), and the outliers' CSR triple.
+_ROW_ARRAYS = frozenset({"data", "codes", "scales", "zeros", "sparse_index", "fp_weight"})
+_CSR_ARRAYS = frozenset({"outlier_rowptr", "outlier_cols", "outlier_values"})
 
 
 # ---------------------------------------------------------------------------- kinds
@@ -279,6 +306,7 @@ KINDS: dict[str, Kind] = {
     "nf4": GroupQuantKind("nf4", 4, nf4=True),
 }
 QUANT_KINDS = frozenset(k for k, v in KINDS.items() if isinstance(v, GroupQuantKind))
+FLOAT_KINDS = frozenset(k for k, v in KINDS.items() if isinstance(v, FloatKind))
 
 
 # ---------------------------------------------------------------------------- schemes
@@ -396,7 +424,7 @@ def quantize_rtn(name: str, w: np.ndarray, kind: GroupQuantKind, group: int, sym
     arrays: dict[str, np.ndarray] = {}
     if kind.nf4:
         amax = np.nanmax(np.abs(g), axis=2) * clip
-        scale = _f16_scale(amax)
+        scale = f16_scale(amax)
         x = g / scale.astype(np.float32)[:, :, None]
         # nearest level: the levels are sorted, so compare against the midpoints between them
         codes = np.searchsorted(_NF4_MIDPOINTS, np.nan_to_num(x)).astype(np.uint8)
@@ -404,12 +432,12 @@ def quantize_rtn(name: str, w: np.ndarray, kind: GroupQuantKind, group: int, sym
         qmax = (1 << kind.bits) - 1
         if symmetric:
             amax = np.nanmax(np.abs(g), axis=2) * clip
-            scale = _f16_scale(2.0 * amax / qmax)
+            scale = f16_scale(2.0 * amax / qmax)
             zero = np.full(scale.shape, 1 << (kind.bits - 1), np.float32)
         else:
             lo = np.minimum(np.nanmin(g, axis=2), 0.0) * clip
             hi = np.maximum(np.nanmax(g, axis=2), 0.0) * clip
-            scale = _f16_scale((hi - lo) / qmax)
+            scale = f16_scale((hi - lo) / qmax)
             zero = np.clip(np.round(-lo / scale.astype(np.float32)), 0, qmax)
             arrays["zeros"] = zero.astype(np.uint8)
         x = np.round(g / scale.astype(np.float32)[:, :, None]) + zero[:, :, None]
@@ -424,7 +452,7 @@ _NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
 _F16_TINY = np.float32(2.0**-24)  # smallest positive float16 (subnormal)
 
 
-def _f16_scale(scale: np.ndarray) -> np.ndarray:
+def f16_scale(scale: np.ndarray) -> np.ndarray:
     """Scales as float16, never zero: a zero or tiny range gets the smallest positive scale."""
     s = np.nan_to_num(np.asarray(scale, dtype=np.float32))
     return np.clip(s, _F16_TINY, 65504.0).astype(np.float16)

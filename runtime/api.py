@@ -6,6 +6,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from qformat.kernels import device_ops
 from qformat.reader import QbinReader
 
 from .chat import Conversation, render_chat
@@ -105,7 +106,5 @@ def load(path: str | os.PathLike, device: str = "cpu", threads: int | None = Non
     CuPy) or "auto" (the GPU when there is one; `Model.device` says which). threads: CPU kernel
     threads (default: all cores). context: KV cache length (default: the model's max_seq_len)."""
     device, _ = resolve_device(device)
-    from qformat.kernels.cpu import set_threads
-
-    set_threads(threads)
+    device_ops(device).set_threads(threads)
     return Model(QbinReader(path, verify=verify), device, context)

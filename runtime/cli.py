@@ -1,4 +1,5 @@
-"""qrun: generate text with a .qbin model on the CPU, or measure its perplexity.
+"""qrun: generate text with a .qbin model (CPU, or an NVIDIA GPU with --device), or measure its
+perplexity.
 
     qrun model.qbin --prompt "The capital of France is"
     echo "Hello" | qrun model.qbin --chat --system "Be brief."

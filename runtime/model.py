@@ -1,56 +1,26 @@
-"""A Llama-family decoder over the tensors of a qbin file, read in place from the memory map.
+"""The decoder over the tensors of a qbin file, read in place from the memory map.
 
-Reads like the paper: Transformer -> Block -> (Attention, FeedForward), with RMSNorm and a KVCache.
-Architecture differences (q/k/v bias, q/k norm, sliding window, RoPE scaling) are fields of
-ModelArgs, not branches on the architecture's name. Every weight goes through the (device, kind)
-kernel table, so the model never looks at a quantization scheme.
+What the model computes is qformat.block's description (the steps of every block, in order);
+this module runs it one operation at a time, over (tokens, width) arrays, for prefill and for
+devices or files without a one-call decode step. Each step kind has a small class here, and
+architecture differences arrive as the steps' fields, never as branches on the architecture.
+Every weight goes through the (device, kind, form) kernel table, so the model never looks at a
+quantization scheme; every array operation goes through the device's ops, so it never branches
+on the device either.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from qformat import block as B
 from qformat.config import ModelArgs
 from qformat.kernels import device_ops, fused_decoder, linear_op
-from qformat.kernels.cpu.ops import rope_tables
 from qformat.reader import QbinReader
-
+from qformat.rope import rope_inv_freq, rope_tables
+from qformat.tensors import TOK_EMBEDDINGS
 
 # Prompts shorter than this run through the fused decode step (when there is one).
 FUSED_PROMPT_TOKENS = 8
-
-
-class Linear:
-    """y = W x (+ b) for a qbin weight, through the kernel registered for its kind."""
-
-    def __init__(self, reader: QbinReader, name: str, device: str, bias: str | None = None):
-        self.op = linear_op(device, reader[name])
-        self.ops = device_ops(device)
-        self.out_features = self.op.out_features
-        self.bias = self.ops.asarray(reader[bias].arrays["data"]) if bias is not None else None
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x (n, in) -> (n, out)."""
-        if x.shape[0] == 1:
-            out = self.ops.empty((1, self.out_features))
-            self.op.gemv(x[0], out[0])
-        else:
-            out = self.op.gemm(x)
-        if self.bias is not None:
-            out += self.bias
-        return out
-
-
-class RMSNorm:
-    def __init__(self, weight: np.ndarray, eps: float, device: str = "cpu"):
-        self.ops = device_ops(device)
-        self.weight = self.ops.asarray(weight)  # (d,) float32 (on the CPU: a view of the file)
-        self.eps = eps
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Normalize over the last axis; x (..., d)."""
-        return self.ops.rmsnorm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -69,89 +39,129 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-def rope_inv_freq(args: ModelArgs) -> np.ndarray:
-    """RoPE inverse frequencies (head_dim / 2,), with linear or Llama 3 scaling, in float32."""
-    hd = args.head_dim
-    inv = (1.0 / (args.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))).astype(np.float32)
-    sc = args.rope_scaling
-    if sc is None:
-        return inv
-    if sc.kind == "linear":
-        return (inv / np.float32(sc.factor)).astype(np.float32)
-    if sc.kind == "llama3":
-        low_wavelen = sc.original_max_position / sc.low_freq_factor
-        high_wavelen = sc.original_max_position / sc.high_freq_factor
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
-        smooth = (sc.original_max_position / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise NotImplementedError(f"RoPE scaling kind {sc.kind!r} is not supported (known: linear, llama3)")
+class Model:
+    """What a step needs from the model being built: the file, the device's ops, the weights'
+    ops by tensor name (each built once, so a tied head shares the embeddings' op), the RoPE
+    tables and the KV cache."""
+
+    def __init__(self, reader: QbinReader, device: str, context: int):
+        self.reader = reader
+        self.args = reader.model
+        self.device = device
+        self.ops = device_ops(device)
+        self.linears: dict[str, object] = {}
+        self.cos, self.sin = rope_tables(rope_inv_freq(self.args), context)  # (context, head_dim/2)
+        self.cos_dev, self.sin_dev = self.ops.asarray(self.cos), self.ops.asarray(self.sin)
+        self.cache = KVCache(self.args, context, device)
+
+    def linear(self, name: str):
+        if name not in self.linears:
+            self.linears[name] = linear_op(self.device, self.reader[name])
+        return self.linears[name]
+
+    def vector(self, name: str):
+        """A norm weight or bias (float32) on the device (on the CPU: a view of the file)."""
+        return self.ops.asarray(self.reader[name].arrays["data"])
+
+
+# ---------------------------------------------------------------------------- the steps
+# Each runs one qformat.block step over `bufs` (buffer name -> (n, width) array) for n tokens at
+# positions pos..pos+n-1; cos and sin are the tables' rows for those positions.
+
+class RMSNorm:
+    """Norm: dst = RMSNorm(src) · weight; HeadNorm: the same over every head_dim slice, in place."""
+
+    def __init__(self, step: B.Norm | B.HeadNorm, model: Model, layer: int):
+        self.weight = model.vector(step.weight)  # (d,)
+        self.src = step.src if isinstance(step, B.Norm) else step.buf
+        self.dst = step.dst if isinstance(step, B.Norm) else step.buf
+        self.per_head = model.args.head_dim if isinstance(step, B.HeadNorm) else None
+        self.eps = model.args.norm_eps
+        self.ops = model.ops
+
+    def __call__(self, bufs, pos, cos, sin) -> None:
+        x = bufs[self.src]
+        if self.per_head is not None:
+            x = x.reshape(x.shape[0], -1, self.per_head)
+        bufs[self.dst] = self.ops.rmsnorm(x, self.weight, self.eps).reshape(x.shape[0], -1)
+
+
+class Linear:
+    """dst = W src (+ b), or dst += W src for a residual, through the op of W's layout."""
+
+    def __init__(self, step: B.Linear, model: Model, layer: int):
+        self.op = model.linear(step.weight)
+        self.bias = model.vector(step.bias) if step.bias is not None else None
+        self.step = step
+        self.ops = model.ops
+
+    def __call__(self, bufs, pos, cos, sin) -> None:
+        x = bufs[self.step.src]  # (n, in)
+        if x.shape[0] == 1:
+            y = self.ops.empty((1, self.op.out_features))
+            self.op.gemv(x[0], y[0])
+        else:
+            y = self.op.gemm(x)
+        if self.bias is not None:
+            y += self.bias
+        bufs[self.step.dst] = bufs[self.step.dst] + y if self.step.residual else y
 
 
 class Attention:
-    def __init__(self, reader: QbinReader, i: int, args: ModelArgs, device: str):
-        p = f"layers.{i}.attn."
-        bias = (lambda n: p + n) if args.qkv_bias else (lambda n: None)
-        self.wq = Linear(reader, p + "wq", device, bias("bq"))
-        self.wk = Linear(reader, p + "wk", device, bias("bk"))
-        self.wv = Linear(reader, p + "wv", device, bias("bv"))
-        self.wo = Linear(reader, p + "wo", device)
-        qk_norm = args.qk_norm
-        self.q_norm = RMSNorm(reader[p + "q_norm"].arrays["data"], args.norm_eps, device) if qk_norm else None
-        self.k_norm = RMSNorm(reader[p + "k_norm"].arrays["data"], args.norm_eps, device) if qk_norm else None
-        self.ops = device_ops(device)
-        self.layer = i
-        self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
-        self.window = args.sliding_window
-        self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
+    """RoPE on q and k, k and v appended to the layer's cache, causal attention over it."""
 
-    def __call__(self, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray, cache: KVCache) -> np.ndarray:
-        """x (n, dim) at positions pos..pos+n-1 -> (n, dim); appends k, v to the cache."""
-        n = x.shape[0]
-        q = self.wq(x).reshape(n, self.n_heads, self.hd)
-        k = self.wk(x).reshape(n, self.n_kv, self.hd)
-        v = self.wv(x).reshape(n, self.n_kv, self.hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+    def __init__(self, step: B.Attention, model: Model, layer: int):
+        a = model.args
+        self.step = step
+        self.layer = layer
+        self.cache = model.cache
+        self.ops = model.ops
+        self.n_heads, self.n_kv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
+
+    def __call__(self, bufs, pos, cos, sin) -> None:
+        s = self.step
+        n = bufs[s.q].shape[0]
+        q = bufs[s.q].reshape(n, self.n_heads, self.hd)
+        k = bufs[s.k].reshape(n, self.n_kv, self.hd)
+        v = bufs[s.v].reshape(n, self.n_kv, self.hd)
         self.ops.rope(q, cos, sin)
         self.ops.rope(k, cos, sin)
-        kc, vc = cache.k[self.layer], cache.v[self.layer]  # (max_seq, n_kv_heads, head_dim)
+        kc, vc = self.cache.k[self.layer], self.cache.v[self.layer]  # (max_seq, n_kv_heads, head_dim)
         kc[pos:pos + n] = k
         vc[pos:pos + n] = v
         if n == 1:
-            start = 0 if self.window is None else max(0, pos + 1 - self.window)
-            out = self.ops.attention_decode(q[0], kc, vc, start, pos + 1, float(self.scale))
+            start = 0 if s.window is None else max(0, pos + 1 - s.window)
+            out = self.ops.attention_decode(q[0], kc, vc, start, pos + 1, s.scale)
         else:
-            out = self.ops.attention_prefill(q, kc[:pos + n], vc[:pos + n], pos, self.window, float(self.scale))
-        return self.wo(out.reshape(n, self.n_heads * self.hd))
+            out = self.ops.attention_prefill(q, kc[:pos + n], vc[:pos + n], pos, s.window, s.scale)
+        bufs[s.dst] = out.reshape(n, self.n_heads * self.hd)
 
 
-class FeedForward:
-    def __init__(self, reader: QbinReader, i: int, device: str):
-        p = f"layers.{i}.ffn."
-        self.w1 = Linear(reader, p + "w1", device)  # gate
-        self.w3 = Linear(reader, p + "w3", device)  # up
-        self.w2 = Linear(reader, p + "w2", device)  # down
-        self.ops = device_ops(device)
+class Glu:
+    """gate = silu(gate) · up, in place."""
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        gate = self.w1(x)
-        self.ops.silu_mul(gate, self.w3(x))
-        return self.w2(gate)
+    def __init__(self, step: B.Glu, model: Model, layer: int):
+        self.step = step
+        self.ops = model.ops
+
+    def __call__(self, bufs, pos, cos, sin) -> None:
+        self.ops.silu_mul(bufs[self.step.gate], bufs[self.step.up])
+
+
+# Which class runs which kind of step.
+STEPS = {B.Norm: RMSNorm, B.HeadNorm: RMSNorm, B.Linear: Linear, B.Attention: Attention, B.Glu: Glu}
 
 
 class Block:
-    def __init__(self, reader: QbinReader, i: int, args: ModelArgs, device: str):
-        self.attn_norm = RMSNorm(reader[f"layers.{i}.attn_norm"].arrays["data"], args.norm_eps, device)
-        self.attn = Attention(reader, i, args, device)
-        self.ffn_norm = RMSNorm(reader[f"layers.{i}.ffn_norm"].arrays["data"], args.norm_eps, device)
-        self.ffn = FeedForward(reader, i, device)
+    """One block of the description, its steps prepared for the device."""
 
-    def __call__(self, x, pos, cos, sin, cache):
-        h = x + self.attn(self.attn_norm(x), pos, cos, sin, cache)
-        return h + self.ffn(self.ffn_norm(h))
+    def __init__(self, spec: B.Block, model: Model, layer: int):
+        self.spec = spec
+        self.steps = [STEPS[type(step)](step, model, layer) for step in spec.steps]
+
+    def __call__(self, bufs: dict, pos: int, cos, sin) -> None:
+        for step in self.steps:
+            step(bufs, pos, cos, sin)
 
 
 class Transformer:
@@ -162,22 +172,18 @@ class Transformer:
         self.args = args
         self.context = min(args.max_seq_len, context or args.max_seq_len)
         self.ops = device_ops(device)
+        model = Model(reader, device, self.context)
+        self.description = B.decoder(args)  # every layer's block, then the output block
         with self.ops.loading(reader):  # a GPU copies the weights up here, layer by layer
-            self.tok_embeddings = linear_op(device, reader["tok_embeddings"])  # (vocab, dim)
-            self.layers = [Block(reader, i, args, device) for i in range(args.n_layers)]
-            self.norm = RMSNorm(reader["norm"].arrays["data"], args.norm_eps, device)
-            head = "output" if "output" in reader else "tok_embeddings"  # absent: tied to the embeddings
-            self.output = Linear(reader, head, device)  # (vocab, dim)
-        self.cos, self.sin = rope_tables(rope_inv_freq(args), self.context)  # (context, head_dim/2)
-        self._cos, self._sin = self.ops.asarray(self.cos), self.ops.asarray(self.sin)  # on the device
-        self.cache = KVCache(args, self.context, device)
+            self.tok_embeddings = model.linear(TOK_EMBEDDINGS.name())  # (vocab, dim)
+            blocks = [Block(spec, model, i) for i, spec in enumerate(self.description)]
+        self.layers, self.output = blocks[:-1], blocks[-1]
+        self.cache = model.cache
+        self.cos, self.sin = model.cos_dev, model.sin_dev
         # one call per decode step when the device offers it (kernels/cpu/fused.py: one compiled
-        # function; kernels/cuda/decoder.py: one CUDA graph over these ops)
-        linears = {f"layers.{i}.{part}.{w}": getattr(getattr(block, part), w).op
-                   for i, block in enumerate(self.layers)
-                   for part, ws in (("attn", ("wq", "wk", "wv", "wo")), ("ffn", ("w1", "w3", "w2"))) for w in ws}
-        linears["head"] = self.output.op
-        self.fused = fused_decoder(device, reader, args, self.cache, self.cos, self.sin, linears) if fused else None
+        # function; kernels/cuda/decoder.py: one CUDA graph), running the same description
+        self.fused = (fused_decoder(device, self.description, reader, args, self.cache, model.cos, model.sin,
+                                    model.linears) if fused else None)
 
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens (n,) at positions pos..pos+n-1 through the model, filling the KV cache.
@@ -195,10 +201,12 @@ class Transformer:
             for i in range(n):
                 logits = self.fused(x[i], pos + i)
             return logits[None] if all_logits else logits
-        cos, sin = self._cos[pos:pos + n], self._sin[pos:pos + n]
-        for block in self.layers:
-            x = block(x, pos, cos, sin, self.cache)
+        cos, sin = self.cos[pos:pos + n], self.sin[pos:pos + n]
+        bufs = {B.X: x}
+        for layer in self.layers:
+            layer(bufs, pos, cos, sin)
         if not all_logits:
-            x = x[-1:]
-        logits = self.ops.to_numpy(self.output(self.norm(x)))
+            bufs[B.X] = bufs[B.X][-1:]
+        self.output(bufs, pos, cos, sin)
+        logits = self.ops.to_numpy(bufs[B.LOGITS])
         return logits if all_logits else logits[0]

@@ -65,15 +65,14 @@ class NumpyAsCupy:
 
 
 def emulate_cuda(monkeypatch, host: ctypes.CDLL) -> None:
-    """Point kernels/cuda's launchers at NumPy and the host library for the rest of a test."""
-    from qformat.kernels.cuda import decoder, device, linear, upload
+    """Point kernels/cuda's CuPy and launchers (module.cupy, module.kernel) at NumPy and the host
+    library for the rest of a test."""
+    from qformat.kernels.cuda import decoder, module, upload
 
     def kernel(source: str, function: str):
         return lambda grid, block, args: host_launch(host, function, grid, block, args)
 
-    for mod in (linear, device, decoder):
-        monkeypatch.setattr(mod, "_cupy", lambda: NumpyAsCupy())
-        monkeypatch.setattr(mod, "kernel", kernel)
-    monkeypatch.setattr(upload, "_cupy", lambda: NumpyAsCupy())
+    monkeypatch.setattr(module, "cupy", lambda: NumpyAsCupy())
+    monkeypatch.setattr(module, "kernel", kernel)
     monkeypatch.setattr(upload, "STAGING", False)  # no pinned memory: plain copies
     monkeypatch.setattr(decoder, "CUDA_GRAPHS", False)  # no graphs without CuPy: the eager step

@@ -60,16 +60,6 @@ def layout(scheme: str, rows: int, k: int, nm=None, sidecars: str = "", seed: in
     return t
 
 
-def decode_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
-    """The CPU backend's decode numbers for t (kernels/reference.py)."""
-    if t.activation is not None:
-        return reference.linear_w8a8(t, x[None])[0]
-    if reference.q8act(t.kind, min(t.group_size, t.shape[1]), sparse=t.sparsity is not None):
-        fn = reference.gemv_nm_q8act_reference if t.sparsity else reference.gemv_q8act_reference
-        return fn(t, x)
-    return reference.linear(t, x[None])[0]
-
-
 def check_op(t: Tensor, xp, prefill_reference=reference.linear) -> None:
     rows, k = t.shape
     op = linear_op("cuda", t)
@@ -81,19 +71,19 @@ def check_op(t: Tensor, xp, prefill_reference=reference.linear) -> None:
     for i in (0, 4):
         out = xp.full(rows, np.nan, np.float32)
         op.gemv(xp.asarray(x[i]), out)
-        assert close(xp.asnumpy(out), decode_reference(t, x[i]), 1e-5), i
+        assert close(xp.asnumpy(out), reference.decode_reference(t, x[i]), 1e-5), i
     # the decode step's forms: a residual added in place, and int8 codes another op quantized
     residual = rng.standard_normal(rows).astype(np.float32)
     out = xp.asarray(residual.copy())
     op.gemv(xp.asarray(x[0]), out, out)
-    assert close(xp.asnumpy(out), decode_reference(t, x[0]) + residual, 1e-5)
+    assert close(xp.asnumpy(out), reference.decode_reference(t, x[0]) + residual, 1e-5)
     if op.shared_input is not None:
         other = linear_op("cuda", Tensor("other", t.kind, (3, k), {r: a[:3] for r, a in t.arrays.items()},
                                          t.group_size, t.symmetric, t.sparsity))
         assert other.shared_input == op.shared_input
         out = xp.full(rows, np.nan, np.float32)
         op.gemv(xp.asarray(x[0]), out, quantized=other.quantize(xp.asarray(x[0])))
-        assert close(xp.asnumpy(out), decode_reference(t, x[0]), 1e-5)
+        assert close(xp.asnumpy(out), reference.decode_reference(t, x[0]), 1e-5)
     op_dense = getattr(op, "dense", op)
     op_dense._block = 8  # several dequantized blocks per GEMM
     assert close(xp.asnumpy(op.gemm(xp.asarray(x))), prefill_reference(t, x), GEMM_RTOL)

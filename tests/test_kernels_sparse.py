@@ -119,7 +119,7 @@ def test_shuffle_vnni_tiles_equal_portable_tiles(scheme, n, rows, k):
     portable one runs)."""
     from qformat.kernels.cpu import nm_vnni, quant
     from qformat.kernels.cpu.features import VNNI_VBMI
-    from qformat.kernels.cpu.linear import H2F
+    from qformat.kernels.cpu.base import H2F
 
     if not VNNI_VBMI:
         pytest.skip("this CPU has no AVX512-VNNI/BW/VBMI")
@@ -258,7 +258,7 @@ def test_fused_step_runs_sidecars_and_sparsity_like_the_per_op_path(tiny_qbin, t
 def test_fused_linear_equals_reference_with_sidecars():
     """One table row through fused.gemv_row against the NumPy reference, per sidecar."""
     from qformat.kernels.cpu import fused
-    from qformat.kernels.cpu.linear import H2F
+    from qformat.kernels.cpu.base import H2F, ROUTINES
 
     rng = np.random.default_rng(10)
     cases = [
@@ -269,19 +269,18 @@ def test_fused_linear_equals_reference_with_sidecars():
         add_perm(make_sparse("int8-g32", 48, 192, 4, 8), rng),
     ]
     for t in cases:
-        row, keep = fused.linear_entry(t)
+        row, keep = linear_op("cpu", t).fused_row()
         table = np.asarray([row], np.int64)
         x = rng.standard_normal(192).astype(np.float32)
         out = np.empty(48, np.float32)
-        fused.gemv_row(table, 0, H2F, x, out)
+        fused.gemv_row(table, 0, H2F, x, out, *(0,) * len(ROUTINES))
         want = (reference.gemv_nm_q8act_reference(t, x) if t.sparsity and t.kind == "q4"
                 else reference.gemv_q8act_reference(t, x) if t.kind == "q4" else reference.linear(t, x))
         assert close(out, want), t.kind
 
 
-def test_fused_step_refuses_w8a8_tensors():
-    from qformat.kernels.cpu import fused
-
+def test_fused_step_refuses_w8a8_tensors_with_input_scale():
     t = parse_scheme("int8").quantize("w", np.ones((4, 16), np.float32))
-    t.arrays = dict(t.arrays, input_scale=np.ones(16, np.float32))
-    assert fused.linear_entry(t) is None
+    t = Tensor(t.name, t.kind, t.shape, dict(t.arrays, input_scale=np.ones(16, np.float32)), t.group_size,
+               t.symmetric, activation={"bits": 8, "mode": "dynamic"})
+    assert linear_op("cpu", t).fused_row() is None

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from qbin_testutil import TOKENIZER_BYTES, metadata, model_args, write_sample
 from qformat import QbinWriter, parse_scheme
 from qformat.qinfo import main as qinfo
-from qformat.qinfo import tensor_class
+from qformat.tensors import tensor_group as tensor_class
 
 EXPECTED_CLASS = {  # name -> class, for every name of the tensor contract (spec §3.1)
     "tok_embeddings": "embeddings",

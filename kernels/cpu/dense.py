@@ -1,4 +1,4 @@
-"""Numba GEMV for dense weights stored as f32, f16 or bf16 (read in place from the map).
+"""Float weights (f32, f16, bf16) on the CPU: their op and Numba GEMV, read in place from the map.
 
 16-bit weights are widened in registers: bf16 is the top half of a float32; float16's exponent
 and mantissa shifted left by 13 are a float32 that is exactly 2**-112 times the value (normals and
@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .quant import FAST
+from qformat.schemes import Tensor
+
+from .base import FAST, IN, ROWS, CODES, CODE_BYTES, GROUP, LinearBase, new_row
 
 BLOCK = 16
 _F16_RESCALE = np.float32(2.0 ** 112)
@@ -79,3 +81,35 @@ def widen16_rows(w, is_bf16, rows, out):
         if not is_bf16:
             for c in range(k):
                 out[i, c] *= _F16_RESCALE
+
+
+class DenseOp(LinearBase):
+    """f32, f16 or bf16 weights: GEMV in registers, prefill through BLAS on widened rows."""
+
+    def __init__(self, t: Tensor):
+        super().__init__(t)
+        data = t.arrays["data"]
+        self.kind = t.kind
+        self.w = data.view(np.uint16) if t.kind in ("f16", "bf16") else data
+        self._gemv = GEMV[t.kind]
+
+    def gemv(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        self._gemv(self.w, x, out)
+        return out
+
+    def weight_block(self, ids: np.ndarray) -> np.ndarray:
+        if self.kind == "f32":
+            return self.w[ids]
+        out = np.empty((ids.size, self.in_features), np.float32)
+        widen16_rows(self.w, self.kind == "bf16", ids, out)
+        return out
+
+    def fused_row(self):
+        data = np.ascontiguousarray(self.w)
+        row = new_row(self.kind)
+        row[GROUP], row[IN], row[ROWS] = self.in_features, self.in_features, self.out_features
+        row[CODES], row[CODE_BYTES] = data.ctypes.data, data.nbytes // max(self.out_features, 1)
+        return row, [data]
+
+
+GEMV = {"f32": gemv_f32, "f16": gemv_f16, "bf16": gemv_bf16}

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from . import ops
+from .threads import set_threads
 
 
 class CPUOps:
@@ -16,6 +17,10 @@ class CPUOps:
 
     name = "cpu"
     kv_dtype = np.float32
+
+    def set_threads(self, n: int | None) -> int:
+        """Kernel threads (None: all cores); BLAS runs on one (threads.py says why)."""
+        return set_threads(n)
 
     def loading(self, reader):
         """Context of a model's load: nothing to do, the weights stay in the memory map."""

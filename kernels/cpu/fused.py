@@ -1,53 +1,59 @@
-"""A whole decode step (every layer, then the head) in one compiled call.
+"""A whole decode step (every block of qformat.block, then the head) in one compiled call.
 
 Calling the per-operation kernels from Python costs a few microseconds each; a 30-layer model
 makes ~20 of them per layer, which measured 4.5 ms per token of pure overhead on SmolLM2's shape,
-half of llama.cpp's whole time per token. Here the step runs in Numba end to end, and each linear layer dispatches on a small integer kind code to the same GEMV kernels the per-op path
-uses (so both paths compute the same numbers).
+half of llama.cpp's whole time per token. Here the step runs in Numba end to end: the blocks'
+steps (qformat.block) are encoded once at load as small integer programs, one row per step, and
+`decode_step` interprets them, calling the same kernels the per-operation path calls (so both
+paths compute the same numbers). A new kind of step adds a code to qformat.block.STEP_TYPES and a
+branch here; a new architecture or per-layer flag changes only the programs.
 
 The weights reach the compiled step as a table of addresses into the memory map (a typed list
 of arrays costs ~1 s of compilation at every start, a tuple of 211 arrays ~100 us per call;
-an int64 table costs nothing). The FusedDecoder keeps every array alive while it exists. Norm
-weights, biases and q/k norms are small and are gathered into three stacked float32 arrays.
+an int64 table costs nothing), one row per linear layer, filled by the op that runs it
+(base.py's columns; `fused_row`). The FusedDecoder keeps every array alive while it exists.
+Norm weights, biases and q/k norms are small and are gathered into stacked float32 arrays.
 
 Sidecars run here too: a permutation gathers x once per linear layer (spec §6.1), sparse outliers
 (§6.2) and 16-bit columns (§6.4) are added after the GEMV from the unpermuted x, and n:m sparse
-weights (§6.3) dispatch to kernels/cpu/sparse.py. Per-channel q8 weights with 8-bit activations
-(W8A8, §6.5) run the integer GEMV of kernels/cpu/int8.py; other W8A8 layouts and input_scale
-are not handled here: `build` returns None and the model uses the per-operation path.
+weights (§6.3) dispatch to sparse.py. Per-channel q8 weights with 8-bit activations (W8A8, §6.5)
+run the integer GEMV of int8.py; an op that fills no row (another W8A8 layout, input_scale)
+makes `build` return None and the model uses the per-operation path.
+
+Only what a model uses is compiled: `gemv_row` takes one argument per GEMV routine
+(base.ROUTINES), None for the routines no row of the model names, and numba drops the branches
+of None arguments before compiling, so a q4 model never compiles the sparse or W8A8 kernels.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import carray, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from qformat.schemes import Tensor
+from qformat.block import LOGITS, STEP_TYPES, X, Attention, Block, Glu, HeadNorm, Linear, Norm
 
 from . import dense, int8, ops, quant, sparse
-from .linear import H2F
+from .base import (ACT, ACT_SCALE, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_FP,
+                   N_GROUPS, N_TILES, NM_INDEX, NM_INDEX_BYTES, NM_M, NM_N, NM_TILE, OUT_COLS, OUT_PTR, OUT_VALS,
+                   PERM, ROUTINE, ROUTINE_COL, ROUTINES, ROWS, SCALES, ZEROS)
 
-KIND_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8": 3, "q4": 4, "q3": 5, "q2": 6, "nf4": 7}
-# Sidecars the fused step does not run (the model then takes the per-operation path).
-UNSUPPORTED_SIDECARS = ("input_scale",)
+# Step codes: a step's index in qformat.block.STEP_TYPES.
+NORM, HEAD_NORM, LINEAR, ATTENTION, GLU = (STEP_TYPES.index(t) for t in (Norm, HeadNorm, Linear, Attention, Glu))
+# Columns of a program row: the step code, then up to six integer operands (per step kind:
+#   NORM       norm row, src, dst              HEAD_NORM  head-norm row, buffer
+#   LINEAR     table row, src, dst, bias row (-1: none), residual (0/1)
+#   ATTENTION  q, k, v, dst, window (0: none); its scale is the block's float operand
+#   GLU        gate, up)
+# and buffers are numbered in their order of first use, the residual stream first.
+OP, A, B, C, D, E = range(6)
+PROGRAM_WIDTH = 6
 
-
-# Columns of the weight table: one row per linear layer. Sidecar columns hold 0 when absent.
-KIND, HAS_ZEROS, GROUP, IN, ROWS, CODES, CODE_BYTES, SCALES, N_GROUPS, ZEROS = range(10)
-PERM, OUT_PTR, OUT_COLS, OUT_VALS, FP_COLS, FP_W, N_FP = range(10, 17)  # spec §6.1, §6.2, §6.4
-# n:m sparsity (§6.3): n, m, planar positions and their bytes per row (or per tile row), and the
-# number of row tiles of the q4 tile layout (sparse.tile_rows; 0: rows are not tiled)
-NM_N, NM_M, NM_INDEX, NM_INDEX_BYTES, N_TILES = range(17, 22)
-# W8A8 (§6.5): ACT 1 dynamic / 2 static int8 activations (0: float), ACT_SCALE the static
-# scale's address (an f32 array of 1)
-ACT, ACT_SCALE = range(22, 24)
-# rows per tile of the q4 tile layout, from the layout itself: numba's on-disk cache of this file
-# would not notice a change of sparse.TILE
-NM_TILE = 24
-WIDTH = 25
+# GEMV routine codes (base.ROUTINES), one branch each in gemv_row.
+(R_F32, R_F16, R_BF16, R_Q8, R_Q4, R_Q3, R_Q2, R_NF4, R_Q4_Q8ACT, R_NM, R_NM_Q4_Q8ACT, R_W8A8) = (
+    ROUTINE[name] for name in ("f32", "f16", "bf16", "q8", "q4", "q3", "q2", "nf4", "q4-q8act", "n:m",
+                               "n:m-q4-q8act", "w8a8"))
+assert len(ROUTINES) == 12, "a routine was added to base.ROUTINES: give it a branch in gemv_row"
 
 
 @intrinsic
@@ -58,101 +64,66 @@ def _address(typingctx, addr):
     return types.voidptr(types.intp), codegen
 
 
-def linear_entry(t: Tensor):
-    """(table row, arrays to keep alive) of a tensor, or None if the fused step cannot run it."""
-    if t.kind not in KIND_CODES or len(t.shape) != 2 or any(s in t.arrays for s in UNSUPPORTED_SIDECARS):
-        return None
-    if t.activation is not None and not fusable_w8a8(t):
-        return None
-    rows, k = t.shape
-    code = KIND_CODES[t.kind]
-    row = [0] * WIDTH
-    if code <= 2:
-        data = np.ascontiguousarray(t.arrays["data"])
-        row[:7] = [code, 0, k, k, rows, data.ctypes.data, data.nbytes // max(rows, 1)]
-        keep = [data]
-    elif t.sparsity is not None:
-        try:
-            nm = sparse.NmLayout(t)
-        except NotImplementedError:
-            return None
-        row[:10] = [code, int(nm.has_zeros), nm.group, k, rows, nm.codes.ctypes.data, nm.codes.shape[-2 if nm.tiled else 1],
-                    nm.scales.ctypes.data, nm.scales.shape[-2 if nm.tiled else 1], nm.zeros.ctypes.data if nm.has_zeros else 0]
-        row[NM_N:N_TILES + 1] = [nm.n, nm.m, nm.index.ctypes.data, nm.index.shape[-2 if nm.tiled else 1],
-                      nm.codes.shape[0] if nm.tiled else 0]
-        row[NM_TILE] = nm.codes.shape[-1] if nm.tiled else 0
-        keep = [nm, nm.codes, nm.scales, nm.zeros, nm.index]
-    else:
-        codes = np.ascontiguousarray(t.arrays["codes"])
-        scales = np.ascontiguousarray(t.arrays["scales"])
-        zeros = np.ascontiguousarray(t.arrays["zeros"]) if "zeros" in t.arrays else None
-        row[:10] = [code, int(zeros is not None), min(t.group_size, k), k, rows, codes.ctypes.data, codes.shape[1],
-                    scales.ctypes.data, scales.shape[1], zeros.ctypes.data if zeros is not None else 0]
-        keep = [codes, scales, zeros]
-    keep += _sidecar_columns(t, row)
-    if t.activation is not None:
-        row[ACT] = 2 if t.activation["mode"] == "static" else 1
-        if row[ACT] == 2:
-            scale = np.ascontiguousarray(t.arrays["act_scale"], np.float32)
-            row[ACT_SCALE] = scale.ctypes.data
-            keep.append(scale)
-    return row, tuple(keep)
+@njit(cache=True)
+def _view2(a, rows, cols):
+    """float32 a (rows·cols, C-contiguous) as (rows, cols), through its address: a reshape's
+    error path (a message with the shapes) alone costs seconds of compilation per call site."""
+    return carray(_address(a.ctypes.data), (rows, cols), np.float32)
 
 
-def _sidecar_columns(t: Tensor, row: list) -> list:
-    """Fill the sidecar columns of `row`; returns the (converted) arrays they point into."""
-    a = t.arrays
-    keep = []
+@njit(cache=True)
+def _view3(a, n, rows, cols):
+    """_view2 in three dimensions."""
+    return carray(_address(a.ctypes.data), (n, rows, cols), np.float32)
 
-    def put(col, arr):
-        keep.append(arr)
-        row[col] = arr.ctypes.data
 
-    if "perm" in a:
-        put(PERM, np.ascontiguousarray(a["perm"], np.int32))
-    if "outlier_rowptr" in a:
-        put(OUT_PTR, np.ascontiguousarray(a["outlier_rowptr"], np.int32))
-        # an empty array still has a valid (1-element) allocation behind it
-        put(OUT_COLS, np.ascontiguousarray(a["outlier_cols"], np.int32).reshape(-1).copy() if a["outlier_cols"].size
-            else np.zeros(1, np.int32))
-        put(OUT_VALS, np.ascontiguousarray(a["outlier_values"], np.float32).reshape(-1).copy() if a["outlier_values"].size
-            else np.zeros(1, np.float32))
-    if "fp_cols" in a and a["fp_cols"].size:
-        put(FP_COLS, np.ascontiguousarray(a["fp_cols"], np.int32))
-        put(FP_W, np.ascontiguousarray(a["fp_weight"], np.float32))
-        row[N_FP] = int(a["fp_cols"].size)
-    return keep
+@njit(cache=True)
+def _store(cache, layer, pos, x):
+    """cache[layer, pos] = x (n_kv, head_dim), element by element: an array assignment's
+    shape-mismatch error costs as much compilation as the reshape's."""
+    for h in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            cache[layer, pos, h, j] = x[h, j]
+
+
+@njit(cache=True)
+def _zeros(table, i, rows, n_groups):
+    """The zeros (rows, n_groups) of row i, or (symmetric: never read) a valid stand-in."""
+    has = table[i, HAS_ZEROS] != 0
+    return carray(_address(table[i, ZEROS] if has else table[i, CODES]), (rows, n_groups) if has else (1, 1),
+                  np.uint8)
+
+
+@njit(cache=True)
+def _tiled_zeros(table, i, tiles, n_groups, lanes):
+    """_zeros in the q4 tile layout (tiles, n_groups, lanes)."""
+    has = table[i, HAS_ZEROS] != 0
+    return carray(_address(table[i, ZEROS] if has else table[i, CODES]),
+                  (tiles, n_groups, lanes) if has else (1, 1, 1), np.uint8)
+
+
+@njit(cache=True)
+def _gemv_sparse_q4(table, i, h2f, x, out):
+    """out = W_i @ x for an n:m sparse q4 weight in the tile layout, int8 activations."""
+    tiles, lanes, n_groups = table[i, N_TILES], table[i, NM_TILE], table[i, N_GROUPS]
+    codes = carray(_address(table[i, CODES]), (tiles, n_groups, table[i, CODE_BYTES], lanes), np.uint8)
+    scales = carray(_address(table[i, SCALES]), (tiles, n_groups, lanes), np.uint16)
+    zeros = _tiled_zeros(table, i, tiles, n_groups, lanes)
+    index = carray(_address(table[i, NM_INDEX]), (tiles, n_groups, table[i, NM_INDEX_BYTES], lanes), np.uint8)
+    sparse.gemv_nm_q4_q8act(codes, scales, zeros, table[i, HAS_ZEROS] != 0, h2f, index, x, table[i, IN],
+                            table[i, GROUP], table[i, NM_N], table[i, NM_M], out)
 
 
 @njit(cache=True)
 def _gemv_sparse(table, i, h2f, x, out):
-    """out = W_i @ x for an n:m sparse weight (x in stored column order)."""
-    kind = table[i, KIND]
-    rows = table[i, ROWS]
-    k = table[i, IN]
-    group = table[i, GROUP]
-    n_groups = table[i, N_GROUPS]
-    nbytes = table[i, CODE_BYTES]
-    ibytes = table[i, NM_INDEX_BYTES]
-    has_zeros = table[i, HAS_ZEROS] != 0
-    n, m = table[i, NM_N], table[i, NM_M]
-    tiles = table[i, N_TILES]
-    lanes = table[i, NM_TILE]
-    if tiles:  # q4: tile layout, int8 activations
-        codes = carray(_address(table[i, CODES]), (tiles, n_groups, nbytes, lanes), np.uint8)
-        scales = carray(_address(table[i, SCALES]), (tiles, n_groups, lanes), np.uint16)
-        zeros = carray(_address(table[i, ZEROS] if has_zeros else table[i, CODES]),
-                       (tiles, n_groups, lanes) if has_zeros else (1, 1, 1), np.uint8)
-        index = carray(_address(table[i, NM_INDEX]), (tiles, n_groups, ibytes, lanes), np.uint8)
-        sparse.gemv_nm_q4_q8act(codes, scales, zeros, has_zeros, h2f, index, x, k, group, n, m, out)
-        return
-    codes = carray(_address(table[i, CODES]), (rows, nbytes), np.uint8)
+    """out = W_i @ x for an n:m sparse weight of any kind, float activations."""
+    rows, n_groups = table[i, ROWS], table[i, N_GROUPS]
+    codes = carray(_address(table[i, CODES]), (rows, table[i, CODE_BYTES]), np.uint8)
     scales = carray(_address(table[i, SCALES]), (rows, n_groups), np.uint16)
-    zeros = carray(_address(table[i, ZEROS] if has_zeros else table[i, CODES]),
-                   (rows, n_groups) if has_zeros else (1, 1), np.uint8)
-    index = carray(_address(table[i, NM_INDEX]), (rows, ibytes), np.uint8)
-    bits = 8 if kind == 3 else 4 if kind == 4 or kind == 7 else 3 if kind == 5 else 2
-    sparse.gemv_nm(bits, kind == 7, codes, scales, zeros, has_zeros, h2f, index, x, k, group, n, m, out)
+    zeros = _zeros(table, i, rows, n_groups)
+    index = carray(_address(table[i, NM_INDEX]), (rows, table[i, NM_INDEX_BYTES]), np.uint8)
+    sparse.gemv_nm(table[i, CODE_BITS], table[i, IS_NF4] != 0, codes, scales, zeros, table[i, HAS_ZEROS] != 0,
+                   h2f, index, x, table[i, IN], table[i, GROUP], table[i, NM_N], table[i, NM_M], out)
 
 
 @njit(cache=True)
@@ -180,236 +151,266 @@ def _add_sidecars(table, i, x, out):
             out[r] += acc
 
 
-def fusable_w8a8(t: Tensor) -> bool:
-    """Whether the fused step runs this W8A8 tensor: per-channel q8, dense, 8-bit dynamic or static."""
-    a = t.activation
-    return (t.kind == "q8" and t.sparsity is None and min(t.group_size, t.shape[1]) == t.shape[1]
-            and a.get("bits") == 8 and a.get("mode") in ("dynamic", "static")
-            and t.shape[1] <= int8.MAX_COLUMNS)
-
-
 @njit(cache=True)
-def _gemv_w8a8(table, i, h2f, x, out):
-    """out = W_i @ x on int8 activations (W8A8): 16-bit columns zeroed, then stored column order,
-    then per-token (or static) int8 codes and the integer GEMV, as int8.W8A8Op.gemv."""
-    k = table[i, IN]
-    rows = table[i, ROWS]
-    xz = x.copy()
+def _dense_input(table, i, x):
+    """The dense part's input: x with the 16-bit columns zeroed (base.Sidecars.stored_x), in
+    stored column order (gathered once through the permutation, spec §6.1)."""
+    xz = x
     n_fp = table[i, N_FP]
     if n_fp:
+        xz = x.copy()
         cols = carray(_address(table[i, FP_COLS]), (n_fp,), np.int32)
         for c in range(n_fp):
             xz[cols[c]] = 0.0
-    xi = np.empty((1, k), np.float32)
-    if table[i, PERM] != 0:
-        perm = carray(_address(table[i, PERM]), (k,), np.int32)
-        for j in range(k):
-            xi[0, j] = xz[perm[j]]
-    else:
-        xi[0] = xz
+    if table[i, PERM] == 0:
+        return xz
+    k = table[i, IN]
+    perm = carray(_address(table[i, PERM]), (k,), np.int32)
+    xs = np.empty(k, np.float32)
+    for j in range(k):
+        xs[j] = xz[perm[j]]
+    return xs
+
+
+@njit(cache=True)
+def _gemv_w8a8(table, i, h2f, xs, out):
+    """out = W_i @ xs on int8 activations (W8A8): per-token (or static) int8 codes of the dense
+    input and the integer GEMV, as int8.W8A8Op.gemv."""
+    codes, scales, zeros, has_zeros, k, _ = _grouped(table, i)
     static = table[i, ACT] == 2
     scale = carray(_address(table[i, ACT_SCALE]), (1,), np.float32)[0] if static else np.float32(0.0)
     xq = np.empty((1, k), np.int8)
     d = np.empty(1, np.float32)
     sums = np.empty(1, np.int32)
-    int8.quantize_tokens(xi, scale, static, xq, d, sums)
-    codes = carray(_address(table[i, CODES]), (rows, table[i, CODE_BYTES]), np.uint8)
-    scales = carray(_address(table[i, SCALES]), (rows, 1), np.uint16)
-    has_zeros = table[i, HAS_ZEROS] != 0
-    zeros = carray(_address(table[i, ZEROS] if has_zeros else table[i, CODES]), (rows, 1) if has_zeros else (1, 1),
-                   np.uint8)
+    int8.quantize_tokens(_view2(xs, 1, k), scale, static, xq, d, sums)
     int8.GEMV(codes, scales, zeros, has_zeros, h2f, xq[0], d[0], sums[0], k, out)
 
 
 @njit(cache=True)
-def gemv_row(table, i, h2f, x, out):
-    """out = W_i @ x for the weight in row i of the table, sidecars included."""
-    if table[i, ACT] != 0:  # int8 activations (W8A8): gathers and zeroes on its own
-        _gemv_w8a8(table, i, h2f, x, out)
-        if table[i, OUT_PTR] != 0 or table[i, N_FP] != 0:
-            _add_sidecars(table, i, x, out)
+def _grouped(table, i):
+    """Row i's dense grouped operands: codes, scales, zeros, has_zeros, in_features, group."""
+    rows, n_groups = table[i, ROWS], table[i, N_GROUPS]
+    codes = carray(_address(table[i, CODES]), (rows, table[i, CODE_BYTES]), np.uint8)
+    scales = carray(_address(table[i, SCALES]), (rows, n_groups), np.uint16)
+    return codes, scales, _zeros(table, i, rows, n_groups), table[i, HAS_ZEROS] != 0, table[i, IN], table[i, GROUP]
+
+
+@njit(cache=True)
+def _gemv_float_act(table, i, h2f, x, out, gemv):
+    """out = W_i @ x for dense grouped rows through `gemv` (quant.GEMV[kind]), float activations
+    (x in stored column order)."""
+    codes, scales, zeros, has_zeros, k, group = _grouped(table, i)
+    xp, xsum = quant.pad_x(x, k, group, (group + 7) // 8 * 8)
+    gemv(codes, scales, zeros, has_zeros, h2f, xp, xsum, k, group, out)
+
+
+@njit(cache=True)
+def _gemv_q4_q8act(table, i, h2f, x, out):
+    """out = W_i @ x for dense q4 rows on int8 activations, as grouped.GroupQuantOp.gemv."""
+    codes, scales, zeros, has_zeros, k, group = _grouped(table, i)
+    xq, d, sums = quant.quantize_x(x, k, group, (group + 7) // 8 * 8)
+    quant.gemv_q4_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, out)
+
+
+@njit(cache=True)
+def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q4, q3, q2, nf4, q4_q8act, nm, nm_q4_q8act, w8a8):
+    """out = W_i @ x for the weight in row i of the table, sidecars included. The arguments after
+    `out` are 0 for each routine some row may name and None for the others (see the module
+    docstring), in the order of base.ROUTINES."""
+    r = table[i, ROUTINE_COL]
+    w = table[i, CODES]
+    rows, k = table[i, ROWS], table[i, IN]
+    if f32 is not None:
+        if r == R_F32:
+            dense.gemv_f32(carray(_address(w), (rows, k), np.float32), x, out)
+    if f16 is not None:
+        if r == R_F16:
+            dense.gemv_f16(carray(_address(w), (rows, k), np.uint16), x, out)
+    if bf16 is not None:
+        if r == R_BF16:
+            dense.gemv_bf16(carray(_address(w), (rows, k), np.uint16), x, out)
+    if r == R_F32 or r == R_F16 or r == R_BF16:  # float weights carry no sidecars
         return
-    xz = x
-    n_fp = table[i, N_FP]
-    if n_fp:  # the dense part's input has the 16-bit columns zeroed, as linear._Sidecars.stored_x
-        xz = x.copy()
-        cols = carray(_address(table[i, FP_COLS]), (n_fp,), np.int32)
-        for c in range(n_fp):
-            xz[cols[c]] = 0.0
-    if table[i, PERM] != 0:  # act-order: gather x once into stored column order (spec §6.1)
-        k = table[i, IN]
-        perm = carray(_address(table[i, PERM]), (k,), np.int32)
-        xs = np.empty(k, np.float32)
-        for j in range(k):
-            xs[j] = xz[perm[j]]
-        _gemv_stored(table, i, h2f, xs, out)
-    else:
-        _gemv_stored(table, i, h2f, xz, out)
+    xs = _dense_input(table, i, x)
+    if q8 is not None:
+        if r == R_Q8:
+            _gemv_float_act(table, i, h2f, xs, out, quant.gemv_q8)
+    if q4 is not None:
+        if r == R_Q4:
+            _gemv_float_act(table, i, h2f, xs, out, quant.gemv_q4)
+    if q3 is not None:
+        if r == R_Q3:
+            _gemv_float_act(table, i, h2f, xs, out, quant.gemv_q3)
+    if q2 is not None:
+        if r == R_Q2:
+            _gemv_float_act(table, i, h2f, xs, out, quant.gemv_q2)
+    if nf4 is not None:
+        if r == R_NF4:
+            _gemv_float_act(table, i, h2f, xs, out, quant.gemv_nf4)
+    if q4_q8act is not None:
+        if r == R_Q4_Q8ACT:
+            _gemv_q4_q8act(table, i, h2f, xs, out)
+    if nm is not None:
+        if r == R_NM:
+            _gemv_sparse(table, i, h2f, xs, out)
+    if nm_q4_q8act is not None:
+        if r == R_NM_Q4_Q8ACT:
+            _gemv_sparse_q4(table, i, h2f, xs, out)
+    if w8a8 is not None:
+        if r == R_W8A8:
+            _gemv_w8a8(table, i, h2f, xs, out)
     if table[i, OUT_PTR] != 0 or table[i, N_FP] != 0:
         _add_sidecars(table, i, x, out)
 
 
 @njit(cache=True)
-def _gemv_stored(table, i, h2f, x, out):
-    """out = W_i @ x without sidecars, x in stored column order."""
-    if table[i, NM_M] != 0:
-        _gemv_sparse(table, i, h2f, x, out)
-        return
-    _gemv_dense(table, i, h2f, x, out)
+def decode_step(x, pos, programs, n_steps, scales, widths, table, norms, head_norms, biases, k_cache, v_cache,
+                cos, sin, n_heads, n_kv, head_dim, eps, h2f, logits, logits_buffer, routines):
+    """Run one token through every block's program (see the module docstring).
+
+    x (dim,) embedding of the token (updated in place as the residual stream); pos its position;
+    programs (n_blocks, max_steps, PROGRAM_WIDTH) int64 and n_steps (n_blocks,): the blocks'
+    steps, block b < n_layers being layer b (its KV cache), the last the output block; scales
+    (n_blocks, max_steps) float32: the attention steps' scales; widths (n_buffers,): each
+    buffer's width; table (n_linears, base.WIDTH) int64: the weights; norms (n, dim), head_norms
+    (n, head_dim), biases (n, max width, zero-padded): the rows the programs name; k_cache,
+    v_cache (n_layers, max_seq, n_kv_heads, head_dim); cos, sin (max_seq, head_dim/2); logits
+    (vocab,): written, it is buffer `logits_buffer`; routines: gemv_row's routine arguments.
+    """
+    bufs = [x if b == 0 else logits if b == logits_buffer else np.empty(widths[b], np.float32)
+            for b in range(widths.size)]
+    c1 = cos[pos:pos + 1]
+    s1 = sin[pos:pos + 1]
+    for blk in range(programs.shape[0]):
+        for s in range(n_steps[blk]):
+            op = programs[blk, s]
+            code = op[OP]
+            if code == NORM:
+                src, dst = bufs[op[B]], bufs[op[C]]
+                ops.rmsnorm(_view2(src, 1, src.size), norms[op[A]], eps, _view2(dst, 1, dst.size))
+            elif code == LINEAR:
+                src, dst = bufs[op[B]], bufs[op[C]]
+                if op[E]:  # residual: dst += W src
+                    tmp = np.empty(dst.size, np.float32)
+                    gemv_row(table, op[A], h2f, src, tmp, *routines)
+                    dst += tmp
+                else:
+                    gemv_row(table, op[A], h2f, src, dst, *routines)
+                if op[D] >= 0:
+                    dst += biases[op[D], :dst.size]
+            elif code == HEAD_NORM:
+                buf = bufs[op[B]]
+                heads = _view2(buf, buf.size // head_dim, head_dim)
+                ops.rmsnorm(heads.copy(), head_norms[op[A]], eps, heads)
+            elif code == ATTENTION:
+                q3 = _view3(bufs[op[A]], 1, n_heads, head_dim)
+                k3 = _view3(bufs[op[B]], 1, n_kv, head_dim)
+                ops.rope(q3, c1, s1)
+                ops.rope(k3, c1, s1)
+                _store(k_cache, blk, pos, k3[0])
+                _store(v_cache, blk, pos, _view2(bufs[op[C]], n_kv, head_dim))
+                window = op[E]
+                start = 0 if window == 0 else max(0, pos + 1 - window)
+                ops.attention_decode(q3[0], k_cache[blk], v_cache[blk], start, pos + 1, scales[blk, s],
+                                     _view2(bufs[op[D]], n_heads, head_dim))
+            elif code == GLU:
+                gate, up = bufs[op[A]], bufs[op[B]]
+                ops.silu_mul(_view2(gate, 1, gate.size), _view2(up, 1, up.size))
 
 
-@njit(cache=True)
-def _gemv_dense(table, i, h2f, x, out):
-    """out = W_i @ x for a dense (not n:m) weight in row i of the table (any kind, see KIND_CODES)."""
-    kind = table[i, KIND]
-    rows = table[i, ROWS]
-    nbytes = table[i, CODE_BYTES]
-    codes = carray(_address(table[i, CODES]), (rows, nbytes), np.uint8)
-    if kind == 0:
-        dense.gemv_f32(codes.view(np.float32), x, out)
-    elif kind == 1:
-        dense.gemv_f16(codes.view(np.uint16), x, out)
-    elif kind == 2:
-        dense.gemv_bf16(codes.view(np.uint16), x, out)
-    else:
-        k = table[i, IN]
-        group = table[i, GROUP]
-        n_groups = table[i, N_GROUPS]
-        scales = carray(_address(table[i, SCALES]), (rows, n_groups), np.uint16)
-        has_zeros = table[i, HAS_ZEROS] != 0
-        # without zeros the kernels never read this array; any valid address will do
-        zeros = carray(_address(table[i, ZEROS] if has_zeros else table[i, CODES]),
-                       (rows, n_groups) if has_zeros else (1, 1), np.uint8)
-        padded = (group + 7) // 8 * 8
-        if kind == 4 and group % 8 == 0:  # int8 activations, as GroupQuantOp.gemv (linear.q8act)
-            xq, d, sums = quant.quantize_x(x, k, group, padded)
-            quant.gemv_q4_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, out)
-            return
-        xp, xs = quant.pad_x(x, k, group, padded)
-        if kind == 3:
-            quant.gemv_q8(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
-        elif kind == 4:
-            quant.gemv_q4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
-        elif kind == 5:
-            quant.gemv_q3(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
-        elif kind == 6:
-            quant.gemv_q2(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
-        else:
-            quant.gemv_nf4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out)
+class Programs:
+    """The blocks' steps as decode_step's arrays; linear steps point at weight-table rows."""
+
+    def __init__(self, blocks: list[Block], reader, linear_rows: dict[str, int]):
+        names: dict[str, int] = {}
+        widths: list[int] = []
+
+        def buffer(name: str, width: int) -> int:
+            if name not in names:
+                names[name] = len(widths)
+                widths.append(width)
+            return names[name]
+
+        self.norms, self.head_norms, self.biases = [], [], []
+
+        def stacked(rows: list, tensor: str) -> int:
+            rows.append(np.asarray(reader[tensor].arrays["data"], np.float32))
+            return len(rows) - 1
+
+        max_steps = max(len(b.steps) for b in blocks)
+        self.programs = np.zeros((len(blocks), max_steps, PROGRAM_WIDTH), np.int64)
+        self.n_steps = np.array([len(b.steps) for b in blocks], np.int64)
+        self.scales = np.zeros((len(blocks), max_steps), np.float32)
+        for bi, blk in enumerate(blocks):
+            buf = {n: buffer(n, w) for n, w in blk.widths.items()}
+            for si, step in enumerate(blk.steps):
+                row = self.programs[bi, si]
+                row[OP] = STEP_TYPES.index(type(step))
+                if isinstance(step, Norm):
+                    row[A:C + 1] = stacked(self.norms, step.weight), buf[step.src], buf[step.dst]
+                elif isinstance(step, HeadNorm):
+                    row[A:B + 1] = stacked(self.head_norms, step.weight), buf[step.buf]
+                elif isinstance(step, Linear):
+                    bias = stacked(self.biases, step.bias) if step.bias is not None else -1
+                    row[A:E + 1] = linear_rows[step.weight], buf[step.src], buf[step.dst], bias, int(step.residual)
+                elif isinstance(step, Attention):
+                    row[A:E + 1] = buf[step.q], buf[step.k], buf[step.v], buf[step.dst], step.window or 0
+                    self.scales[bi, si] = step.scale
+                elif isinstance(step, Glu):
+                    row[A:B + 1] = buf[step.gate], buf[step.up]
+                else:
+                    raise NotImplementedError(f"the fused CPU step has no code for {type(step).__name__}")
+        self.buffers = names
+        self.widths = np.array(widths, np.int64)
+        self.norms = _stack(self.norms)
+        self.head_norms = _stack(self.head_norms)
+        self.biases = _stack(self.biases)
 
 
-@njit(cache=True)
-def _linear(table, i, h2f, x):
-    out = np.empty(table[i, ROWS], np.float32)
-    gemv_row(table, i, h2f, x, out)
+def _stack(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of possibly different lengths as one zero-padded float32 array ((0, 0) for none)."""
+    if not rows:
+        return np.zeros((0, 0), np.float32)
+    out = np.zeros((len(rows), max(r.size for r in rows)), np.float32)
+    for i, r in enumerate(rows):
+        out[i, :r.size] = r
     return out
 
 
-@njit(cache=True)
-def decode_step(x, pos, table, norms, biases, qk_norms, k_cache, v_cache, cos, sin,
-                n_heads, n_kv, head_dim, eps, window, h2f, logits):
-    """Run one token through every layer and the head.
-
-    x (dim,) embedding of the token (updated in place as the residual stream); pos its position;
-    table (n_linears, WIDTH) int64: weight table rows 7*layer + j for wq wk wv wo w1 w3 w2, then the
-    head; norms (2*n_layers + 1, dim): attn_norm, ffn_norm per layer, then the final norm;
-    biases (3*n_layers, n_heads*head_dim): bq bk bv per layer, zero-padded, or shape (0, 0);
-    qk_norms (2*n_layers, head_dim) or (0, 0); k_cache, v_cache (n_layers, max_seq, n_kv_heads,
-    head_dim); cos, sin (max_seq, head_dim/2); window: sliding window (0: none). Writes logits.
-    """
-    n_layers = k_cache.shape[0]
-    dim = x.shape[0]
-    scale = np.float32(1.0 / math.sqrt(head_dim))
-    xn = np.empty((1, dim), np.float32)
-    att = np.empty((n_heads, head_dim), np.float32)
-    start = 0 if window == 0 else max(0, pos + 1 - window)
-    c1 = cos[pos:pos + 1]
-    s1 = sin[pos:pos + 1]
-    q_dim = n_heads * head_dim
-    kv_dim = n_kv * head_dim
-    for layer in range(n_layers):
-        base = layer * 7
-        ops.rmsnorm(x.reshape(1, dim), norms[2 * layer], eps, xn)
-        q = _linear(table, base + 0, h2f, xn[0])
-        k = _linear(table, base + 1, h2f, xn[0])
-        v = _linear(table, base + 2, h2f, xn[0])
-        if biases.shape[0]:
-            q += biases[3 * layer, :q_dim]
-            k += biases[3 * layer + 1, :kv_dim]
-            v += biases[3 * layer + 2, :kv_dim]
-        if qk_norms.shape[0]:
-            q2 = q.reshape(n_heads, head_dim)
-            ops.rmsnorm(q2.copy(), qk_norms[2 * layer], eps, q2)
-            k2 = k.reshape(n_kv, head_dim)
-            ops.rmsnorm(k2.copy(), qk_norms[2 * layer + 1], eps, k2)
-        q3 = q.reshape(1, n_heads, head_dim)
-        k3 = k.reshape(1, n_kv, head_dim)
-        ops.rope(q3, c1, s1)
-        ops.rope(k3, c1, s1)
-        k_cache[layer, pos] = k3[0]
-        v_cache[layer, pos] = v.reshape(n_kv, head_dim)
-        ops.attention_decode(q3[0], k_cache[layer], v_cache[layer], start, pos + 1, scale, att)
-        x += _linear(table, base + 3, h2f, att.reshape(q_dim))
-        ops.rmsnorm(x.reshape(1, dim), norms[2 * layer + 1], eps, xn)
-        gate = _linear(table, base + 4, h2f, xn[0])
-        up = _linear(table, base + 5, h2f, xn[0])
-        ops.silu_mul(gate.reshape(1, -1), up.reshape(1, -1))
-        x += _linear(table, base + 6, h2f, gate)
-    ops.rmsnorm(x.reshape(1, dim), norms[2 * n_layers], eps, xn)
-    gemv_row(table, n_layers * 7, h2f, xn[0], logits)
-
-
 class FusedDecoder:
-    """The weight table of a model and its small stacked parameters; call with (embedding, pos)."""
+    """The weight table and block programs of a model; call with (embedding, position)."""
 
-    def __init__(self, rows, keep, norms, biases, qk_norms, args, cache, cos, sin):
-        self.table = np.asarray(rows, np.int64)  # (n_linears, WIDTH)
+    def __init__(self, blocks: list[Block], reader, args, cache, cos, sin, rows: dict[str, tuple]):
+        names = list(rows)
+        table, keep = zip(*rows.values())
+        self.table = np.asarray(table, np.int64)  # (n_linears, base.WIDTH)
         self._keep = keep  # the arrays whose addresses are in the table
-        self.norms = np.ascontiguousarray(np.stack(norms), np.float32)  # (2*n_layers + 1, dim)
-        self.biases = biases  # (3*n_layers, n_heads*head_dim) or (0, 0)
-        self.qk_norms = qk_norms  # (2*n_layers, head_dim) or (0, 0)
+        self.programs = Programs(blocks, reader, {n: i for i, n in enumerate(names)})
+        assert self.programs.buffers[X] == 0, "decode_step keeps the residual stream in buffer 0"
+        used = set(self.table[:, ROUTINE_COL].tolist())
+        self.routines = tuple(0 if r in used else None for r in range(len(ROUTINES)))
         self.args = args
         self.cache = cache
         self.cos, self.sin = cos, sin
-        self.vocab = int(self.table[-1, ROWS])
+        self.logits_buffer = self.programs.buffers[LOGITS]
+        self.vocab = int(self.programs.widths[self.logits_buffer])
         self.eps = np.float32(args.norm_eps)
-        self.window = args.sliding_window or 0
 
     def __call__(self, x: np.ndarray, pos: int) -> np.ndarray:
-        a = self.args
+        a, p = self.args, self.programs
         logits = np.empty(self.vocab, np.float32)
-        decode_step(np.ascontiguousarray(x, np.float32), pos, self.table, self.norms, self.biases,
-                    self.qk_norms, self.cache.k, self.cache.v, self.cos, self.sin,
-                    a.n_heads, a.n_kv_heads, a.head_dim, self.eps, self.window, H2F, logits)
+        decode_step(np.array(x, np.float32), pos, p.programs, p.n_steps, p.scales, p.widths, self.table, p.norms,
+                    p.head_norms, p.biases, self.cache.k, self.cache.v, self.cos, self.sin, a.n_heads,
+                    a.n_kv_heads, a.head_dim, self.eps, H2F, logits, self.logits_buffer, self.routines)
         return logits
 
 
-def build(reader, args, cache, cos, sin, linears: dict | None = None) -> FusedDecoder | None:
-    """A FusedDecoder over the file's tensors (read in place: `linears`, the model's ops, are not
-    needed), or None if some tensor needs the per-op path."""
-    names = []
-    for i in range(args.n_layers):
-        names += [f"layers.{i}.attn.{w}" for w in ("wq", "wk", "wv", "wo")]
-        names += [f"layers.{i}.ffn.{w}" for w in ("w1", "w3", "w2")]
-    names.append("output" if "output" in reader else "tok_embeddings")
-    entries = [linear_entry(reader[n]) for n in names]
-    if any(e is None for e in entries):
-        return None
-    rows, keep = zip(*entries)
-
-    def data(name):
-        return np.asarray(reader[name].arrays["data"], np.float32)
-
-    norms = [data(f"layers.{i}.{w}") for i in range(args.n_layers) for w in ("attn_norm", "ffn_norm")]
-    norms.append(data("norm"))
-    biases = np.zeros((0, 0), np.float32)
-    if args.qkv_bias:
-        biases = np.zeros((3 * args.n_layers, args.n_heads * args.head_dim), np.float32)
-        for i in range(args.n_layers):
-            for j, b in enumerate(("bq", "bk", "bv")):
-                v = data(f"layers.{i}.attn.{b}")
-                biases[3 * i + j, :v.size] = v
-    qk = np.zeros((0, 0), np.float32)
-    if args.qk_norm:
-        qk = np.stack([data(f"layers.{i}.attn.{b}") for i in range(args.n_layers) for b in ("q_norm", "k_norm")])
-    return FusedDecoder(rows, keep, norms, biases, np.ascontiguousarray(qk, np.float32), args, cache, cos, sin)
+def build(blocks: list[Block], reader, args, cache, cos, sin, linears: dict) -> FusedDecoder | None:
+    """A FusedDecoder running `blocks` (qformat.block.decoder) with the model's ops `linears`
+    (tensor name -> op), or None if some op fills no weight-table row."""
+    rows = {}
+    for name in dict.fromkeys(s.weight for b in blocks for s in b.linears()):
+        rows[name] = linears[name].fused_row()
+        if rows[name] is None:
+            return None
+    return FusedDecoder(blocks, reader, args, cache, cos, sin, rows)

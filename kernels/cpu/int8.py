@@ -28,9 +28,11 @@ from numba.extending import intrinsic
 from qformat.schemes import Tensor
 
 from . import gemm_vnni
+from ..layouts import w8a8_static
+from .base import ACT, ACT_SCALE, H2F, LinearBase, Sidecars, grouped_row
 from .features import VNNI
-from ..reference import w8a8_static
-from .linear import H2F, _Sidecars, group_quant_op
+from .grouped import GroupQuantOp
+from .sparse import SparseGroupQuantOp
 
 # int32 accumulation of up to 255 * 127 per column
 MAX_COLUMNS = (2**31 - 1) // (255 * 127)
@@ -267,7 +269,7 @@ GEMV = gemv_w8a8_vnni if VNNI else gemv_w8a8
 GEMM = gemm_w8a8_vnni if VNNI else gemm_w8a8
 
 
-class W8A8Op:
+class W8A8Op(LinearBase):
     """A q8/q4/... weight whose inputs are quantized to int8 per token (tensor `activation`).
 
     x' = x / input_scale (when stored); the 16-bit columns (fp_cols) are zeroed in the int8
@@ -278,16 +280,16 @@ class W8A8Op:
 
     def __init__(self, t: Tensor):
         a = t.arrays
-        rows, k = t.shape
+        k = t.shape[1]
         self.static = w8a8_static(t)
         check_width(k, t.name)
-        self.name = t.name
-        self.out_features, self.in_features = rows, k
+        super().__init__(t)
         dense_roles = ("codes", "scales", "zeros", "perm", "sparse_index")
-        self.dense = group_quant_op(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items() if r in dense_roles},
-                                         t.group_size, t.symmetric, t.sparsity))
+        dense_op = GroupQuantOp if t.sparsity is None else SparseGroupQuantOp
+        self.dense = dense_op(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items() if r in dense_roles},
+                                     t.group_size, t.symmetric, t.sparsity), float_activations=True)
         side_roles = ("outlier_rowptr", "outlier_cols", "outlier_values", "fp_cols", "fp_weight")
-        self.side = _Sidecars(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items() if r in side_roles}))
+        self.side = Sidecars(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items() if r in side_roles}))
         self.inv_scale = (np.float32(1.0) / np.asarray(a["input_scale"], np.float32)) if "input_scale" in a else None
         self.fp_cols = np.asarray(a["fp_cols"], np.int64) if "fp_cols" in a else None
         self.act_scale = np.float32(a["act_scale"][0]) if self.static else np.float32(0.0)
@@ -352,8 +354,17 @@ class W8A8Op:
             self.side.add_gemm(x1, out)
         return out
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Weight rows (embedding lookup): the stored weights, activation quantization aside."""
-        ids = np.asarray(ids, np.int64)
-        out = self.dense.rows(ids)
-        return self.side.fix_rows(ids, out) if self.side.any else out
+    def fused_row(self):
+        """The fused step runs what `--scheme w8a8` writes: the integer kernels (per-channel q8
+        rows), without input_scale; other W8A8 layouts take the per-operation path."""
+        if not self.integer or self.inv_scale is not None:
+            return None
+        row, keep = grouped_row("w8a8", self.codes, self.scales, self.zeros if self.has_zeros else None,
+                                self.in_features, self.in_features)
+        keep += Sidecars(self.tensor).fill_row(row)
+        row[ACT] = 2 if self.static else 1
+        if self.static:
+            scale = np.asarray([self.act_scale], np.float32)
+            row[ACT_SCALE] = scale.ctypes.data
+            keep.append(scale)
+        return row, keep

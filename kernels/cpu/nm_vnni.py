@@ -28,7 +28,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quant import FAST
+from .base import FAST
 
 
 LANES = 16  # rows per 512-bit vector of int32 lanes

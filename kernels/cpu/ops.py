@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .quant import FAST
+from .base import FAST
 from .threads import run_row_chunks, run_tasks
 
 # Queries per prefill-attention task: small blocks skip more of the causally masked keys.
@@ -132,12 +132,3 @@ def attention_prefill(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: in
 
     run_tasks(task, [(b0, kvh) for b0 in range(0, n, QUERY_BLOCK) for kvh in range(n_kv)])
     return out
-
-
-def rope_tables(inv_freq: np.ndarray, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin tables (n_positions, head_dim // 2) in float32, as transformers computes them."""
-    pos = np.arange(n_positions, dtype=np.float32)
-    freqs = pos[:, None] * inv_freq[None, :].astype(np.float32)
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
-
-

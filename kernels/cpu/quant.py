@@ -28,19 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from qformat.constants import NF4_LEVELS
-
-# fastmath lets LLVM reassociate the float reductions (that is what vectorizes the inner loops);
-# it is restricted to the flags that only change summation order, not NaN/inf handling.
-FAST = {"reassoc", "contract", "nsz", "arcp"}
-
-
-def half_table() -> np.ndarray:
-    """float32 value of every float16 bit pattern, indexed by the pattern."""
-    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-NF4_TABLE = NF4_LEVELS.astype(np.float32)
+from .base import FAST, NF4_TABLE
 
 
 @njit(cache=True, fastmath=FAST)
@@ -64,7 +52,7 @@ def pad_x(x, k, group, padded):
 # Per-group dot products sum_j code_j * x_j over one padded group (S = bytes per slice).
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _dot8(cg, xg, plen):
+def dot8(cg, xg, plen):
     d = np.float32(0.0)
     for j in range(plen):
         d += np.float32(cg[j]) * xg[j]
@@ -72,7 +60,7 @@ def _dot8(cg, xg, plen):
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _dot4(cg, xg, plen):
+def dot4(cg, xg, plen):
     s = plen // 2
     d = np.float32(0.0)
     for j in range(s):
@@ -84,7 +72,7 @@ def _dot4(cg, xg, plen):
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _dot_nf4(cg, xg, plen, levels):
+def dot_nf4(cg, xg, plen, levels):
     s = plen // 2
     d = np.float32(0.0)
     for j in range(s):
@@ -94,7 +82,7 @@ def _dot_nf4(cg, xg, plen, levels):
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _dot2(cg, xg, plen):
+def dot2(cg, xg, plen):
     s = plen // 4
     d = np.float32(0.0)
     for j in range(s):
@@ -105,9 +93,9 @@ def _dot2(cg, xg, plen):
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _dot3(cg, xg, plen):
+def dot3(cg, xg, plen):
     # low two bits: a 2-bit plane of plen/4 bytes; high bit: a 1-bit plane of plen/8 bytes after it
-    d = _dot2(cg, xg, plen)
+    d = dot2(cg, xg, plen)
     s1 = plen // 8
     hi = plen // 4
     h = np.float32(0.0)
@@ -136,11 +124,11 @@ def gemv_q8(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
         crow = codes[r]
         acc = np.float32(0.0)
         for g in range(n_full):
-            d = _dot8(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            d = dot8(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
             z = np.float32(zeros[r, g]) if has_zeros else mid
             acc += h2f[scales[r, g]] * (d - z * xs[g])
         if n_full < n_groups:
-            d = _dot8(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            d = dot8(crow[n_full * gbytes:], xp[n_full], tail_padded)
             z = np.float32(zeros[r, n_full]) if has_zeros else mid
             acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
         out[r] = acc
@@ -159,11 +147,11 @@ def gemv_q4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
         crow = codes[r]
         acc = np.float32(0.0)
         for g in range(n_full):
-            d = _dot4(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            d = dot4(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
             z = np.float32(zeros[r, g]) if has_zeros else mid
             acc += h2f[scales[r, g]] * (d - z * xs[g])
         if n_full < n_groups:
-            d = _dot4(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            d = dot4(crow[n_full * gbytes:], xp[n_full], tail_padded)
             z = np.float32(zeros[r, n_full]) if has_zeros else mid
             acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
         out[r] = acc
@@ -182,11 +170,11 @@ def gemv_q2(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
         crow = codes[r]
         acc = np.float32(0.0)
         for g in range(n_full):
-            d = _dot2(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            d = dot2(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
             z = np.float32(zeros[r, g]) if has_zeros else mid
             acc += h2f[scales[r, g]] * (d - z * xs[g])
         if n_full < n_groups:
-            d = _dot2(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            d = dot2(crow[n_full * gbytes:], xp[n_full], tail_padded)
             z = np.float32(zeros[r, n_full]) if has_zeros else mid
             acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
         out[r] = acc
@@ -205,11 +193,11 @@ def gemv_q3(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
         crow = codes[r]
         acc = np.float32(0.0)
         for g in range(n_full):
-            d = _dot3(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            d = dot3(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
             z = np.float32(zeros[r, g]) if has_zeros else mid
             acc += h2f[scales[r, g]] * (d - z * xs[g])
         if n_full < n_groups:
-            d = _dot3(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            d = dot3(crow[n_full * gbytes:], xp[n_full], tail_padded)
             z = np.float32(zeros[r, n_full]) if has_zeros else mid
             acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
         out[r] = acc
@@ -228,9 +216,9 @@ def gemv_nf4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
         crow = codes[r]
         acc = np.float32(0.0)
         for g in range(n_full):
-            acc += h2f[scales[r, g]] * _dot_nf4(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded, levels)
+            acc += h2f[scales[r, g]] * dot_nf4(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded, levels)
         if n_full < n_groups:
-            acc += h2f[scales[r, n_full]] * _dot_nf4(crow[n_full * gbytes:], xp[n_full], tail_padded, levels)
+            acc += h2f[scales[r, n_full]] * dot_nf4(crow[n_full * gbytes:], xp[n_full], tail_padded, levels)
         out[r] = acc
 
 
@@ -361,13 +349,13 @@ def gemv_q4_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, o
 # Per-group unpacking into a float row segment `og` (plen padded elements): value = s * (q - z).
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _deq8(cg, og, plen, s, z):
+def deq8(cg, og, plen, s, z):
     for j in range(plen):
         og[j] = s * (np.float32(cg[j]) - z)
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _deq4(cg, og, plen, s, z):
+def deq4(cg, og, plen, s, z):
     h = plen // 2
     for j in range(h):
         c = np.int32(cg[j])
@@ -376,7 +364,7 @@ def _deq4(cg, og, plen, s, z):
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _deq2(cg, og, plen, s, z):
+def deq2(cg, og, plen, s, z):
     q = plen // 4
     for j in range(q):
         c = np.int32(cg[j])
@@ -387,9 +375,9 @@ def _deq2(cg, og, plen, s, z):
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _deq3(cg, og, plen, s, z):
+def deq3(cg, og, plen, s, z):
     # the 2-bit plane with z, then add 4*s for every set bit of the 1-bit plane
-    _deq2(cg, og, plen, s, z)
+    deq2(cg, og, plen, s, z)
     e = plen // 8
     hi = plen // 4
     four_s = np.float32(4.0) * s
@@ -419,7 +407,7 @@ def dequant_q8(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
         for g in range(n_groups):
             plen = padded if g < n_full else tail_padded
             z = np.float32(zeros[r, g]) if has_zeros else mid
-            _deq8(crow[g * gbytes:g * gbytes + plen * 8 // 8], orow[g * padded:g * padded + plen],
+            deq8(crow[g * gbytes:g * gbytes + plen * 8 // 8], orow[g * padded:g * padded + plen],
                   plen, h2f[scales[r, g]], z)
 
 
@@ -439,7 +427,7 @@ def dequant_q4(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
         for g in range(n_groups):
             plen = padded if g < n_full else tail_padded
             z = np.float32(zeros[r, g]) if has_zeros else mid
-            _deq4(crow[g * gbytes:g * gbytes + plen * 4 // 8], orow[g * padded:g * padded + plen],
+            deq4(crow[g * gbytes:g * gbytes + plen * 4 // 8], orow[g * padded:g * padded + plen],
                   plen, h2f[scales[r, g]], z)
 
 
@@ -459,7 +447,7 @@ def dequant_q2(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
         for g in range(n_groups):
             plen = padded if g < n_full else tail_padded
             z = np.float32(zeros[r, g]) if has_zeros else mid
-            _deq2(crow[g * gbytes:g * gbytes + plen * 2 // 8], orow[g * padded:g * padded + plen],
+            deq2(crow[g * gbytes:g * gbytes + plen * 2 // 8], orow[g * padded:g * padded + plen],
                   plen, h2f[scales[r, g]], z)
 
 
@@ -479,7 +467,7 @@ def dequant_q3(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
         for g in range(n_groups):
             plen = padded if g < n_full else tail_padded
             z = np.float32(zeros[r, g]) if has_zeros else mid
-            _deq3(crow[g * gbytes:g * gbytes + plen * 3 // 8], orow[g * padded:g * padded + plen],
+            deq3(crow[g * gbytes:g * gbytes + plen * 3 // 8], orow[g * padded:g * padded + plen],
                   plen, h2f[scales[r, g]], z)
 
 
@@ -524,16 +512,14 @@ def pad_rows(x, k, group, out):
                 out[i, g * padded + e] = 0.0
 
 
-def logical_columns(k: int, group: int) -> np.ndarray:
-    """Index of each logical column (0..k-1) in the padded layout."""
-    padded = (group + 7) // 8 * 8
-    c = np.arange(k)
-    return (c // group) * padded + c % group
-
-
 # The full-group kernel for groups of a multiple of 64 columns, chosen here (features): vpdpbusd
-# on AVX512-VNNI/BW CPUs. Imported last: q4_vnni uses FAST from this module.
+# on AVX512-VNNI/BW CPUs.
 from . import q4_vnni  # noqa: E402
 from .features import VNNI_BW  # noqa: E402
 
 ROWS_Q4_64 = q4_vnni.rows if VNNI_BW else _rows_q4_any
+
+# The float-activation GEMV and the row dequantizer of each grouped kind (the 4-bit GEMV on int8
+# activations, gemv_q4_q8act, is chosen by the ops where kernels.layouts.q8act says so).
+GEMV = {"q8": gemv_q8, "q4": gemv_q4, "q3": gemv_q3, "q2": gemv_q2, "nf4": gemv_nf4}
+DEQUANT = {"q8": dequant_q8, "q4": dequant_q4, "q3": dequant_q3, "q2": dequant_q2, "nf4": dequant_nf4}

@@ -13,7 +13,7 @@ at load in row tiles (same bytes, see "tile layout" below). Modelled exactly by
 qformat.kernels.reference.gemv_nm_q8act_reference.
 
 Other kinds (q8, q3, q2, nf4; float activations): per row, the kept columns' activations are
-gathered into a kept-order buffer, then the dense kernels' per-group dot products (quant._dot*)
+gathered into a kept-order buffer, then the dense kernels' per-group dot products (quant.dot*)
 run on it. Their positions are re-packed at load with the codes' planar layout (planar_index).
 
 Prefill (GEMM): a block of rows is dequantized once and scattered into float rows, then BLAS.
@@ -30,9 +30,12 @@ from qformat.packing import pack_codes, padded_len
 from qformat.schemes import KINDS, Tensor, unpack_nm_index
 
 from . import nm_vnni, quant
+from .base import (CODE_BITS, CODE_BYTES, CODES, FAST, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_GROUPS, N_TILES,
+                   NF4_TABLE, NM_INDEX, NM_INDEX_BYTES, NM_M, NM_N, NM_TILE, ROWS, SCALES, ZEROS, LinearBase,
+                   Sidecars, new_row)
 from .features import VNNI_VBMI
-from .linear import _KERNELS, H2F, _Base, _Sidecars
-from .quant import FAST, NF4_TABLE, _dot2, _dot3, _dot4, _dot8, _dot_nf4
+from .quant import dot2, dot3, dot4, dot8, dot_nf4
+from ..layouts import q8act
 
 # Rows per parallel task (as quant.ROW_BLOCK: two threads split a 192-row projection evenly).
 ROW_BLOCK = 32
@@ -371,16 +374,16 @@ def gemv_nm(bits, nf4, codes, scales, zeros, has_zeros, h2f, index, x, k, group,
                 plen = pc if g < n_full else tail_pc
                 cg = crow[g * gbytes:g * gbytes + plen * bits // 8]
                 if nf4:
-                    acc += h2f[scales[r, g]] * _dot_nf4(cg, xk[g], plen, NF4_TABLE)
+                    acc += h2f[scales[r, g]] * dot_nf4(cg, xk[g], plen, NF4_TABLE)
                     continue
                 if bits == 8:
-                    dt = _dot8(cg, xk[g], plen)
+                    dt = dot8(cg, xk[g], plen)
                 elif bits == 4:
-                    dt = _dot4(cg, xk[g], plen)
+                    dt = dot4(cg, xk[g], plen)
                 elif bits == 3:
-                    dt = _dot3(cg, xk[g], plen)
+                    dt = dot3(cg, xk[g], plen)
                 else:
-                    dt = _dot2(cg, xk[g], plen)
+                    dt = dot2(cg, xk[g], plen)
                 z = np.float32(zeros[r, g]) if has_zeros else mid
                 acc += h2f[scales[r, g]] * (dt - z * xs[g])
             out[r] = acc
@@ -414,7 +417,7 @@ class NmLayout:
     tile layout (copies, the same bytes as the file's); other kinds: codes, scales and zeros are
     views of the file and the positions are re-packed planar (planar_index)."""
 
-    def __init__(self, t: Tensor):
+    def __init__(self, t: Tensor, float_activations: bool = False):
         if t.sparsity is None:
             raise ValueError(f"tensor {t.name}: not n:m sparse")
         n, m = t.sparsity
@@ -430,7 +433,7 @@ class NmLayout:
         self.bits = kind.bits
         self.nf4 = kind.nf4
         self.has_zeros = "zeros" in a
-        self.tiled = t.kind == "q4"  # int8 activations, tile layout
+        self.tiled = q8act(t.kind, self.group, sparse=True) and not float_activations  # the tile layout
         codes = np.asarray(a["codes"])
         scales = np.asarray(a["scales"]).view(np.uint16)
         if self.tiled:
@@ -467,18 +470,18 @@ class NmLayout:
         return out
 
 
-class SparseGroupQuantOp(_Base):
+class SparseGroupQuantOp(LinearBase):
     """The linear op (qformat.kernels.registry.LinearOp) of an n:m sparse grouped weight: GEMV on
-    the sparse kernels, prefill (linear._Base.gemm) on blocks of rows dequantized and scattered
-    once per block, then BLAS."""
+    the sparse kernels, prefill (LinearBase.gemm) on blocks of rows dequantized and scattered
+    once per block, then BLAS. float_activations: as GroupQuantOp's."""
 
-    def __init__(self, t: Tensor):
+    def __init__(self, t: Tensor, float_activations: bool = False):
         super().__init__(t)
         if t.activation is not None:
-            raise NotImplementedError(f"tensor {t.name}: sparse {t.kind} with 8-bit activations has no CPU kernel yet")
-        self.nm = NmLayout(t)
-        self.side = _Sidecars(t)
-        self._dequant = _KERNELS[t.kind][1]
+            raise ValueError(f"tensor {t.name}: W8A8; its op is kernels.cpu.int8.W8A8Op")
+        self.nm = NmLayout(t, float_activations)
+        self.side = Sidecars(t)
+        self._dequant = quant.DEQUANT[t.kind]
 
     def gemv(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         xs = np.ascontiguousarray(self.side.stored_x(x), np.float32)
@@ -487,18 +490,27 @@ class SparseGroupQuantOp(_Base):
             self.side.add_gemv(x, out)
         return out
 
-    def _prep_x(self, x: np.ndarray) -> np.ndarray:
+    def prepare_x(self, x: np.ndarray) -> np.ndarray:
         return self.side.stored_x(x)
 
-    def _weight_block(self, ids: np.ndarray) -> np.ndarray:
+    def weight_block(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows `ids` in stored column order (pruned columns zero), sidecars not added."""
         return self.nm.dense_rows(H2F, self._dequant, ids)
 
-    def _add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:
+    def add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:
         if self.side.any:
             self.side.add_gemm(x, out)
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        stored = self._weight_block(ids)
-        return self.side.fix_rows(ids, stored) if self.side.any else stored
+    def fused_row(self):
+        nm = self.nm
+        per_row = -2 if nm.tiled else 1  # the axis of bytes per row (per tile row when tiled)
+        row = new_row("n:m-q4-q8act" if nm.tiled else "n:m")
+        row[HAS_ZEROS], row[GROUP], row[IN], row[ROWS] = int(nm.has_zeros), nm.group, nm.k, nm.rows
+        row[CODES], row[CODE_BYTES] = nm.codes.ctypes.data, nm.codes.shape[per_row]
+        row[SCALES], row[N_GROUPS] = nm.scales.ctypes.data, nm.scales.shape[per_row]
+        row[ZEROS] = nm.zeros.ctypes.data if nm.has_zeros else 0
+        row[NM_N], row[NM_M] = nm.n, nm.m
+        row[NM_INDEX], row[NM_INDEX_BYTES] = nm.index.ctypes.data, nm.index.shape[per_row]
+        row[N_TILES], row[NM_TILE] = (nm.codes.shape[0], nm.codes.shape[-1]) if nm.tiled else (0, 0)
+        row[CODE_BITS], row[IS_NF4] = nm.bits, int(nm.nf4)
+        return row, [nm.codes, nm.scales, nm.zeros, nm.index] + self.side.fill_row(row)

@@ -1,13 +1,26 @@
 """CUDA backend: CUDA C kernels (the .cu files beside this module) compiled by CuPy at first use.
 
-Importing it registers the ("cuda", kind) ops of linear.py, the per-token ops of device.py and
-the graph-captured decode step of decoder.py; CuPy itself is imported only when they are used.
-Checked against the NumPy references and transformers on the CPU through a host emulation
-(tests/test_cuda_kernels.py, tests/test_runtime_model.py); not yet run or measured on a GPU
-(issue 5).
+The registry reads LINEAR_OPS (every layout the converter writes: float, dense and n:m grouped,
+W8A8), DEVICE_OPS (device.py's per-token operations) and build_decoder (decoder.py's
+graph-captured decode step); CuPy itself is imported only when a kernel runs. Checked against
+the NumPy references and transformers on the CPU through a host emulation
+(tests/test_cuda_kernels.py, tests/test_cuda_layouts.py, tests/test_runtime_model.py); not yet run
+or measured on a GPU.
 """
 from __future__ import annotations
 
-from .linear import register_all
+from qformat.schemes import FLOAT_KINDS, QUANT_KINDS
 
-register_all()
+from ..layouts import A8, DENSE, NM
+from .decoder import build as build_decoder
+from .device import CUDAOps
+from .linear import CudaDenseOp, CudaGroupQuantOp, CudaW8A8Op
+
+LINEAR_OPS = {
+    **{(kind, DENSE): CudaDenseOp for kind in FLOAT_KINDS},
+    **{(kind, form): CudaGroupQuantOp for kind in QUANT_KINDS for form in (DENSE, NM)},
+    **{(kind, A8): CudaW8A8Op for kind in QUANT_KINDS},
+}
+DEVICE_OPS = CUDAOps()
+
+__all__ = ["DEVICE_OPS", "LINEAR_OPS", "build_decoder"]

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .module import kernel
+from . import module
 from .upload import uploading
 
 # Threads per block of the row and attention kernels (a multiple of 32).
 THREADS = 128
 # ops.cu's CHUNK: keys per attention split.
 CHUNK = 256
-
-
-def _cupy():
-    import cupy
-
-    return cupy
 
 
 def _in_place(*arrays) -> None:
@@ -32,6 +26,9 @@ class CUDAOps:
     name = "cuda"
     kv_dtype = np.float16
 
+    def set_threads(self, n: int | None) -> None:
+        """Nothing to set: the host only launches kernels."""
+
     def loading(self, reader):
         """Context of a model's load: weights staged to the device through pinned memory, with a
         progress bar for large files (upload.py)."""
@@ -39,22 +36,23 @@ class CUDAOps:
         return uploading(sum(t.nbytes for t in tensors if t.kind != "bytes"))
 
     def asarray(self, a):
-        return _cupy().asarray(a)
+        return module.cupy().asarray(a)
 
     def to_numpy(self, a) -> np.ndarray:
-        return _cupy().asnumpy(a)
+        return module.cupy().asnumpy(a)
 
     def empty(self, shape, dtype=np.float32):
-        return _cupy().empty(shape, dtype)
+        return module.cupy().empty(shape, dtype)
 
     def zeros(self, shape, dtype=np.float32):
-        return _cupy().zeros(shape, dtype)
+        return module.cupy().zeros(shape, dtype)
 
     def rmsnorm(self, x, weight, eps: float):
         d = x.shape[-1]
-        flat = _cupy().ascontiguousarray(x).reshape(-1, d)
-        out = _cupy().empty_like(flat)
-        kernel("ops", "rmsnorm_f32")((flat.shape[0],), (THREADS,), (flat, weight, out, np.int32(d), np.float32(eps)))
+        flat = module.cupy().ascontiguousarray(x).reshape(-1, d)
+        out = module.cupy().empty_like(flat)
+        module.kernel("ops", "rmsnorm_f32")((flat.shape[0],), (THREADS,),
+                                            (flat, weight, out, np.int32(d), np.float32(eps)))
         return out.reshape(x.shape)
 
     def rope(self, x, cos, sin) -> None:
@@ -62,18 +60,18 @@ class CUDAOps:
         _in_place(x)
         n, heads, hd = x.shape
         total = n * heads * (hd // 2)
-        cos, sin = _cupy().ascontiguousarray(cos), _cupy().ascontiguousarray(sin)
-        kernel("ops", "rope_f32")(((total + THREADS - 1) // THREADS,), (THREADS,),
+        cos, sin = module.cupy().ascontiguousarray(cos), module.cupy().ascontiguousarray(sin)
+        module.kernel("ops", "rope_f32")(((total + THREADS - 1) // THREADS,), (THREADS,),
                                   (x, cos, sin, np.int32(n), np.int32(heads), np.int32(hd), np.int32(0)))
 
     def silu_mul(self, gate, up) -> None:
         _in_place(gate)
-        up = _cupy().ascontiguousarray(up)
+        up = module.cupy().ascontiguousarray(up)
         n = gate.size
-        kernel("ops", "silu_mul_f32")(((n + THREADS - 1) // THREADS,), (THREADS,), (gate, up, np.int64(n)))
+        module.kernel("ops", "silu_mul_f32")(((n + THREADS - 1) // THREADS,), (THREADS,), (gate, up, np.int64(n)))
 
     def attention_decode(self, q, k_cache, v_cache, start: int, stop: int, scale: float):
-        cp = _cupy()
+        cp = module.cupy()
         q = cp.ascontiguousarray(q)
         _in_place(k_cache, v_cache)
         n_heads, hd = q.shape
@@ -81,17 +79,18 @@ class CUDAOps:
         n_splits = (stop - start + CHUNK - 1) // CHUNK
         part = cp.empty((n_heads, n_splits, hd + 2), cp.float32)
         out = cp.empty((n_heads, hd), cp.float32)
-        kernel("ops", "attn_decode_split")((n_heads * n_splits,), (THREADS,),
+        module.kernel("ops", "attn_decode_split")((n_heads * n_splits,), (THREADS,),
                                            (q, k_cache, v_cache, part, np.int32(n_heads), np.int32(n_kv),
                                             np.int32(hd), np.int32(start), np.int32(stop), np.float32(scale),
                                             np.int32(n_splits)))
-        kernel("ops", "attn_decode_combine")((n_heads,), (THREADS,), (part, out, np.int32(hd), np.int32(n_splits)))
+        module.kernel("ops", "attn_decode_combine")((n_heads,), (THREADS,),
+                                                    (part, out, np.int32(hd), np.int32(n_splits)))
         return out
 
     def attention_prefill(self, q, k, v, start_pos: int, window: int | None, scale: float):
         """Per KV head: the scores of its query heads as one batched GEMM (cuBLAS), masked and
         normalized in float32, times V."""
-        cp = _cupy()
+        cp = module.cupy()
         n, n_heads, hd = q.shape
         total, n_kv, _ = k.shape
         group = n_heads // n_kv

@@ -7,7 +7,8 @@ dequantizes blocks of rows to float16 (dequant.cu) and multiplies them on the te
 through cupy.matmul (cuBLAS). Sidecars (perm, outliers, 16-bit columns) and W8A8's int8
 activations are the kernels of sidecars.cu around that product. The numbers are the CPU
 backend's (kernels/reference.py models both): q4 on int8 activations in decode, float elsewhere.
-Embedding rows come from the CPU op, a few rows per call, and are copied up.
+Embedding rows are dequantized on the host by the format's NumPy reference (Tensor.take_rows, a
+few rows per call) and copied up: exact float32, as the CPU backend gives them.
 """
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ import numpy as np
 
 from qformat.constants import NF4_LEVELS
 from qformat.packing import padded_len
-from qformat.schemes import KINDS, QUANT_KINDS, Tensor
+from qformat.schemes import KINDS, Tensor
 
-from ..reference import q8act, w8a8_static
-from ..registry import register
-from .module import kernel
+from ..layouts import q8act, w8a8_static
+from . import module
 from .upload import to_device
 
 # Warps (rows) per block of the GEMV kernels: gemv.cu's ROWS.
@@ -31,12 +31,6 @@ DEQUANT_BLOCK_BYTES = 64 << 20
 # Roles of a W8A8 tensor's int8 part; the rest are added in float (spec §6.5).
 DENSE_ROLES = ("codes", "scales", "zeros", "perm", "sparse_index")
 SIDE_ROLES = ("outlier_rowptr", "outlier_cols", "outlier_values", "fp_cols", "fp_weight")
-
-
-def _cupy():
-    import cupy
-
-    return cupy
 
 
 def gemv_variant(kind: str, group: int, row_bytes: int) -> str:
@@ -66,15 +60,11 @@ class _CudaOp:
         self.name = t.name
         self.out_features, self.in_features = t.shape
         self._tensor = t
-        self._cpu_op = None
 
     def rows(self, ids: np.ndarray):
         """(len(ids), in_features) float32 rows on the device (embedding lookup)."""
-        if self._cpu_op is None:
-            from qformat.kernels import linear_op
-
-            self._cpu_op = linear_op("cpu", self._tensor)
-        return _cupy().asarray(np.ascontiguousarray(self._cpu_op.rows(np.asarray(ids, np.int64))))
+        rows = self._tensor.take_rows(ids).dequantize()
+        return module.cupy().asarray(np.ascontiguousarray(rows, np.float32))
 
 
 class CudaSidecars:
@@ -84,9 +74,12 @@ class CudaSidecars:
     reference.dense_input); `add` adds outliers · x and fp_weight · x[fp_cols] from the logical x."""
 
     def __init__(self, t: Tensor):
-        cp = _cupy()
+        cp = module.cupy()
         a = t.arrays
         k = t.shape[1]
+        if "input_scale" in a:  # CudaW8A8Op divides by it before its dense part (which never sees it)
+            raise NotImplementedError(f"tensor {t.name}: input_scale without int8 activations (spec §6.5) has "
+                                      "no CUDA kernel; re-convert the model (qconvert writes it only for W8A8)")
         self.gathers = "perm" in a or "fp_cols" in a
         self.src = None
         if self.gathers:  # stored column c reads x[src[c]]; -1: a 16-bit column, read as 0
@@ -114,14 +107,15 @@ class CudaSidecars:
         """out (n, k) or (k,) = x gathered into stored column order; returns out."""
         n = out.size // out.shape[-1]
         k = out.shape[-1]
-        kernel("sidecars", "gather_columns")(_grid(n * k, THREADS), (THREADS,), (x, out, self.src, np.int32(n), np.int32(k)))
+        module.kernel("sidecars", "gather_columns")(_grid(n * k, THREADS), (THREADS,),
+                                                    (x, out, self.src, np.int32(n), np.int32(k)))
         return out
 
     def add(self, x, y) -> None:
         """y (n, rows) or (rows,) += the sidecars' products with x (n, k) or (k,), both contiguous."""
         rows, k = y.shape[-1], x.shape[-1]
         n = y.size // rows
-        kernel("sidecars", "add_sidecars")(
+        module.kernel("sidecars", "add_sidecars")(
             (rows,), (32, 4), (x, y, np.int32(n), np.int32(rows), np.int32(k), self.rowptr, np.int32(self.n_rowptr),
                                self.cols, self.vals, self.fp_cols, self.fp_weight, np.int32(self.n_fp)))
 
@@ -131,11 +125,11 @@ class CudaGroupQuantOp(_CudaOp):
     sidecars. Decode: q4 on int8 activations quantized per group, the others on float ones, as
     the CPU backend computes them."""
 
-    def __init__(self, t: Tensor):
+    def __init__(self, t: Tensor, float_activations: bool = False):
         super().__init__(t)
         if t.activation is not None:
             raise ValueError(f"tensor {t.name}: W8A8; use kernels.cuda.linear.CudaW8A8Op")
-        cp = _cupy()
+        cp = module.cupy()
         k = self.in_features
         kind = KINDS[t.kind]
         a = t.arrays
@@ -153,20 +147,22 @@ class CudaGroupQuantOp(_CudaOp):
         self.levels = cp.asarray(NF4_LEVELS.astype(np.float32)) if self.nf4 else cp.zeros(1, cp.float32)
         self.row_bytes = int(self.codes.shape[1])
         self.side = CudaSidecars(t)
-        self.int8_activations = q8act(t.kind, self.group, sparse=bool(self.m))
-        # the word kernels read dense q4/q8 rows of whole 32-bit words; everything else is generic
-        self.words = self.m == 0 and t.kind in ("q4", "q8") and self.group % 8 == 0
+        self.int8_activations = q8act(t.kind, self.group, sparse=bool(self.m)) and not float_activations
+        # the word kernels read dense rows of whole 32-bit words, q4 on int8 activations and q8 on
+        # float ones; everything else is generic
+        self.words = (self.m == 0 and self.group % 8 == 0
+                      and (t.kind == "q8" or t.kind == "q4" and self.int8_activations))
         if self.words:
-            self._gemv = kernel("gemv", gemv_variant(t.kind, self.group, self.row_bytes))
-            self._dequant = kernel("dequant", f"dequant_{t.kind}_f16")
+            self._gemv = module.kernel("gemv", gemv_variant(t.kind, self.group, self.row_bytes))
+            self._dequant = module.kernel("dequant", f"dequant_{t.kind}_f16")
         else:
-            self._gemv = kernel("gemv", "gemv_generic")
-            self._dequant = kernel("dequant", "dequant_generic_f16")
+            self._gemv = module.kernel("gemv", "gemv_generic")
+            self._dequant = module.kernel("dequant", "dequant_generic_f16")
         n_groups = -(-k // self.group)
         none_f = cp.zeros(1, cp.float32)
         self._xq, self._d, self._sums = cp.zeros(1, cp.int8), none_f, cp.zeros(1, cp.int32)
         if self.int8_activations:  # quantize_groups' outputs, reused by every call
-            self._quantize = kernel("gemv", "quantize_groups")
+            self._quantize = module.kernel("gemv", "quantize_groups")
             self._xq = cp.zeros(n_groups * self.group, cp.int8)
             self._d = cp.zeros(n_groups, cp.float32)
             self._sums = cp.zeros(n_groups, cp.int32)
@@ -201,7 +197,7 @@ class CudaGroupQuantOp(_CudaOp):
         """out (out_features,) float32 = W @ x (+ add, a residual or bias: may be out itself), x
         (in_features,) float32, all on the device (out contiguous: the kernels write it).
         quantized: `quantize(x)` of an op with the same `shared_input`, instead of quantizing again."""
-        cp = _cupy()
+        cp = module.cupy()
         rows, k = self.out_features, self.in_features
         x = cp.ascontiguousarray(x)
         xs = self.side.stored_x(x, self._xs) if self.side.gathers else x
@@ -231,7 +227,7 @@ class CudaGroupQuantOp(_CudaOp):
     def stored_rows(self, row0: int, n_rows: int):
         """float16 (n_rows, in_features) = rows row0.. of the dense part in stored column order
         (sidecars not added; an n:m row's pruned columns 0)."""
-        cp = _cupy()
+        cp = module.cupy()
         k = self.in_features
         out = (cp.zeros if self.m else cp.empty)((n_rows, k), cp.float16)
         if self.words:
@@ -249,7 +245,7 @@ class CudaGroupQuantOp(_CudaOp):
         """(n, out_features) float32 = x @ W.T for x (n, in_features) on the device: float16
         blocks of rows times float16 activations, accumulated in float32 by cuBLAS; sidecars
         added in float32."""
-        cp = _cupy()
+        cp = module.cupy()
         x = cp.ascontiguousarray(x, cp.float32)
         xs = self.side.stored_x(x, cp.empty_like(x)) if self.side.gathers else x
         xh = xs.astype(cp.float16)
@@ -270,14 +266,14 @@ class CudaW8A8Op(_CudaOp):
 
     def __init__(self, t: Tensor):
         super().__init__(t)
-        cp = _cupy()
+        cp = module.cupy()
         a = t.arrays
         k = self.in_features
         static = w8a8_static(t)
         self.static = np.int32(static)
         self.act_scale = np.float32(a["act_scale"][0]) if static else np.float32(0.0)
         self.dense = CudaGroupQuantOp(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items() if r in DENSE_ROLES},
-                                             t.group_size, t.symmetric, t.sparsity))
+                                             t.group_size, t.symmetric, t.sparsity), float_activations=True)
         self.side = CudaSidecars(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items() if r in SIDE_ROLES}))
         self.has_scale = "input_scale" in a
         self.inv_scale = (cp.asarray(np.float32(1.0) / np.asarray(a["input_scale"], np.float32)) if self.has_scale
@@ -290,21 +286,21 @@ class CudaW8A8Op(_CudaOp):
 
     def _inputs(self, x, x1, xa) -> None:
         n = x.size // self.in_features
-        kernel("sidecars", "w8a8_inputs")((n,), (THREADS,), (
+        module.kernel("sidecars", "w8a8_inputs")((n,), (THREADS,), (
             x, self.inv_scale, np.int32(self.has_scale), self.fp_mask, np.int32(self.has_fp), x1, xa,
             np.int32(self.in_features), self.static, self.act_scale))
 
     shared_input = None  # its inputs are its own quantization
 
     def gemv(self, x, out, add=None, quantized=None):
-        self._inputs(_cupy().ascontiguousarray(x), self._x1, self._xa)
+        self._inputs(module.cupy().ascontiguousarray(x), self._x1, self._xa)
         self.dense.gemv(self._xa, out, add)
         if self.side.adds:
             self.side.add(self._x1, out)
         return out
 
     def gemm(self, x):
-        cp = _cupy()
+        cp = module.cupy()
         x = cp.ascontiguousarray(x, cp.float32)
         x1, xa = cp.empty_like(x), cp.empty_like(x)
         self._inputs(x, x1, xa)
@@ -312,11 +308,6 @@ class CudaW8A8Op(_CudaOp):
         if self.side.adds:
             self.side.add(x1, out)
         return out
-
-
-def grouped_op(t: Tensor):
-    """The CUDA op of a grouped quantized weight: W8A8 when it quantizes its inputs."""
-    return CudaW8A8Op(t) if t.activation is not None else CudaGroupQuantOp(t)
 
 
 class CudaDenseOp(_CudaOp):
@@ -332,13 +323,13 @@ class CudaDenseOp(_CudaOp):
         else:
             self.w = to_device(data)
         self.kind = t.kind
-        self._gemv = kernel("gemv", "gemv_f16") if t.kind == "f16" else None
+        self._gemv = module.kernel("gemv", "gemv_f16") if t.kind == "f16" else None
 
     shared_input = None  # float inputs
 
     def gemv(self, x, out, add=None, quantized=None):
         """out = W @ x (+ add), as CudaGroupQuantOp.gemv."""
-        cp = _cupy()
+        cp = module.cupy()
         if self._gemv is None:
             if add is None:
                 out[...] = self.w @ x
@@ -353,21 +344,7 @@ class CudaDenseOp(_CudaOp):
         return out
 
     def gemm(self, x):
-        cp = _cupy()
+        cp = module.cupy()
         if self.kind == "f16":
             return cp.matmul(x.astype(cp.float16), self.w.T).astype(cp.float32)
         return x @ self.w.T
-
-
-def register_all() -> None:
-    """Fill the (cuda, kind) table and the device's per-token operations."""
-    from ..registry import register_decoder, register_device_ops
-    from .decoder import build
-    from .device import CUDAOps
-
-    register_device_ops("cuda", CUDAOps())
-    register_decoder("cuda", build)
-    for kind in ("f16", "bf16", "f32"):
-        register("cuda", kind, CudaDenseOp)
-    for kind in QUANT_KINDS:
-        register("cuda", kind, grouped_op)

@@ -1,5 +1,9 @@
-"""The .cu sources of this folder as CuPy modules: compiled by NVRTC once per process and source,
-and cached on disk by CuPy (CUPY_CACHE_DIR, default ~/.cupy/kernel_cache)."""
+"""CuPy and the .cu sources of this folder as CuPy modules: compiled by NVRTC once per process and
+source, and cached on disk by CuPy (CUPY_CACHE_DIR, default ~/.cupy/kernel_cache).
+
+Every module of the backend reaches CuPy and its kernels through `cupy()` and `kernel()` here,
+called at run time, so that the tests' host emulation (tests/cuda_emulation.py) replaces both in
+one place."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -9,6 +13,13 @@ SOURCES = Path(__file__).resolve().parent
 # Flags the tests also give nvcc (tests/test_cuda_kernels.py), so both compilers see one dialect;
 # -I: the sources include common.cuh.
 NVRTC_OPTIONS = ("-std=c++17", f"-I{SOURCES}")
+
+
+def cupy():
+    """The CuPy module (imported on first use: the backend imports without it)."""
+    import cupy as cp
+
+    return cp
 
 
 def gpu_status() -> tuple[bool, str]:
@@ -43,5 +54,5 @@ def module(name: str):
 
 
 def kernel(name: str, function: str):
-    """One compiled kernel, e.g. kernel("gemv", "gemv_q4_v4")."""
+    """One compiled kernel, e.g. kernel("gemv", "gemv_q4_q8act_v4")."""
     return module(name).get_function(function)

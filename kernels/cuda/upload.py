@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from . import module
+
 # Bytes per pinned staging buffer (two of them).
 CHUNK = 16 << 20
 # Files at least this large show a progress bar while they load.
@@ -22,17 +24,11 @@ PROGRESS_BYTES = 1 << 30
 STAGING = True
 
 
-def _cupy():
-    import cupy
-
-    return cupy
-
-
 class Uploader:
     """Copies host arrays to the device through two pinned buffers, counting bytes for a bar."""
 
     def __init__(self, total_bytes: int = 0, progress: bool = False, chunk: int = CHUNK):
-        cp = _cupy()
+        cp = module.cupy()
         self.chunk = chunk
         self.staged = STAGING
         if self.staged:
@@ -56,7 +52,7 @@ class Uploader:
 
     def __call__(self, a: np.ndarray):
         """The device copy of `a` (any layout; the copy is C-contiguous)."""
-        cp = _cupy()
+        cp = module.cupy()
         a = np.ascontiguousarray(a)
         if not self.staged:
             out = cp.asarray(a)
@@ -103,4 +99,4 @@ def to_device(a: np.ndarray):
     """A host array (a view of the memory map) copied to the device."""
     if _active is not None:
         return _active(a)
-    return _cupy().asarray(np.ascontiguousarray(a))
+    return module.cupy().asarray(np.ascontiguousarray(a))

@@ -1,0 +1,198 @@
+"""Every option of a conversion, in one dataclass: what `qconvert` parses and `convert()` takes.
+
+The CLI fills it from its flags (the flag names are the field names), applications construct it
+or pass its fields as keywords to qformat.convert.convert; everything downstream (planning, the
+calibrated methods, the provenance) reads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from qformat.schemes import Scheme, parse_scheme
+
+from .awq import DEFAULT_GRID
+from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_SOURCE
+from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP
+from .methods import METHODS
+from .outliers import KeepOptions, parse_fraction
+from .prune import check_prune_options
+from .smoothquant import check_options as check_smoothquant, describe as describe_smoothquant
+
+# Choices for the embeddings and the LM head: "auto" (plan.resolve_special), a fixed format, or
+# "scheme" (the main scheme).
+SPECIAL_CHOICES = ("auto", "f16", "int8", "scheme")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How to convert a checkpoint.
+
+    scheme: the main scheme (qformat.schemes.parse_scheme). head/embed: SPECIAL_CHOICES for the
+    LM head and the embeddings (plan.resolve_special). skip: fnmatch patterns of qbin or HF
+    tensor names kept in f16. clip_search: search a clipping ratio per group; None takes the
+    method's measured default (`clip`). force: replace an existing output. dry_run: plan and size
+    only. allow_pickle: accept pytorch_model.bin (torch.load(weights_only=True)). progress: a
+    progress bar on stderr. command: the command line recorded in the provenance.
+
+    method: METHODS' rtn, gptq or awq; the calibrated ones read calib_samples x calib_seqlen
+    tokens of `calib` ("pydoc", "self", "mix" or a text file; calibration.py); damp, block and
+    act_order are GPTQ's dampening, lazy block and column order (act-order stores a `perm`, not
+    with pruning); awq_grid the α values AWQ tries.
+    prune: "2:4", "4:8" or a fraction "50%" of every decoder projection, chosen by prune_method
+    (magnitude, wanda, sparsegpt; None: the method's default).
+    outliers: a fraction (0.005 or "0.5%") of every decoder projection's weights kept exactly
+    in 16 bits; outlier_threshold: input channels whose calibration activations reach it keep
+    their weight column in 16 bits (LLM.int8(), 6.0); both calibrate, also with rtn.
+    smooth: SmoothQuant's α for scheme "w8a8"; act_static: one calibrated activation scale per
+    tensor, chosen by act_calib (minmax, percentile, mse, kl) (smoothquant.py).
+    """
+
+    scheme: str = "int4-g64"
+    head: str = "auto"
+    embed: str = "auto"
+    skip: tuple[str, ...] = ()
+    clip_search: bool | None = None
+    force: bool = False
+    dry_run: bool = False
+    allow_pickle: bool = False
+    progress: bool = True
+    command: str | None = None
+    method: str = "rtn"
+    calib: str = DEFAULT_SOURCE
+    calib_samples: int = DEFAULT_SAMPLES
+    calib_seqlen: int = DEFAULT_SEQLEN
+    seed: int = 0
+    damp: float = DEFAULT_DAMP
+    block: int = DEFAULT_BLOCK
+    act_order: bool = True
+    awq_grid: int = DEFAULT_GRID
+    prune: str | None = None
+    prune_method: str | None = None
+    outliers: float | str | None = None
+    outlier_threshold: float | None = None
+    smooth: float | None = None
+    act_static: bool = False
+    act_calib: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    def validate(self) -> "ConvertOptions":
+        """The options with the fraction parsed; ValueError with one line naming a bad value
+        or combination."""
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.head not in SPECIAL_CHOICES or self.embed not in SPECIAL_CHOICES:
+            bad = self.head if self.head not in SPECIAL_CHOICES else self.embed
+            raise ValueError(f"embeddings/head choice {bad!r}; expected one of {', '.join(SPECIAL_CHOICES)}")
+        main = parse_scheme(self.scheme)
+        if self.calib_samples < 1 or self.calib_seqlen < 2:
+            raise ValueError(f"calibration needs >= 1 sample of >= 2 tokens (got {self.calib_samples} x "
+                             f"{self.calib_seqlen})")
+        if not 0 <= self.damp < 10:
+            raise ValueError(f"GPTQ dampening {self.damp} out of range; use a fraction such as 0.01")
+        if self.block < 1 or self.awq_grid < 1:
+            raise ValueError("GPTQ block and AWQ grid must be positive")
+        if self.prune is None and self.prune_method is not None:
+            raise ValueError(f"prune method {self.prune_method!r} given without a pattern; add --prune 2:4 "
+                             "(or 4:8, 50%)")
+        if self.prune is not None:
+            if not METHODS[self.method].prunes:
+                raise ValueError(f"--prune does not combine with --method {self.method} (its scales are searched "
+                                 "on the dense weights); use --method gptq (pruned and quantized jointly) or rtn")
+            check_prune_options(self.prune, self.pruning)
+        options = self if self.outliers is None else replace(self, outliers=parse_fraction(self.outliers))
+        options.keep.check()
+        if self.prune is not None and options.keep.active:
+            raise ValueError("--outliers/--outlier-threshold do not combine with --prune; use one or the other")
+        if options.smoothquant and (self.prune is not None or options.keep.active):
+            raise ValueError("--smooth/--act-static do not combine with --prune/--outliers/--outlier-threshold")
+        if options.smoothquant and not METHODS[self.method].smooths:
+            raise ValueError(f"--smooth/--act-static do not combine with --method {self.method} (both fold "
+                             "scales into the norms); use --method rtn or gptq")
+        check_smoothquant(self.smooth, self.act_static, self.act_calib, main)
+        if options.keep.active and not main.quantized:
+            raise ValueError(f"--outliers/--outlier-threshold keep weights beside a quantized part; "
+                             f"{main.name} is not quantized (use e.g. int4-g64 or int8)")
+        return options
+
+    # -- derived ---------------------------------------------------------------
+    @property
+    def main(self) -> Scheme:
+        return parse_scheme(self.scheme)
+
+    @property
+    def clip(self) -> bool:
+        """Whether groups search a clipping ratio: clip_search, else the method's measured default.
+        For plain RTN the weight-MSE search lowers weight error by 15-25% but raises perplexity
+        (SmolLM2-135M, EVAL.md protocol, int8 embeddings/head): int4-g64 19.00 with it vs 18.32
+        without, int4-g32 17.76 vs 17.22, int3-g128 88.6 vs 83.2: weight MSE ignores which weights
+        the activations amplify. GPTQ and AWQ, which measure the layer output, gain from it
+        (GPTQ int4-g64 15.05)."""
+        return METHODS[self.method].clip_search if self.clip_search is None else self.clip_search
+
+    @property
+    def pruning(self) -> str:
+        """The pruning method: prune_method, else the method's default."""
+        return self.prune_method or METHODS[self.method].prune_method
+
+    @property
+    def gptq_act_order(self) -> bool:
+        """GPTQ's act-order, which pruning turns off (its masks are chosen in column order)."""
+        return self.act_order and self.prune is None
+
+    @property
+    def keep(self) -> KeepOptions:
+        """What is kept in 16 bits beside the quantized weights (outliers.py)."""
+        return KeepOptions(self.outliers, self.outlier_threshold)
+
+    @property
+    def smoothquant(self) -> bool:
+        """Whether the W8A8 calibration of smoothquant.py runs (smoothing or static scales)."""
+        return self.smooth is not None or self.act_static
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether calibration data is needed (a calibrated method, or a calibrated pruning)."""
+        return (METHODS[self.method].calibrated or (self.prune is not None and self.pruning != "magnitude")
+                or self.keep.active or self.smoothquant)
+
+    @property
+    def calib_name(self) -> str:
+        return self.calib if self.calib in ("pydoc", "self", "mix") else f"file:{Path(self.calib).name}"
+
+    # -- provenance ------------------------------------------------------------
+    def describe(self) -> str:
+        """The method as the file's provenance records it."""
+        return (METHODS[self.method].describe(self) + self.describe_prune() + self.describe_keep()
+                + self.describe_smooth())
+
+    def describe_uncalibrated(self) -> str:
+        """describe() of a conversion that read no calibration data: round-to-nearest, its clip
+        search, magnitude pruning."""
+        return "rtn" + ("+clip-search" if self.clip else "") + self.describe_prune()
+
+    def describe_prune(self) -> str:
+        """The pruning as appended to the provenance's method ("" without pruning)."""
+        return "" if self.prune is None else f"+prune({self.prune}, {self.pruning}{self._calib_suffix()})"
+
+    def describe_keep(self) -> str:
+        """Outliers / 16-bit columns as appended to the provenance's method ("" without them)."""
+        return "" if not self.keep.active else f"+keep16({self.keep.describe()}{self._calib_suffix()})"
+
+    def describe_smooth(self) -> str:
+        """SmoothQuant / static activations as appended to the provenance's method."""
+        if not self.smoothquant:
+            return ""
+        return describe_smoothquant(self.smooth, self.act_static, self.act_calib)[:-1] + self._calib_suffix() + ")"
+
+    def _calib_suffix(self) -> str:
+        """The calibration data for a provenance suffix: named there when the method does not
+        name it itself but some step used it."""
+        if METHODS[self.method].names_calibration or not self.calibrated:
+            return ""
+        return f", calib={self.calib_name}, {self.calib_samples}x{self.calib_seqlen}"
+
+
+__all__ = ["ConvertOptions", "SPECIAL_CHOICES"]

@@ -1,0 +1,101 @@
+"""Dense grouped weights (q8, q4, q3, q2, nf4; symmetric or affine, any group size) on the CPU.
+
+Decode: q4 runs quant.gemv_q4_q8act on int8 activations (kernels.layouts.q8act; on AVX512-VNNI
+CPUs its full groups of 64k columns take q4_vnni.rows), every other kind quant.GEMV[kind] on float
+activations. Prefill: q4 (and q8 where its groups allow) through gemm_vnni's int8 GEMM on VNNI
+CPUs, else rows dequantized by quant.DEQUANT[kind] and multiplied by BLAS.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qformat.packing import padded_len
+from qformat.schemes import KINDS, Tensor
+
+from . import gemm_vnni, quant
+from ..layouts import q8act
+from .base import H2F, LinearBase, Sidecars, grouped_row
+from .features import VNNI
+from .threads import run_row_chunks
+
+
+class GroupQuantOp(LinearBase):
+    """q8, q4, q3, q2 and nf4 weights in dense rows, with any sidecars. float_activations: the
+    float kernels whatever layouts.q8act says (W8A8's dense part, whose inputs are int8 codes
+    already: a second rounding would change them)."""
+
+    def __init__(self, t: Tensor, float_activations: bool = False):
+        super().__init__(t)
+        if t.sparsity is not None or t.activation is not None:
+            raise ValueError(f"tensor {t.name}: not a dense grouped weight (its form has its own op)")
+        a = t.arrays
+        kind = KINDS[t.kind]
+        self.kind = t.kind
+        self.codes = a["codes"]
+        self.scales = a["scales"].view(np.uint16)
+        self.has_zeros = "zeros" in a
+        self.zeros = a["zeros"] if self.has_zeros else np.zeros((1, 1), np.uint8)
+        # a group wider than the row is one partial group: the same bytes as a group of the row
+        self.group = min(t.group_size, self.in_features)
+        self.padded = padded_len(self.group)
+        self.bits = kind.bits
+        self._gemv, self._dequant = quant.GEMV[t.kind], quant.DEQUANT[t.kind]
+        # GEMV on int8 activations (see quant.py); prefill too on VNNI CPUs (act_group below)
+        self.q8act = q8act(t.kind, self.group) and not float_activations
+        self.side = Sidecars(t)
+        # prefill on int8 activations where decode runs on them (q4), through gemm_vnni
+        self.act_group = (gemm_vnni.act_group(t.kind, self.group, self.in_features)
+                          if VNNI and self.q8act else None)
+        self._width = -(-self.in_features // self.group) * padded_len(self.group)
+        tail = self.in_features % self.group
+        self._unwritten = self._width - (self.padded - padded_len(tail) if tail else 0)
+
+    def gemv(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        xs_in = self.side.stored_x(x) if self.side.any else x
+        if self.q8act:
+            xq, d, sums = quant.quantize_x(xs_in, self.in_features, self.group, self.padded)
+            quant.gemv_q4_q8act(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xq, d, sums,
+                                self.in_features, self.group, out)
+        else:
+            xp, xs = quant.pad_x(xs_in, self.in_features, self.group, self.padded)
+            self._gemv(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xp, xs,
+                       self.in_features, self.group, out)
+        if self.side.any:
+            self.side.add_gemv(x, out)
+        return out
+
+    def gemm(self, x: np.ndarray) -> np.ndarray:
+        if self.act_group is None:
+            return super().gemm(x)
+        x = np.ascontiguousarray(x, np.float32)
+        if x.shape[0] < gemm_vnni.MIN_TOKENS:  # the GEMV's int8 activations too
+            return self.gemv_rows(x)
+        xs = self.side.stored_x(x) if self.side.any else x
+        out = gemm_vnni.gemm_q8act(self.codes, self.scales, self.zeros, self.has_zeros, H2F, self.bits,
+                                   self.in_features, self.group, self.act_group, xs)
+        self.add_gemm(x, out)
+        return out
+
+    def prepare_x(self, x: np.ndarray) -> np.ndarray:
+        """Activations in stored column order, each group zero-padded to P columns."""
+        xs = self.side.stored_x(x) if self.side.any else x
+        out = np.empty((x.shape[0], self._width), np.float32)
+        run_row_chunks(lambda rows: quant.pad_rows(xs[rows], self.in_features, self.group, out[rows]), x.shape[0])
+        return out
+
+    def add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:
+        if self.side.any:
+            self.side.add_gemm(x, out)
+
+    def weight_block(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((ids.size, self._width), np.float32)
+        self._dequant(self.codes, self.scales, self.zeros, self.has_zeros, H2F, self.in_features,
+                      self.group, ids, out)
+        if self._unwritten < self._width:  # a short tail group leaves its slot's end unwritten
+            out[:, self._unwritten:] = 0.0
+        return out
+
+    def fused_row(self):
+        row, keep = grouped_row("q4-q8act" if self.q8act else self.kind, self.codes, self.scales,
+                                self.zeros if self.has_zeros else None, self.group, self.in_features)
+        return row, keep + self.side.fill_row(row)
