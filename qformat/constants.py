@@ -44,6 +44,8 @@ KIND_LAYOUTS: dict[str, int] = {
     "bf16": 1,
     "bytes": 1,
     "q8": 1,
+    "q6": 1,
+    "q5": 1,
     "q4": 1,
     "q3": 1,
     "q2": 1,

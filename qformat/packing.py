@@ -7,9 +7,9 @@ on its own, so that group g of every row starts at the same byte offset.
 Within a padded group of P elements and a width of b bits (b in 1, 2, 4, 8), the group is cut
 into 8/b equal slices of S = P*b/8 elements; byte j holds element j of slice i in bits
 [i*b, (i+1)*b). Unpacking slice i of a group is one shift and one mask over S contiguous
-bytes, which vectorizes on a CPU and gives a GPU thread contiguous elements. 3-bit codes are
-stored as two planes per group: the low two bits packed as 2-bit codes, then the high bit
-packed as 1-bit codes (3P/8 bytes); no code crosses a byte.
+bytes, which vectorizes on a CPU and gives a GPU thread contiguous elements. Other widths are
+stored as planes of those widths, widest first, each holding the next bits of every code
+(`planes`: 3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2+1): b*P/8 bytes per group, no code crosses a byte.
 """
 from __future__ import annotations
 
@@ -40,6 +40,16 @@ def row_nbytes(k: int, group_size: int, bits: int) -> int:
     return full * group_nbytes(group_size, bits) + (group_nbytes(tail, bits) if tail else 0)
 
 
+def planes(bits: int) -> tuple[int, ...]:
+    """Widths of the planes b-bit codes are stored in, in storage order (low bits first): one
+    plane for 1, 2, 4, 8 bits, else the binary decomposition of b, widest plane first."""
+    if bits in (1, 2, 4, 8):
+        return (bits,)
+    if not 1 <= bits < 8:
+        raise ValueError(f"{bits}-bit codes are not defined (1 to 8 bits)")
+    return tuple(w for w in (4, 2, 1) if bits & w)
+
+
 def _pack_planar(codes: np.ndarray, bits: int) -> np.ndarray:
     """codes: (n, g, P) uint8, P a multiple of 8/bits -> (n, g, P*bits/8) uint8."""
     per_byte = 8 // bits
@@ -62,23 +72,26 @@ def _unpack_planar(packed: np.ndarray, bits: int) -> np.ndarray:
 def _pack_groups(codes: np.ndarray, bits: int) -> np.ndarray:
     """codes: (n, g, P) -> (n, g * group bytes)."""
     n, g, p = codes.shape
-    if bits == 3:
-        low = _pack_planar(codes & np.uint8(3), 2)
-        high = _pack_planar(codes >> np.uint8(2), 1)
-        return np.concatenate([low, high], axis=-1).reshape(n, -1)
-    return _pack_planar(codes, bits).reshape(n, -1)
+    parts, shift = [], 0
+    for width in planes(bits):
+        parts.append(_pack_planar((codes >> np.uint8(shift)) & np.uint8((1 << width) - 1), width))
+        shift += width
+    return np.concatenate(parts, axis=-1).reshape(n, -1)
 
 
 def _unpack_groups(packed: np.ndarray, n_groups: int, bits: int) -> np.ndarray:
     """packed: (n, n_groups * group bytes) -> (n, n_groups, P)."""
     n = packed.shape[0]
     per_group = packed.reshape(n, n_groups, -1)
-    if bits == 3:
-        p = per_group.shape[-1] * 8 // 3
-        low = _unpack_planar(per_group[:, :, : p // 4], 2)
-        high = _unpack_planar(per_group[:, :, p // 4 :], 1)
-        return low | (high << np.uint8(2))
-    return _unpack_planar(per_group, bits)
+    p = per_group.shape[-1] * 8 // bits
+    out = np.zeros((n, n_groups, p), np.uint8)
+    start = shift = 0
+    for width in planes(bits):
+        nbytes = p * width // 8
+        out |= _unpack_planar(per_group[:, :, start:start + nbytes], width) << np.uint8(shift)
+        start += nbytes
+        shift += width
+    return out
 
 
 def pack_codes(codes: np.ndarray, group_size: int, bits: int) -> np.ndarray:

@@ -300,6 +300,8 @@ KINDS: dict[str, Kind] = {
     "bf16": FloatKind("bf16"),
     "bytes": BytesKind(),
     "q8": GroupQuantKind("q8", 8),
+    "q6": GroupQuantKind("q6", 6),
+    "q5": GroupQuantKind("q5", 5),
     "q4": GroupQuantKind("q4", 4),
     "q3": GroupQuantKind("q3", 3),
     "q2": GroupQuantKind("q2", 2),
@@ -311,10 +313,10 @@ FLOAT_KINDS = frozenset(k for k, v in KINDS.items() if isinstance(v, FloatKind))
 
 # ---------------------------------------------------------------------------- schemes
 
-_SCHEME_RE = re.compile(r"^(?:(?P<float>f16|bf16|f32)|(?P<q>int[2348]|nf4)(?:-g(?P<g>\d+))?(?P<sym>-sym|-asym)?)$")
-_INT_KIND = {"int8": "q8", "int4": "q4", "int3": "q3", "int2": "q2", "nf4": "nf4"}
+_SCHEME_RE = re.compile(r"^(?:(?P<float>f16|bf16|f32)|(?P<q>int[2-68]|nf4)(?:-g(?P<g>\d+))?(?P<sym>-sym|-asym)?)$")
+_INT_KIND = {"int8": "q8", "int6": "q6", "int5": "q5", "int4": "q4", "int3": "q3", "int2": "q2", "nf4": "nf4"}
 SCHEME_NAMES = (
-    "f16", "bf16", "int8", "int8-g128", "int4-g128", "int4-g64", "int4-g32",
+    "f16", "bf16", "int8", "int8-g128", "int6-g64", "int5-g64", "int4-g128", "int4-g64", "int4-g32",
     "int3-g128", "int3-g64", "int2-g64", "nf4-g64", "w8a8",
 )
 # W8A8 (SmoothQuant): int8 per-channel symmetric weights whose inputs are quantized to int8 too
@@ -381,7 +383,7 @@ def parse_scheme(name: str) -> Scheme:
     m = _SCHEME_RE.match(name.strip().lower())
     if m is None:
         raise ValueError(f"unknown scheme {name!r}; known: {', '.join(SCHEME_NAMES)} "
-                         "(any intN-gG with N in 2,3,4,8, optional -sym/-asym)")
+                         "(any intN-gG with N in 2,3,4,5,6,8, optional -sym/-asym)")
     if m["float"]:
         return Scheme(m["float"], m["float"])
     base = m["q"]

@@ -256,14 +256,19 @@ def ref_pack_row(row: np.ndarray, group: int, bits: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.uint8)
 
 
+SPEC_PLANES = {3: (2, 1), 5: (4, 1), 6: (4, 2)}
+
+
 def ref_unpack_row(packed: np.ndarray, k: int, group: int, bits: int) -> np.ndarray:
     codes, pos = [], 0
     for length in ref_group_lengths(k, group):
         p = -(-length // 8) * 8
-        if bits == 3:
-            low = ref_unpack_planar(packed[pos:pos + p // 4], 2)
-            high = ref_unpack_planar(packed[pos + p // 4:pos + 3 * p // 8], 1)
-            group_codes = low | (high << 2)
+        if bits in SPEC_PLANES:  # spec §5's table: (low width, high width)
+            lo_w, hi_w = SPEC_PLANES[bits]
+            split = pos + p * lo_w // 8
+            low = ref_unpack_planar(packed[pos:split], lo_w)
+            high = ref_unpack_planar(packed[split:pos + p * bits // 8], hi_w)
+            group_codes = low | (high << lo_w)
         else:
             group_codes = ref_unpack_planar(packed[pos:pos + p * bits // 8], bits)
         codes.append(group_codes[:length])
@@ -272,7 +277,7 @@ def ref_unpack_row(packed: np.ndarray, k: int, group: int, bits: int) -> np.ndar
     return np.concatenate(codes) if codes else np.zeros(0, np.uint8)
 
 
-BITS = {"q8": 8, "q4": 4, "q3": 3, "q2": 2, "nf4": 4}
+BITS = {"q8": 8, "q6": 6, "q5": 5, "q4": 4, "q3": 3, "q2": 2, "nf4": 4}
 
 
 def ref_dequantize(t: Tensor) -> np.ndarray:

@@ -90,13 +90,13 @@ def check_op(t: Tensor, xp, prefill_reference=reference.linear) -> None:
 
 
 # per-channel rows of 13 columns: one group that is not whole words
-DENSE = [("int3-g32", 19, 200), ("int2-g16-sym", 11, 96), ("nf4-g64", 19, 200), ("int4", 6, 13), ("int8", 5, 13)]
+DENSE = [("int3-g32", 19, 200), ("int2-g16-sym", 11, 96), ("int5-g64", 19, 200), ("int6-g32-sym", 11, 96), ("nf4-g64", 19, 200), ("int4", 6, 13), ("int8", 5, 13)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("scheme,rows,k", DENSE)
 def test_generic_dense_layouts(backend, scheme, rows, k):
-    """Kinds and groups the word kernels do not take: q3, q2, nf4, groups not a multiple of 8."""
+    """Kinds and groups the word kernels do not take: q6, q5, q3, q2, nf4, groups not a multiple of 8."""
     t = layout(scheme, rows, k)
     assert not linear_op("cuda", t).words
     check_op(t, backend)
@@ -105,7 +105,7 @@ def test_generic_dense_layouts(backend, scheme, rows, k):
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("scheme,nm", [("int4-g64", (2, 4)), ("int4-g32-sym", (4, 8)), ("int4-g64", (1, 4)),
                                        ("nf4-g64", (2, 4)), ("int3-g32", (4, 8)), ("int2-g16-sym", (2, 4)),
-                                       ("int8-g64", (2, 4))])
+                                       ("int8-g64", (2, 4)), ("int5-g32", (2, 4)), ("int6-g64", (4, 8))])
 def test_sparse_layouts(backend, scheme, nm):
     """n:m sparse rows (q4 on int8 activations, as the CPU's sparse kernel), a partial last group."""
     check_op(layout(scheme, 19, 200, nm=nm), backend)

@@ -78,7 +78,7 @@ def test_dtype_table_matches_the_spec():
 
 CASES = [  # (kind, group, symmetric, rows, k)
     (kind, group, sym, rows, k)
-    for kind in ("q8", "q4", "q3", "q2", "nf4")
+    for kind in ("q8", "q6", "q5", "q4", "q3", "q2", "nf4")
     for sym in ((True,) if kind == "nf4" else (False, True))
     for group, rows, k in ((32, 5, 96), (24, 3, 50), (64, 4, 40), (None, 3, 72))  # full, partial, k<G, per-channel
 ]
@@ -99,7 +99,7 @@ def test_quantized_kind_round_trip(tmp_path, kind, group, sym, rows, k):
         g = np.arange(k) // (group or k)
         s = got.arrays["scales"].astype(np.float32)[:, g]
         step = s * (np.diff(NF4_LEVELS).max() if kind == "nf4" else 1.0)  # widest gap between levels
-        bits = {"q8": 8, "q4": 4, "q3": 3, "q2": 2, "nf4": 4}[kind]
+        bits = {"q8": 8, "q6": 6, "q5": 5, "q4": 4, "q3": 3, "q2": 2, "nf4": 4}[kind]
         assert np.all(np.abs(deq - w) <= step * (0.5 + (1 << bits) / 1024) + 1e-6)
 
 

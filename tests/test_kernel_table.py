@@ -22,7 +22,7 @@ from qformat.schemes import FLOAT_KINDS, QUANT_KINDS, Tensor, float_tensor, pars
 ROWS, K, GROUP = 40, 200, 32  # a partial last group (200 = 6·32 + 8), n:m blocks of 4 and 8 fit
 # The scheme of each grouped kind (a new kind must be named here).
 SCHEMES = {parse_scheme(f"{base}-g{GROUP}").kind: f"{base}-g{GROUP}"
-           for base in ("int8", "int4", "int3", "int2", "nf4")}
+           for base in ("int8", "int6", "int5", "int4", "int3", "int2", "nf4")}
 
 
 def layouts() -> list[tuple[str, str]]:

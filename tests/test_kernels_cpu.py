@@ -22,7 +22,8 @@ from qbin_testutil import add_fp_cols
 
 RTOL = 1e-5
 SCHEMES = ["f32", "f16", "bf16", "int8", "int8-g64", "int4-g64", "int4-g32-sym", "int4-g128",
-           "int3-g64", "int3-g32-sym", "int2-g64", "int2-g16-sym", "nf4-g64", "int4-g24"]
+           "int6-g64", "int6-g32-sym", "int5-g64", "int5-g128", "int3-g64", "int3-g32-sym", "int2-g64",
+           "int2-g16-sym", "nf4-g64", "int4-g24"]
 # (rows, k): SmolLM2-like widths with partial last groups, k not a multiple of 8, a group wider
 # than the row, a single row.
 SHAPES = [(37, 576), (19, 100), (5, 13), (1, 200), (64, 36)]

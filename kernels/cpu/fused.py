@@ -50,10 +50,10 @@ OP, A, B, C, D, E = range(6)
 PROGRAM_WIDTH = 6
 
 # GEMV routine codes (base.ROUTINES), one branch each in gemv_row.
-(R_F32, R_F16, R_BF16, R_Q8, R_Q4, R_Q3, R_Q2, R_NF4, R_Q4_Q8ACT, R_NM, R_NM_Q4_Q8ACT, R_W8A8) = (
-    ROUTINE[name] for name in ("f32", "f16", "bf16", "q8", "q4", "q3", "q2", "nf4", "q4-q8act", "n:m",
+(R_F32, R_F16, R_BF16, R_Q8, R_Q6, R_Q5, R_Q4, R_Q3, R_Q2, R_NF4, R_Q4_Q8ACT, R_NM, R_NM_Q4_Q8ACT, R_W8A8) = (
+    ROUTINE[name] for name in ("f32", "f16", "bf16", "q8", "q6", "q5", "q4", "q3", "q2", "nf4", "q4-q8act", "n:m",
                                "n:m-q4-q8act", "w8a8"))
-assert len(ROUTINES) == 12, "a routine was added to base.ROUTINES: give it a branch in gemv_row"
+assert len(ROUTINES) == 14, "a routine was added to base.ROUTINES: give it a branch in gemv_row"
 
 
 @intrinsic
@@ -213,7 +213,8 @@ def _gemv_q4_q8act(table, i, h2f, x, out):
 
 
 @njit(cache=True)
-def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q4, q3, q2, nf4, q4_q8act, nm, nm_q4_q8act, w8a8):
+def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4, q4_q8act, nm, nm_q4_q8act,
+             w8a8):
     """out = W_i @ x for the weight in row i of the table, sidecars included. The arguments after
     `out` are 0 for each routine some row may name and None for the others (see the module
     docstring), in the order of base.ROUTINES."""
@@ -235,6 +236,12 @@ def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q4, q3, q2, nf4, q4_q8ac
     if q8 is not None:
         if r == R_Q8:
             _gemv_float_act(table, i, h2f, xs, out, quant.gemv_q8)
+    if q6 is not None:
+        if r == R_Q6:
+            _gemv_float_act(table, i, h2f, xs, out, quant.gemv_q6)
+    if q5 is not None:
+        if r == R_Q5:
+            _gemv_float_act(table, i, h2f, xs, out, quant.gemv_q5)
     if q4 is not None:
         if r == R_Q4:
             _gemv_float_act(table, i, h2f, xs, out, quant.gemv_q4)

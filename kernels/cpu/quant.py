@@ -1,11 +1,13 @@
-"""Numba kernels for the grouped quantized kinds (q8, q4, q3, q2, nf4): GEMV and row dequantization.
+"""Numba kernels for the grouped quantized kinds (q8, q6, q5, q4, q3, q2, nf4): GEMV and row dequantization.
 
 Layout (qformat/packing.py): a row is cut into groups of G input columns (the last may be
 partial), each padded to P = round_up(len, 8) codes and packed planar: for b-bit codes byte j of a
 group holds element j of each of the 8/b slices of S = P*b/8 elements. The GEMV therefore reads x
 "per slice": x is first copied into a zero-padded (n_groups, P) buffer `xp` so that slice i of
 group g is the contiguous run xp[g, i*S:(i+1)*S], and the inner loop is one shift, one mask and one
-multiply-add over S contiguous bytes, which LLVM vectorizes.
+multiply-add over S contiguous bytes, which LLVM vectorizes. Widths of 3, 5 and 6 bits are planes
+of 1, 2 and 4 bits (packing.planes): their dot product is one per plane, the higher planes scaled
+by the power of two of their first bit.
 
 Affine groups are folded as  s * (sum_j q_j x_j - z * sum_j x_j): the per-group sums of x are
 computed once per call, so the inner loop never subtracts the zero point.
@@ -93,17 +95,51 @@ def dot2(cg, xg, plen):
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
+def dot1(cg, xg, plen):
+    # a 1-bit plane: byte j holds element j of each of the 8 slices of S = plen/8 elements
+    s = plen // 8
+    d = np.float32(0.0)
+    for j in range(s):
+        c = np.int32(cg[j])
+        d += (np.float32(c & 1) * xg[j] + np.float32((c >> 1) & 1) * xg[s + j]
+              + np.float32((c >> 2) & 1) * xg[2 * s + j] + np.float32((c >> 3) & 1) * xg[3 * s + j]
+              + np.float32((c >> 4) & 1) * xg[4 * s + j] + np.float32((c >> 5) & 1) * xg[5 * s + j]
+              + np.float32((c >> 6) & 1) * xg[6 * s + j] + np.float32(c >> 7) * xg[7 * s + j])
+    return d
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
 def dot3(cg, xg, plen):
     # low two bits: a 2-bit plane of plen/4 bytes; high bit: a 1-bit plane of plen/8 bytes after it
-    d = dot2(cg, xg, plen)
-    s1 = plen // 8
-    hi = plen // 4
-    h = np.float32(0.0)
-    for j in range(s1):
-        c = np.int32(cg[hi + j])
-        for i in range(8):
-            h += np.float32((c >> i) & 1) * xg[i * s1 + j]
-    return d + np.float32(4.0) * h
+    return dot2(cg, xg, plen) + np.float32(4.0) * dot1(cg[plen // 4:], xg, plen)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def dot5(cg, xg, plen):
+    # low four bits: a 4-bit plane of plen/2 bytes; the fifth: a 1-bit plane after it
+    return dot4(cg, xg, plen) + np.float32(16.0) * dot1(cg[plen // 2:], xg, plen)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def dot6(cg, xg, plen):
+    # low four bits: a 4-bit plane of plen/2 bytes; the top two: a 2-bit plane after it
+    return dot4(cg, xg, plen) + np.float32(16.0) * dot2(cg[plen // 2:], xg, plen)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def dot_bits(cg, xg, plen, bits):
+    """sum_j code_j * x_j over one padded group of `bits`-bit affine codes."""
+    if bits == 8:
+        return dot8(cg, xg, plen)
+    if bits == 6:
+        return dot6(cg, xg, plen)
+    if bits == 5:
+        return dot5(cg, xg, plen)
+    if bits == 4:
+        return dot4(cg, xg, plen)
+    if bits == 3:
+        return dot3(cg, xg, plen)
+    return dot2(cg, xg, plen)
 
 
 # One GEMV per code width, written out rather than made by a factory: numba keys its on-disk
@@ -198,6 +234,52 @@ def gemv_q3(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
             acc += h2f[scales[r, g]] * (d - z * xs[g])
         if n_full < n_groups:
             d = dot3(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            z = np.float32(zeros[r, n_full]) if has_zeros else mid
+            acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def gemv_q5(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
+    """out = W @ x for 5-bit codes: a 4-bit plane then a 1-bit plane."""
+    rows, n_groups = scales.shape
+    padded = xp.shape[1]
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 5 // 8
+    mid = np.float32(16.0)
+    for r in prange(rows):
+        crow = codes[r]
+        acc = np.float32(0.0)
+        for g in range(n_full):
+            d = dot5(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            acc += h2f[scales[r, g]] * (d - z * xs[g])
+        if n_full < n_groups:
+            d = dot5(crow[n_full * gbytes:], xp[n_full], tail_padded)
+            z = np.float32(zeros[r, n_full]) if has_zeros else mid
+            acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def gemv_q6(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
+    """out = W @ x for 6-bit codes: a 4-bit plane then a 2-bit plane."""
+    rows, n_groups = scales.shape
+    padded = xp.shape[1]
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 6 // 8
+    mid = np.float32(32.0)
+    for r in prange(rows):
+        crow = codes[r]
+        acc = np.float32(0.0)
+        for g in range(n_full):
+            d = dot6(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            acc += h2f[scales[r, g]] * (d - z * xs[g])
+        if n_full < n_groups:
+            d = dot6(crow[n_full * gbytes:], xp[n_full], tail_padded)
             z = np.float32(zeros[r, n_full]) if has_zeros else mid
             acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
         out[r] = acc
@@ -375,16 +457,40 @@ def deq2(cg, og, plen, s, z):
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
+def add_plane1(cg, og, plen, step):
+    # og += step * (bit of a 1-bit plane), 8 slices of plen/8 elements
+    e = plen // 8
+    for i in range(8):
+        for j in range(e):
+            og[i * e + j] += step * np.float32((np.int32(cg[j]) >> i) & 1)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def add_plane2(cg, og, plen, step):
+    # og += step * (code of a 2-bit plane), 4 slices of plen/4 elements
+    q = plen // 4
+    for i in range(4):
+        for j in range(q):
+            og[i * q + j] += step * np.float32((np.int32(cg[j]) >> (2 * i)) & 3)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
 def deq3(cg, og, plen, s, z):
     # the 2-bit plane with z, then add 4*s for every set bit of the 1-bit plane
     deq2(cg, og, plen, s, z)
-    e = plen // 8
-    hi = plen // 4
-    four_s = np.float32(4.0) * s
-    for j in range(e):
-        c = np.int32(cg[hi + j])
-        for i in range(8):
-            og[i * e + j] += four_s * np.float32((c >> i) & 1)
+    add_plane1(cg[plen // 4:], og, plen, np.float32(4.0) * s)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def deq5(cg, og, plen, s, z):
+    deq4(cg, og, plen, s, z)
+    add_plane1(cg[plen // 2:], og, plen, np.float32(16.0) * s)
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def deq6(cg, og, plen, s, z):
+    deq4(cg, og, plen, s, z)
+    add_plane2(cg[plen // 2:], og, plen, np.float32(16.0) * s)
 
 
 # Dequantization to the padded layout: group g occupies columns [g*P, g*P + P) of `out`
@@ -472,6 +578,46 @@ def dequant_q3(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
+def dequant_q5(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
+    """Rows `rows` of 5-bit codes to float32 (len(rows), n_groups * P), padded layout."""
+    n_groups = scales.shape[1]
+    padded = (group + 7) // 8 * 8
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 5 // 8
+    mid = np.float32(16.0)
+    for i in prange(rows.size):
+        r = rows[i]
+        crow = codes[r]
+        orow = out[i]
+        for g in range(n_groups):
+            plen = padded if g < n_full else tail_padded
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            deq5(crow[g * gbytes:g * gbytes + plen * 5 // 8], orow[g * padded:g * padded + plen],
+                 plen, h2f[scales[r, g]], z)
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def dequant_q6(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
+    """Rows `rows` of 6-bit codes to float32 (len(rows), n_groups * P), padded layout."""
+    n_groups = scales.shape[1]
+    padded = (group + 7) // 8 * 8
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * 6 // 8
+    mid = np.float32(32.0)
+    for i in prange(rows.size):
+        r = rows[i]
+        crow = codes[r]
+        orow = out[i]
+        for g in range(n_groups):
+            plen = padded if g < n_full else tail_padded
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            deq6(crow[g * gbytes:g * gbytes + plen * 6 // 8], orow[g * padded:g * padded + plen],
+                 plen, h2f[scales[r, g]], z)
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
 def dequant_nf4(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
     """Rows of NF4 codes to float32, padded layout (padding columns hold s * NF4[0])."""
     n_groups = scales.shape[1]
@@ -521,5 +667,6 @@ ROWS_Q4_64 = q4_vnni.rows if VNNI_BW else _rows_q4_any
 
 # The float-activation GEMV and the row dequantizer of each grouped kind (the 4-bit GEMV on int8
 # activations, gemv_q4_q8act, is chosen by the ops where kernels.layouts.q8act says so).
-GEMV = {"q8": gemv_q8, "q4": gemv_q4, "q3": gemv_q3, "q2": gemv_q2, "nf4": gemv_nf4}
-DEQUANT = {"q8": dequant_q8, "q4": dequant_q4, "q3": dequant_q3, "q2": dequant_q2, "nf4": dequant_nf4}
+GEMV = {"q8": gemv_q8, "q6": gemv_q6, "q5": gemv_q5, "q4": gemv_q4, "q3": gemv_q3, "q2": gemv_q2, "nf4": gemv_nf4}
+DEQUANT = {"q8": dequant_q8, "q6": dequant_q6, "q5": dequant_q5, "q4": dequant_q4, "q3": dequant_q3,
+           "q2": dequant_q2, "nf4": dequant_nf4}

@@ -12,7 +12,7 @@ scales once per group:  out = Σ_g s_g·d_g·Σ_e (q_e − z_g)·a[col(e)]. The 
 at load in row tiles (same bytes, see "tile layout" below). Modelled exactly by
 qformat.kernels.reference.gemv_nm_q8act_reference.
 
-Other kinds (q8, q3, q2, nf4; float activations): per row, the kept columns' activations are
+Other kinds (q8, q6, q5, q3, q2, nf4; float activations): per row, the kept columns' activations are
 gathered into a kept-order buffer, then the dense kernels' per-group dot products (quant.dot*)
 run on it. Their positions are re-packed at load with the codes' planar layout (planar_index).
 
@@ -34,7 +34,7 @@ from .base import (CODE_BITS, CODE_BYTES, CODES, FAST, GROUP, H2F, HAS_ZEROS, IN
                    NF4_TABLE, NM_INDEX, NM_INDEX_BYTES, NM_M, NM_N, NM_TILE, ROWS, SCALES, ZEROS, LinearBase,
                    Sidecars, new_row)
 from .features import VNNI_VBMI
-from .quant import dot2, dot3, dot4, dot8, dot_nf4
+from .quant import dot_bits, dot_nf4
 from ..layouts import q8act
 
 # Rows per parallel task (as quant.ROW_BLOCK: two threads split a 192-row projection evenly).
@@ -353,7 +353,7 @@ def _gather_row(irow, x, k, group, n, m, pc, xk, xs):
 
 @njit(cache=True, parallel=True, fastmath=FAST)
 def gemv_nm(bits, nf4, codes, scales, zeros, has_zeros, h2f, index, x, k, group, n, m, out):
-    """out = W @ x for an n:m sparse grouped weight of any kind (bits 8/4/3/2, nf4), float x (k,)
+    """out = W @ x for an n:m sparse grouped weight of any kind (bits 8/6/5/4/3/2, nf4), float x (k,)
     in stored column order. `index`: planar_index's layout."""
     rows, n_groups = scales.shape
     gc_full = group * n // m
@@ -376,14 +376,7 @@ def gemv_nm(bits, nf4, codes, scales, zeros, has_zeros, h2f, index, x, k, group,
                 if nf4:
                     acc += h2f[scales[r, g]] * dot_nf4(cg, xk[g], plen, NF4_TABLE)
                     continue
-                if bits == 8:
-                    dt = dot8(cg, xk[g], plen)
-                elif bits == 4:
-                    dt = dot4(cg, xk[g], plen)
-                elif bits == 3:
-                    dt = dot3(cg, xk[g], plen)
-                else:
-                    dt = dot2(cg, xk[g], plen)
+                dt = dot_bits(cg, xk[g], plen, bits)
                 z = np.float32(zeros[r, g]) if has_zeros else mid
                 acc += h2f[scales[r, g]] * (dt - z * xs[g])
             out[r] = acc

@@ -45,20 +45,24 @@ __device__ __forceinline__ int group_of(int byte0, int gbytes, int n_full) {
     return byte0 < n_full * gbytes ? byte0 / gbytes : n_full;
 }
 
-// ---- any grouped layout, one code at a time (the generic kernels: q2, q3, nf4, n:m sparsity,
-// groups that are not whole 32-bit words)
+// ---- any grouped layout, one code at a time (the generic kernels: q6, q5, q3, q2, nf4, n:m
+// sparsity, groups that are not whole 32-bit words)
 
 // Code e of a packed group of plen (padded) codes that starts at byte `base` of `row`: planar
-// slices of plen * bits / 8 bytes for 2, 4 and 8 bits; 3 bits as a 2-bit plane then a 1-bit one.
+// slices of plen * w / 8 bytes per plane of width w; 1, 2, 4 and 8 bits are one plane, other
+// widths the planes of their binary decomposition, widest (lowest bits) first (spec §5).
 __device__ __forceinline__ int group_code(const u8* __restrict__ row, int base, int plen, int bits, int e) {
-    if (bits == 3) {
-        const int s2 = plen / 4, s1 = plen / 8;
-        const int lo = (row[base + e % s2] >> (2 * (e / s2))) & 3;
-        const int hi = (row[base + s2 + e % s1] >> (e / s1)) & 1;
-        return lo | (hi << 2);
+    if (bits == 8) return row[base + e];
+    int code = 0, shift = 0;
+#pragma unroll
+    for (int w = 4; w >= 1; w >>= 1) {
+        if (!(bits & w)) continue;
+        const int s = plen * w / 8;
+        code |= ((row[base + e % s] >> (w * (e / s))) & ((1 << w) - 1)) << shift;
+        base += s;
+        shift += w;
     }
-    const int s = plen * bits / 8;
-    return (row[base + e % s] >> (bits * (e / s))) & ((1 << bits) - 1);
+    return code;
 }
 
 // Stored column of kept value c of an n:m sparse row (spec §6.3: 2-bit positions for m <= 4,

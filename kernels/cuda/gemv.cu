@@ -196,7 +196,7 @@ __device__ __forceinline__ void gemv_q4_int8act(const u8* __restrict__ codes, co
 GEMV_Q8ACT_INSTANCE(gemv_q4_q8act_v4, 4)
 GEMV_Q8ACT_INSTANCE(gemv_q4_q8act_v1, 1)
 
-// ---- every other grouped layout: q2, q3, nf4, n:m sparse rows, groups that are not whole
+// ---- every other grouped layout: q6, q5, q3, q2, nf4, n:m sparse rows, groups that are not whole
 // 32-bit words. One warp per row, group by group, one code per lane step (common.cuh's
 // group_code and kept_column): correct for any layout the spec allows, and untuned; the dense
 // q4 and q8 rows the converter writes by default take the word kernels above.

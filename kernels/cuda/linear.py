@@ -2,7 +2,7 @@
 
 Weights keep the file's layout on the device (the kernels read it as it is). Decode runs a fused
 dequantize GEMV: gemv.cu's word kernels for dense q4 and q8 rows (what the converter writes by
-default), its generic kernel for every other layout (q2, q3, nf4, n:m sparsity). Prefill
+default), its generic kernel for every other layout (q6, q5, q3, q2, nf4, n:m sparsity). Prefill
 dequantizes blocks of rows to float16 (dequant.cu) and multiplies them on the tensor cores
 through cupy.matmul (cuBLAS). Sidecars (perm, outliers, 16-bit columns) and W8A8's int8
 activations are the kernels of sidecars.cu around that product. The numbers are the CPU
@@ -121,7 +121,7 @@ class CudaSidecars:
 
 
 class CudaGroupQuantOp(_CudaOp):
-    """q8, q4, q3, q2 and nf4 weights, symmetric or affine, dense or n:m sparse, with any
+    """q8, q6, q5, q4, q3, q2 and nf4 weights, symmetric or affine, dense or n:m sparse, with any
     sidecars. Decode: q4 on int8 activations quantized per group, the others on float ones, as
     the CPU backend computes them."""
 
