@@ -13,10 +13,13 @@ DENSE, NM, A8 = "dense", "n:m", "w8a8"
 FORMS = (DENSE, NM, A8)
 
 # Kinds whose decode GEMV quantizes the activations to int8 per weight group, on every backend:
-# the integer inner loop is ~1.3x faster than float for 4-bit codes on a CPU, and a GPU computes
-# the same numbers so that both backends give one answer. kernels.reference's
-# gemv_q8act_reference (dense) and gemv_nm_q8act_reference (n:m sparse) model them exactly.
-Q8ACT_KINDS = ("q4",)
+# the integer inner loop is ~1.3x faster than float for 4-bit codes on a CPU (3-5x for the widths
+# stored in several planes), and a GPU computes the same numbers so that both backends give one
+# answer. kernels.reference's gemv_q8act_reference (dense) and gemv_nm_q8act_reference (n:m
+# sparse, q4 only) model them exactly. q8 (one byte per code) and nf4 (a table lookup) keep
+# float activations.
+Q8ACT_KINDS = ("q2", "q3", "q4", "q5", "q6")
+Q8ACT_SPARSE_KINDS = ("q4",)
 
 
 def form_of(t: Tensor) -> str:
@@ -29,8 +32,11 @@ def form_of(t: Tensor) -> str:
 
 def q8act(kind: str, group: int, sparse: bool = False) -> bool:
     """Whether the GEMV of a `kind` weight with groups of `group` columns runs on int8 activations:
-    q4 with whole bytes per slice (group % 8 == 0, every usual scheme), and every n:m sparse q4."""
-    return kind in Q8ACT_KINDS and (sparse or group % 8 == 0)
+    q2 to q6 with whole bytes per slice (group % 8 == 0, every usual scheme), and every n:m
+    sparse q4."""
+    if sparse:
+        return kind in Q8ACT_SPARSE_KINDS
+    return kind in Q8ACT_KINDS and group % 8 == 0
 
 
 def w8a8_static(t: Tensor) -> bool:

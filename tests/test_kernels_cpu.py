@@ -85,26 +85,32 @@ def with_sidecars(t: Tensor, rng) -> Tensor:
     return add_fp_cols(Tensor(t.name, t.kind, t.shape, arrays, t.group_size, t.symmetric), rng)
 
 
-@pytest.mark.parametrize("scheme,rows,k", [("int4-g64", 37, 576), ("int4-g128", 19, 4160), ("int4-g64-sym", 5, 200)])
-def test_vnni_q4_rows_equal_portable_rows(scheme, rows, k):
-    """The AVX512-VNNI q4 row kernel (kernels/cpu/q4_vnni.py) gives the portable kernel's sums
-    up to float rounding order (skipped on CPUs without AVX512-VNNI/BW)."""
-    from qformat.kernels.cpu import q4_vnni
+@pytest.mark.parametrize("scheme,rows,k", [("int4-g64", 37, 576), ("int4-g128", 19, 4160), ("int4-g64-sym", 5, 200),
+                                           ("int4-g128", 7, 576), ("int6-g64", 9, 576), ("int5-g128", 9, 576),
+                                           ("int3-g64-sym", 9, 200), ("int2-g128", 9, 4160)])
+def test_vnni_rows_equal_portable_rows(scheme, rows, k):
+    """The AVX512-VNNI row kernel (kernels/cpu/group_vnni.py) gives the portable kernels' sums up
+    to float rounding order, a partial last group of 64k columns included (skipped on CPUs
+    without AVX512-VNNI/BW)."""
+    from qformat.kernels.cpu import group_vnni
     from qformat.kernels.cpu.features import VNNI_BW
 
     if not VNNI_BW:
         pytest.skip("this CPU has no AVX512-VNNI/BW")
     t = make(scheme, rows, k, seed=6)
     group = min(t.group_size, k)
+    bits = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6}[t.kind]
     x = np.random.default_rng(7).standard_normal(k).astype(np.float32)
     xq, d, sums = quant.quantize_x(x, k, group, group)
-    lo, hi = quant.split_slices(xq, k, group)
     a = t.arrays
     args = (a["codes"], a["scales"].view(np.uint16), a.get("zeros", np.zeros((1, 1), np.uint8)), "zeros" in a, H2F)
-    portable, wide = np.empty(rows, np.float32), np.empty(rows, np.float32)
-    quant._rows_q4_q8act(*args, lo, hi, d, sums, k, group, 0, rows, portable)
-    q4_vnni.rows(*args, lo, hi, xq, d, sums, k, group, 0, rows, wide)
+    portable, wide = np.zeros(rows, np.float32), np.empty(rows, np.float32)
+    quant._groups_q8act(*args, xq, d, sums, k, group, bits, 0, 0, rows, portable)
+    done = group_vnni.rows(*args, xq, d, sums, k, group, bits, 0, rows, wide)
+    if done < -(-k // group):
+        quant._groups_q8act(*args, xq, d, sums, k, group, bits, done, 0, rows, wide)
     assert close(wide, portable, 1e-6)
+    assert close(wide, reference.gemv_q8act_reference(t, x), 1e-5)
 
 
 @pytest.mark.parametrize("scheme,k,agroup", [("int4-g64", 576, 64), ("int4-g32-sym", 200, 32), ("int4-g128", 1000, 128),

@@ -16,7 +16,7 @@ from qformat.kernels.cpu import features, int8, quant, sparse
 from qformat.schemes import parse_scheme
 
 assert features.PORTABLE and not features.VNNI and not features.VNNI_VBMI
-assert quant.ROWS_Q4_64 is quant._rows_q4_any and sparse.TILES_N4 is sparse._tiles_n4
+assert quant.ROWS_64 is quant._rows_none and sparse.TILES_N4 is sparse._tiles_n4
 assert int8.GEMV is int8.gemv_w8a8
 rng = np.random.default_rng(0)
 
@@ -26,7 +26,8 @@ def check(out, ref):
     assert err <= 1e-5, err
 
 
-for scheme, rows, k in (("int4-g64", 70, 576), ("int4-g128", 33, 384), ("int4-g64", 19, 200)):
+for scheme, rows, k in (("int4-g64", 70, 576), ("int4-g128", 33, 384), ("int4-g64", 19, 200), ("int6-g64", 21, 576),
+                        ("int5-g128", 9, 576), ("int3-g32", 9, 200), ("int2-g64-sym", 9, 200)):
     t = parse_scheme(scheme).quantize("w", rng.standard_normal((rows, k)).astype(np.float32))
     x = rng.standard_normal(k).astype(np.float32)
     op = linear_op("cpu", t)

@@ -2,10 +2,10 @@
 
 The layouts it runs (the registry reads LINEAR_OPS) and where each one's decode GEMV is:
   f32 / f16 / bf16 dense      dense.DenseOp          dense.gemv_f32 / gemv_f16 / gemv_bf16
-  q4 dense (int4-gG)          grouped.GroupQuantOp   quant.gemv_q4_q8act on int8 activations
-                                                     (full groups of 64k columns: q4_vnni.rows
-                                                     on AVX512-VNNI CPUs, else quant's loop)
-  q8 / q3 / q2 / nf4 dense    grouped.GroupQuantOp   quant.GEMV[kind] on float activations
+  q2 to q6 dense (int4-gG ...) grouped.GroupQuantOp  quant.gemv_q8act on int8 activations
+                                                     (groups of 64k columns: group_vnni.rows
+                                                     on AVX512-VNNI CPUs, else quant's loops)
+  q8 / nf4 dense              grouped.GroupQuantOp   quant.GEMV[kind] on float activations
   any grouped kind, n:m       sparse.SparseGroupQuantOp  q4: gemv_nm_q4_q8act (nm_vnni on
                                                      VNNI+VBMI CPUs); others: gemv_nm
   any grouped kind, W8A8      int8.W8A8Op            per-channel q8: int8.GEMV (vpdpbusd)

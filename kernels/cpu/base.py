@@ -47,7 +47,7 @@ GEMM_MIN_TOKENS = 8
 # The GEMV routines a row can name, in code order: one per dense kind (the format's own kinds),
 # then the forms that run other kernels. fused.py compiles one branch per routine, and only the
 # branches of routines a model's rows name.
-ROUTINES = tuple(k for k in KINDS if k in FLOAT_KINDS or k in QUANT_KINDS) + ("q4-q8act", "n:m", "n:m-q4-q8act", "w8a8")
+ROUTINES = tuple(k for k in KINDS if k in FLOAT_KINDS or k in QUANT_KINDS) + ("q8act", "n:m", "n:m-q4-q8act", "w8a8")
 ROUTINE = {name: i for i, name in enumerate(ROUTINES)}
 
 ROUTINE_COL, HAS_ZEROS, GROUP, IN, ROWS, CODES, CODE_BYTES, SCALES, N_GROUPS, ZEROS = range(10)
@@ -58,7 +58,8 @@ PERM, OUT_PTR, OUT_COLS, OUT_VALS, FP_COLS, FP_W, N_FP = range(10, 17)  # spec ย
 NM_N, NM_M, NM_INDEX, NM_INDEX_BYTES, N_TILES, NM_TILE = range(17, 23)
 # W8A8 (ยง6.5): ACT 1 dynamic / 2 static int8 activations, ACT_SCALE the static scale's address
 ACT, ACT_SCALE = range(23, 25)
-# bits per code of a grouped kind, and whether it is nf4 (the generic n:m routine reads both)
+# bits per code of a grouped kind, and whether it is nf4 (the generic n:m and the q8act routines
+# read them)
 CODE_BITS, IS_NF4 = range(25, 27)
 WIDTH = 27
 
@@ -71,15 +72,17 @@ def new_row(routine: str) -> list[int]:
 
 
 def grouped_row(routine: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int,
-                in_features: int) -> tuple[list[int], list[np.ndarray]]:
-    """(row, arrays it points into) of dense grouped rows: codes (rows, bytes), scales (rows,
-    groups) as their uint16 bits, zeros (rows, groups) or None when symmetric."""
+                in_features: int, bits: int) -> tuple[list[int], list[np.ndarray]]:
+    """(row, arrays it points into) of dense grouped rows of `bits`-bit codes: codes (rows,
+    bytes), scales (rows, groups) as their uint16 bits, zeros (rows, groups) or None when
+    symmetric."""
     arrays = [np.ascontiguousarray(a) for a in (codes, scales) + ((zeros,) if zeros is not None else ())]
     row = new_row(routine)
     row[HAS_ZEROS], row[GROUP], row[IN], row[ROWS] = int(zeros is not None), group, in_features, codes.shape[0]
     row[CODES], row[CODE_BYTES] = arrays[0].ctypes.data, codes.shape[1]
     row[SCALES], row[N_GROUPS] = arrays[1].ctypes.data, scales.shape[1]
     row[ZEROS] = arrays[2].ctypes.data if zeros is not None else 0
+    row[CODE_BITS] = bits
     return row, arrays
 
 

@@ -50,8 +50,8 @@ OP, A, B, C, D, E = range(6)
 PROGRAM_WIDTH = 6
 
 # GEMV routine codes (base.ROUTINES), one branch each in gemv_row.
-(R_F32, R_F16, R_BF16, R_Q8, R_Q6, R_Q5, R_Q4, R_Q3, R_Q2, R_NF4, R_Q4_Q8ACT, R_NM, R_NM_Q4_Q8ACT, R_W8A8) = (
-    ROUTINE[name] for name in ("f32", "f16", "bf16", "q8", "q6", "q5", "q4", "q3", "q2", "nf4", "q4-q8act", "n:m",
+(R_F32, R_F16, R_BF16, R_Q8, R_Q6, R_Q5, R_Q4, R_Q3, R_Q2, R_NF4, R_Q8ACT, R_NM, R_NM_Q4_Q8ACT, R_W8A8) = (
+    ROUTINE[name] for name in ("f32", "f16", "bf16", "q8", "q6", "q5", "q4", "q3", "q2", "nf4", "q8act", "n:m",
                                "n:m-q4-q8act", "w8a8"))
 assert len(ROUTINES) == 14, "a routine was added to base.ROUTINES: give it a branch in gemv_row"
 
@@ -205,16 +205,15 @@ def _gemv_float_act(table, i, h2f, x, out, gemv):
 
 
 @njit(cache=True)
-def _gemv_q4_q8act(table, i, h2f, x, out):
-    """out = W_i @ x for dense q4 rows on int8 activations, as grouped.GroupQuantOp.gemv."""
+def _gemv_q8act(table, i, h2f, x, out):
+    """out = W_i @ x for dense q2-q6 rows on int8 activations, as grouped.GroupQuantOp.gemv."""
     codes, scales, zeros, has_zeros, k, group = _grouped(table, i)
     xq, d, sums = quant.quantize_x(x, k, group, (group + 7) // 8 * 8)
-    quant.gemv_q4_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, out)
+    quant.gemv_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, table[i, CODE_BITS], out)
 
 
 @njit(cache=True)
-def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4, q4_q8act, nm, nm_q4_q8act,
-             w8a8):
+def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4, q8act, nm, nm_q4_q8act, w8a8):
     """out = W_i @ x for the weight in row i of the table, sidecars included. The arguments after
     `out` are 0 for each routine some row may name and None for the others (see the module
     docstring), in the order of base.ROUTINES."""
@@ -254,9 +253,9 @@ def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4,
     if nf4 is not None:
         if r == R_NF4:
             _gemv_float_act(table, i, h2f, xs, out, quant.gemv_nf4)
-    if q4_q8act is not None:
-        if r == R_Q4_Q8ACT:
-            _gemv_q4_q8act(table, i, h2f, xs, out)
+    if q8act is not None:
+        if r == R_Q8ACT:
+            _gemv_q8act(table, i, h2f, xs, out)
     if nm is not None:
         if r == R_NM:
             _gemv_sparse(table, i, h2f, xs, out)

@@ -1,8 +1,8 @@
-"""Dense grouped weights (q8, q4, q3, q2, nf4; symmetric or affine, any group size) on the CPU.
+"""Dense grouped weights (q8, q6, q5, q4, q3, q2, nf4; symmetric or affine, any group size) on the CPU.
 
-Decode: q4 runs quant.gemv_q4_q8act on int8 activations (kernels.layouts.q8act; on AVX512-VNNI
-CPUs its full groups of 64k columns take q4_vnni.rows), every other kind quant.GEMV[kind] on float
-activations. Prefill: q4 (and q8 where its groups allow) through gemm_vnni's int8 GEMM on VNNI
+Decode: q2 to q6 run quant.gemv_q8act on int8 activations (kernels.layouts.q8act; on
+AVX512-VNNI CPUs their groups of 64k columns take group_vnni.rows), q8 and nf4 quant.GEMV[kind]
+on float activations. Prefill: q4 (and q8 where its groups allow) through gemm_vnni's int8 GEMM on VNNI
 CPUs, else rows dequantized by quant.DEQUANT[kind] and multiplied by BLAS.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .threads import run_row_chunks
 
 
 class GroupQuantOp(LinearBase):
-    """q8, q4, q3, q2 and nf4 weights in dense rows, with any sidecars. float_activations: the
+    """q8, q6, q5, q4, q3, q2 and nf4 weights in dense rows, with any sidecars. float_activations: the
     float kernels whatever layouts.q8act says (W8A8's dense part, whose inputs are int8 codes
     already: a second rounding would change them)."""
 
@@ -40,7 +40,7 @@ class GroupQuantOp(LinearBase):
         self.padded = padded_len(self.group)
         self.bits = kind.bits
         self._gemv, self._dequant = quant.GEMV[t.kind], quant.DEQUANT[t.kind]
-        # GEMV on int8 activations (see quant.py); prefill too on VNNI CPUs (act_group below)
+        # GEMV on int8 activations (see quant.py); prefill too for q4 on VNNI CPUs (act_group below)
         self.q8act = q8act(t.kind, self.group) and not float_activations
         self.side = Sidecars(t)
         # prefill on int8 activations where decode runs on them (q4), through gemm_vnni
@@ -54,8 +54,8 @@ class GroupQuantOp(LinearBase):
         xs_in = self.side.stored_x(x) if self.side.any else x
         if self.q8act:
             xq, d, sums = quant.quantize_x(xs_in, self.in_features, self.group, self.padded)
-            quant.gemv_q4_q8act(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xq, d, sums,
-                                self.in_features, self.group, out)
+            quant.gemv_q8act(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xq, d, sums,
+                             self.in_features, self.group, self.bits, out)
         else:
             xp, xs = quant.pad_x(xs_in, self.in_features, self.group, self.padded)
             self._gemv(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xp, xs,
@@ -96,6 +96,6 @@ class GroupQuantOp(LinearBase):
         return out
 
     def fused_row(self):
-        row, keep = grouped_row("q4-q8act" if self.q8act else self.kind, self.codes, self.scales,
-                                self.zeros if self.has_zeros else None, self.group, self.in_features)
+        row, keep = grouped_row("q8act" if self.q8act else self.kind, self.codes, self.scales,
+                                self.zeros if self.has_zeros else None, self.group, self.in_features, self.bits)
         return row, keep + self.side.fill_row(row)

@@ -360,7 +360,7 @@ class W8A8Op(LinearBase):
         if not self.integer or self.inv_scale is not None:
             return None
         row, keep = grouped_row("w8a8", self.codes, self.scales, self.zeros if self.has_zeros else None,
-                                self.in_features, self.in_features)
+                                self.in_features, self.in_features, 8)
         keep += Sidecars(self.tensor).fill_row(row)
         row[ACT] = 2 if self.static else 1
         if self.static:

@@ -22,8 +22,12 @@ int8 activations (as llama.cpp's Q8_0/Q8_1 do): `quantize_x` rounds x once per c
 group, to int8 codes with one float scale (and the sum of the codes, for the zero point), and the
 inner loop is 16-bit integer multiply-adds (vpmullw / vpdpwssd) summed in int32, with one float
 multiply-add per group:  out = sum_g s_g * d_g * (sum_j q_j a_j - z_g * sum_j a_j). On CPUs with
-AVX512-VNNI/BW, groups of a multiple of 64 columns take q4_vnni.rows instead (one vpdpbusd per 64
-columns; 1.8-2.3x faster on bench_sparse's GEMV shapes).
+AVX512-VNNI/BW, groups of a multiple of 64 columns take group_vnni.rows instead (one vpdpbusd per
+64 columns and plane; 1.8-2.3x faster on bench_sparse's GEMV shapes). The other widths below 8
+bits (q2, q3, q5, q6) take the same int8-activation GEMV, gemv_q8act: their float loops unpack
+several planes and measured 3-5x slower than their bytes allow (int3-g64: 1.3 GB/s against
+q4's 6.9 on 1536x576). Their portable loop (_groups_q8act, groups that are not 64k columns or
+CPUs without VNNI) is not vectorized: about 1 ms for 1536x576 in groups of 32.
 """
 from __future__ import annotations
 
@@ -383,49 +387,80 @@ def _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, gro
         out[r] = acc
 
 
-@njit(cache=True)
-def _tail_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out):
-    """out[r0:r1] += the partial last group's part of W @ x (k % group != 0)."""
-    g = k // group
-    s = group // 2
-    tail_s = ((k - g * group) + 7) // 8 * 4
-    for r in range(r0, r1):
-        dot = 0
-        for i in range(tail_s):
-            c = np.int32(codes[r, g * s + i])
-            dot += (c & 15) * np.int32(lo[g * s + i]) + (c >> 4) * np.int32(hi[g * s + i])
-        z = np.int32(zeros[r, g]) if has_zeros else np.int32(8)
-        out[r] += h2f[scales[r, g]] * d[g] * np.float32(dot - z * sums[g])
-
-
-@njit(cache=True, fastmath=FAST)
-def _rows_q4_any(codes, scales, zeros, has_zeros, h2f, lo, hi, xq, d, sums, k, group, r0, r1, out):
-    """_rows_q4_q8act with q4_vnni.rows's arguments (the portable kernel for groups of 64k)."""
-    _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out)
-
-
 # Rows per parallel task of the int8-activation GEMV: enough to amortize a task, few enough that
 # two threads split a 192-row projection evenly.
 ROW_BLOCK = 32
 
 
+@njit(cache=True, fastmath=FAST)
+def _groups_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, g0, r0, r1, out):
+    """out[r0:r1] += groups g0.. of W @ x for 2- to 6-bit codes and quantize_x's activations, plane
+    by plane (packing.planes), each plane's fields slice by slice, in int32 (the portable kernel
+    of widths other than 4, and the partial last group the VNNI rows leave)."""
+    n_groups = scales.shape[1]
+    n_full = k // group
+    padded = (group + 7) // 8 * 8
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * bits // 8
+    mid = np.int32(1 << (bits - 1))
+    for r in range(r0, r1):
+        crow = codes[r]
+        acc = np.float32(0.0)
+        for g in range(g0, n_groups):
+            plen = padded if g < n_full else tail_padded
+            xg = xq[g]
+            base = g * gbytes
+            dot = np.int32(0)
+            shift = 0
+            for width in (4, 2, 1):
+                if (bits & width) == 0:
+                    continue
+                s = plen * width // 8
+                mask = np.int32((1 << width) - 1)
+                part = np.int32(0)
+                for i in range(8 // width):
+                    for j in range(s):
+                        part += ((np.int32(crow[base + j]) >> np.int32(width * i)) & mask) * np.int32(xg[i * s + j])
+                dot += part << np.int32(shift)
+                base += s
+                shift += width
+            z = np.int32(zeros[r, g]) if has_zeros else mid
+            acc += h2f[scales[r, g]] * d[g] * np.float32(dot - z * sums[g])
+        out[r] += acc
+
+
 @njit(cache=True, parallel=True)
-def gemv_q4_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, out):
-    """out = W @ x for 4-bit codes and x quantized by `quantize_x` (xq, d, sums); group % 8 == 0."""
-    rows = scales.shape[0]
-    lo, hi = split_slices(xq, k, group)
-    has_tail = k % group != 0
-    wide = group % 64 == 0
+def gemv_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, out):
+    """out = W @ x for `bits`-bit codes (2 to 6) and x quantized by `quantize_x` (xq, d, sums);
+    group % 8 == 0. Groups of a multiple of 64 columns on group_vnni.rows (AVX512-VNNI CPUs);
+    elsewhere q4 takes the int16 kernel above, other widths (and every partial group left)
+    _groups_q8act."""
+    rows, n_groups = scales.shape
+    vnni = VNNI_ROWS and group % 64 == 0
+    if bits == 4 and not vnni:
+        lo, hi = split_slices(xq, k, group)
+    else:
+        lo, hi = np.zeros(1, np.int8), np.zeros(1, np.int8)
     n_blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
     for b in prange(n_blocks):
         r0 = b * ROW_BLOCK
         r1 = min(rows, r0 + ROW_BLOCK)
-        if wide:
-            ROWS_Q4_64(codes, scales, zeros, has_zeros, h2f, lo, hi, xq, d, sums, k, group, r0, r1, out)
-        else:
+        if vnni:
+            g0 = ROWS_64(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, r0, r1, out)
+        elif bits == 4:
             _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out)
-        if has_tail:
-            _tail_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out)
+            g0 = k // group
+        else:
+            out[r0:r1] = 0.0
+            g0 = 0
+        if g0 < n_groups:
+            _groups_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, g0, r0, r1, out)
+
+
+@njit(cache=True)
+def _rows_none(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, r0, r1, out):
+    """Stands in for group_vnni.rows where it is not compiled (never called: VNNI_ROWS is False)."""
+    return 0
 
 
 # Per-group unpacking into a float row segment `og` (plen padded elements): value = s * (q - z).
@@ -658,15 +693,16 @@ def pad_rows(x, k, group, out):
                 out[i, g * padded + e] = 0.0
 
 
-# The full-group kernel for groups of a multiple of 64 columns, chosen here (features): vpdpbusd
+# The kernel for groups of a multiple of 64 columns, chosen here (features): vpdpbusd
 # on AVX512-VNNI/BW CPUs.
-from . import q4_vnni  # noqa: E402
+from . import group_vnni  # noqa: E402
 from .features import VNNI_BW  # noqa: E402
 
-ROWS_Q4_64 = q4_vnni.rows if VNNI_BW else _rows_q4_any
+ROWS_64 = group_vnni.rows if VNNI_BW else _rows_none
+VNNI_ROWS = VNNI_BW
 
-# The float-activation GEMV and the row dequantizer of each grouped kind (the 4-bit GEMV on int8
-# activations, gemv_q4_q8act, is chosen by the ops where kernels.layouts.q8act says so).
+# The float-activation GEMV and the row dequantizer of each grouped kind (the GEMV on int8
+# activations, gemv_q8act, is chosen by the ops where kernels.layouts.q8act says so).
 GEMV = {"q8": gemv_q8, "q6": gemv_q6, "q5": gemv_q5, "q4": gemv_q4, "q3": gemv_q3, "q2": gemv_q2, "nf4": gemv_nf4}
 DEQUANT = {"q8": dequant_q8, "q6": dequant_q6, "q5": dequant_q5, "q4": dequant_q4, "q3": dequant_q3,
            "q2": dequant_q2, "nf4": dequant_nf4}

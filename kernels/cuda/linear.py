@@ -122,7 +122,7 @@ class CudaSidecars:
 
 class CudaGroupQuantOp(_CudaOp):
     """q8, q6, q5, q4, q3, q2 and nf4 weights, symmetric or affine, dense or n:m sparse, with any
-    sidecars. Decode: q4 on int8 activations quantized per group, the others on float ones, as
+    sidecars. Decode: q4, q5 and q6 on int8 activations quantized per group, the others on float ones, as
     the CPU backend computes them."""
 
     def __init__(self, t: Tensor, float_activations: bool = False):
