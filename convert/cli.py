@@ -48,7 +48,9 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
-def _check_scheme(ctx: click.Context, param: click.Parameter, value: str) -> str:
+def _check_scheme(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
     try:
         parse_scheme(value)
     except ValueError as e:
@@ -81,7 +83,7 @@ SPECIAL_HELP = (
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src", metavar="MODEL_DIR", type=click.Path(path_type=str))
 @click.argument("dst", metavar="OUT.qbin", type=click.Path(path_type=str))
-@click.option("--scheme", "-s", required=True, callback=_check_scheme,
+@click.option("--scheme", "-s", default=None, callback=_check_scheme,
               help=f"Quantization scheme: {', '.join(SCHEME_NAMES)}; int2/3/4 are asymmetric unless "
                    "suffixed -sym; groups run along the input dimension and need not divide it.")
 @click.option("--head", type=click.Choice(SPECIAL_CHOICES), default="auto", show_default=True,
@@ -141,6 +143,21 @@ SPECIAL_HELP = (
 @click.option("--act-calib", type=click.Choice(("minmax", "percentile", "mse", "kl")), default=None,
               help="With --act-static: the range of the static scale: largest |x|, 99.99th percentile, least "
                    "squared error, or TensorRT's KL-divergence calibration. Default minmax.")
+@click.option("--target-bpw", type=click.FloatRange(0, 32, min_open=True), default=None, metavar="BITS",
+              help="Choose every projection's, the embedding's and the head's scheme for a file of BITS bits per "
+                   "weight (the whole file: embeddings, norms, scales and header included), spending bits where "
+                   "the measured sensitivity says they matter (convert/allocate.py). Replaces --scheme.")
+@click.option("--max-kl", type=click.FloatRange(0, min_open=True), default=None, metavar="NATS",
+              help="Like --target-bpw, but the smallest file whose predicted KL divergence to the unquantized "
+                   "model stays under NATS per token.")
+@click.option("--candidates", default=None, metavar="SCHEMES",
+              help="With --target-bpw/--max-kl: the schemes a tensor may take, comma-separated. Default: "
+                   "int2..int6 in groups of 64 and 128, and int8 per channel.")
+@click.option("--sensitivity-samples", type=click.IntRange(1), default=16, show_default=True,
+              help="Calibration windows of the sensitivity measurement (one forward and backward pass).")
+@click.option("--score", type=click.Choice(("fisher", "output")), default="fisher", show_default=True,
+              help="How a candidate's error is scored: fisher (layer-output error weighted by the loss "
+                   "gradient's second moment: predicted nats/token) or output (relative layer-output error).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the resulting size; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUT.qbin if it exists.")
 @click.option("--allow-pickle", is_flag=True,
@@ -153,6 +170,10 @@ def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:
     Reads Llama, Mistral, Qwen2 and Qwen3 checkpoints (safetensors, bf16/fp16/fp32, sharded or
     not) with their tokenizer and chat template; streams one tensor at a time.
     """
+    if fields["scheme"] is None:
+        if fields["target_bpw"] is None and fields["max_kl"] is None:
+            raise InputError("give --scheme (e.g. int4-g64), or --target-bpw BITS for a file of that size")
+        fields["scheme"] = ConvertOptions.scheme
     options = ConvertOptions(**fields, progress=not quiet and not fields["dry_run"],
                              command=shlex.join((ctx.obj or {}).get("argv", ["qconvert"])))
     try:

@@ -70,13 +70,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def attention(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope) -> torch.Tensor:
-    """Causal GQA self-attention of normed inputs xn (B, T, dim) -> o_proj's input (B, T, H*hd)."""
+def tap(taps: dict | None, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y, the output of projection `name` on input x; recorded in `taps` (when given) as
+    (x, y) with y's gradient retained (sensitivity.py reads both after a backward pass)."""
+    if taps is not None:
+        y.retain_grad()
+        taps[name] = (x, y)
+    return y
+
+
+def attention(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope, taps: dict | None = None
+              ) -> torch.Tensor:
+    """Causal GQA self-attention of normed inputs xn (B, T, dim) -> o_proj's input (B, T, H*hd);
+    taps: see `tap`."""
     b, t, _ = xn.shape
     hd = args.head_dim
 
     def proj(name: str, bias: str, heads: int) -> torch.Tensor:
-        y = xn @ w[name].T
+        y = tap(taps, name, xn, xn @ w[name].T)
         if bias in w:
             y = y + w[bias]
         return y.view(b, t, heads, hd).transpose(1, 2)  # (B, heads, T, hd)
@@ -100,15 +111,18 @@ def attention(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rop
     return o.transpose(1, 2).reshape(b, t, args.n_heads * hd)
 
 
-def ffn_act(xn: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+def ffn_act(xn: torch.Tensor, w: dict[str, torch.Tensor], taps: dict | None = None) -> torch.Tensor:
     """SiLU-gated hidden activations: down_proj's input."""
-    return F.silu(xn @ w[W1].T) * (xn @ w[W3].T)
+    return F.silu(tap(taps, W1, xn, xn @ w[W1].T)) * tap(taps, W3, xn, xn @ w[W3].T)
 
 
-def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope) -> torch.Tensor:
-    """One decoder layer: h = x + attn(norm1(x)); out = h + ffn(norm2(h))."""
-    h = x + attention(rms_norm(x, w[ATTN_NORM], args.norm_eps), w, args, rope) @ w[WO].T
-    return h + ffn_act(rms_norm(h, w[FFN_NORM], args.norm_eps), w) @ w[W2].T
+def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope, taps: dict | None = None
+                  ) -> torch.Tensor:
+    """One decoder layer: h = x + attn(norm1(x)); out = h + ffn(norm2(h)); taps: see `tap`."""
+    o_in = attention(rms_norm(x, w[ATTN_NORM], args.norm_eps), w, args, rope, taps)
+    h = x + tap(taps, WO, o_in, o_in @ w[WO].T)
+    act = ffn_act(rms_norm(h, w[FFN_NORM], args.norm_eps), w, taps)
+    return h + tap(taps, W2, act, act @ w[W2].T)
 
 
 # ---------------------------------------------------------------------------- statistics

@@ -12,6 +12,7 @@ from typing import Callable
 
 from .awq import AwqMethod
 from .gptq import GptqMethod
+from .imatrix import ImatrixMethod
 from .outliers import KeepOptions, RtnKeepMethod
 from .prune import PruneMethod, parse_pattern
 from .smoothquant import SmoothQuantMethod
@@ -54,6 +55,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            describe=lambda o: (f"awq(grid={o.awq_grid}, clip_search=True, calib={o.calib_name}, "
                                f"{o.calib_samples}x{o.calib_seqlen})"),
            names_calibration=True, layer=lambda o, clip: AwqMethod(grid=o.awq_grid, clip_search=clip, keep=o.keep)),
+    # importance-weighted rounding (llama.cpp's imatrix): a per-group scale search weighted by
+    # E[x²] per input column, no error compensation; its search is its clipping
+    Method("imatrix", calibrated=True, clip_search=True, prune_method="wanda", prunes=False, smooths=False,
+           describe=lambda o: f"imatrix(calib={o.calib_name}, {o.calib_samples}x{o.calib_seqlen})",
+           names_calibration=True, layer=lambda o, clip: ImatrixMethod(keep=o.keep)),
 )}
 
 

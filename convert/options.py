@@ -11,12 +11,14 @@ from pathlib import Path
 
 from qformat.schemes import Scheme, parse_scheme
 
+from .allocate import parse_candidates
 from .awq import DEFAULT_GRID
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_SOURCE
 from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP
 from .methods import METHODS
 from .outliers import KeepOptions, parse_fraction
 from .prune import check_prune_options
+from .sensitivity import SCORES
 from .smoothquant import check_options as check_smoothquant, describe as describe_smoothquant
 
 # Choices for the embeddings and the LM head: "auto" (plan.resolve_special), a fixed format, or
@@ -46,6 +48,11 @@ class ConvertOptions:
     their weight column in 16 bits (LLM.int8(), 6.0); both calibrate, also with rtn.
     smooth: SmoothQuant's α for scheme "w8a8"; act_static: one calibrated activation scale per
     tensor, chosen by act_calib (minmax, percentile, mse, kl) (smoothquant.py).
+    target_bpw: bits per weight of the whole file; max_kl: a bound on the predicted KL to the
+    unquantized model (nats per token). Either one makes the scheme of every projection, the
+    embedding and the head a choice among `candidates` (allocate.py; comma-separated scheme
+    names, None: allocate.DEFAULT_CANDIDATES), scored on sensitivity_samples calibration
+    windows by `score` (sensitivity.SCORES); `scheme` is then unused.
     """
 
     scheme: str = "int4-g64"
@@ -74,6 +81,11 @@ class ConvertOptions:
     smooth: float | None = None
     act_static: bool = False
     act_calib: str | None = None
+    target_bpw: float | None = None
+    max_kl: float | None = None
+    candidates: str | None = None
+    sensitivity_samples: int = 16
+    score: str = "fisher"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -112,12 +124,38 @@ class ConvertOptions:
             raise ValueError(f"--smooth/--act-static do not combine with --method {self.method} (both fold "
                              "scales into the norms); use --method rtn or gptq")
         check_smoothquant(self.smooth, self.act_static, self.act_calib, main)
+        if self.allocating:
+            self._check_allocation(options)
         if options.keep.active and not main.quantized:
             raise ValueError(f"--outliers/--outlier-threshold keep weights beside a quantized part; "
                              f"{main.name} is not quantized (use e.g. int4-g64 or int8)")
         return options
 
+    def _check_allocation(self, options: "ConvertOptions") -> None:
+        if self.target_bpw is not None and self.max_kl is not None:
+            raise ValueError("--target-bpw and --max-kl each choose the file size; give one of them")
+        if self.target_bpw is not None and not 0 < self.target_bpw <= 32:
+            raise ValueError(f"--target-bpw {self.target_bpw}: give bits per weight of the whole file, e.g. 4.0")
+        if self.max_kl is not None and not self.max_kl > 0:
+            raise ValueError(f"--max-kl {self.max_kl}: give a positive bound in nats per token, e.g. 0.05")
+        if self.prune is not None or options.keep.active or options.smoothquant:
+            raise ValueError("--target-bpw/--max-kl choose weight-only schemes; they do not combine with --prune, "
+                             "--outliers, --outlier-threshold, --smooth or --act-static")
+        if self.head != "auto" or self.embed != "auto":
+            raise ValueError("--target-bpw/--max-kl choose the embeddings' and the head's schemes too; drop --head/--embed "
+                             "(or keep a tensor in f16 with --skip)")
+        if self.score not in SCORES:
+            raise ValueError(f"score {self.score!r}; expected one of {', '.join(SCORES)}")
+        if self.sensitivity_samples < 1:
+            raise ValueError("--sensitivity-samples must be at least 1")
+        parse_candidates(self.candidates)
+
     # -- derived ---------------------------------------------------------------
+    @property
+    def allocating(self) -> bool:
+        """Whether the schemes are chosen per tensor for a budget (allocate.py)."""
+        return self.target_bpw is not None or self.max_kl is not None
+
     @property
     def main(self) -> Scheme:
         return parse_scheme(self.scheme)
@@ -153,10 +191,16 @@ class ConvertOptions:
         return self.smooth is not None or self.act_static
 
     @property
-    def calibrated(self) -> bool:
-        """Whether calibration data is needed (a calibrated method, or a calibrated pruning)."""
+    def layerwise(self) -> bool:
+        """Whether the decoder layers are quantized layer by layer on calibration activations (a
+        calibrated method, a calibrated pruning, 16-bit weights, SmoothQuant): layerwise.py."""
         return (METHODS[self.method].calibrated or (self.prune is not None and self.pruning != "magnitude")
                 or self.keep.active or self.smoothquant)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether calibration data is needed (layerwise, or to measure an allocation)."""
+        return self.layerwise or self.allocating
 
     @property
     def calib_name(self) -> str:
@@ -166,7 +210,15 @@ class ConvertOptions:
     def describe(self) -> str:
         """The method as the file's provenance records it."""
         return (METHODS[self.method].describe(self) + self.describe_prune() + self.describe_keep()
-                + self.describe_smooth())
+                + self.describe_smooth() + self.describe_allocation())
+
+    def describe_allocation(self) -> str:
+        """The per-tensor allocation as appended to the provenance's method ("" without it)."""
+        if not self.allocating:
+            return ""
+        target = f"bpw={self.target_bpw}" if self.target_bpw is not None else f"max_kl={self.max_kl}"
+        samples = min(self.sensitivity_samples, self.calib_samples)
+        return f"+allocate({target}, score={self.score}, samples={samples}{self._calib_suffix()})"
 
     def describe_uncalibrated(self) -> str:
         """describe() of a conversion that read no calibration data: round-to-nearest, its clip

@@ -10,7 +10,7 @@ import numpy as np
 
 from qformat import tensors as T
 from qformat.config import ModelArgs
-from qformat.constants import ALIGNMENT
+from qformat.constants import ALIGNMENT, DTYPES
 from qformat.packing import row_nbytes
 from qformat.schemes import KINDS, Scheme, parse_scheme
 
@@ -36,29 +36,41 @@ class SidecarPlan:
     outliers: float | None = None
 
 
-def array_sizes(shape: tuple[int, ...], scheme: Scheme, sidecars: SidecarPlan | None = None) -> list[int]:
-    """Byte sizes of the arrays a tensor of `shape` takes in `scheme` (codes, scales, zeros, and
-    the sidecars of spec §6 that `sidecars` plans)."""
+def planned_arrays(shape: tuple[int, ...], scheme: Scheme, sidecars: SidecarPlan | None = None
+                   ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(role, dtype, shape) of every array a tensor of `shape` takes in `scheme`, in the order the
+    quantizers store them (codes, scales, zeros, then the sidecars of spec §6 that `sidecars`
+    plans)."""
     if not scheme.quantized:
-        return [int(np.prod(shape)) * scheme.bits // 8]
+        return [("data", scheme.kind, tuple(shape))]
     rows, k = shape
     group = scheme.group_for(k)
     n_groups = -(-k // group)
     side = sidecars or SidecarPlan()
-    bits = KINDS[scheme.kind].bits
+    kind = KINDS[scheme.kind]
     if side.nm:  # §6.3: n of every m codes, in groups of G·n/m, plus their positions
         n, m = side.nm
         kept = k * n // m
-        codes = [rows * row_nbytes(kept, group * n // m, bits), rows * -(-kept * (2 if m == 4 else 4) // 8)]
+        out = [("codes", "u8", (rows, row_nbytes(kept, group * n // m, kind.bits)))]
+        index = [("sparse_index", "u8", (rows, -(-kept * (2 if m == 4 else 4) // 8)))]
     else:
-        codes = [rows * row_nbytes(k, group, bits)]
-    sizes = codes + [rows * n_groups * 2] + ([] if scheme.symmetric else [rows * n_groups])
+        out, index = [("codes", "u8", (rows, row_nbytes(k, group, kind.bits)))], []
+    out.append(("scales", "f16", (rows, n_groups)))
+    if not scheme.symmetric and not kind.nf4:
+        out.append(("zeros", "u8", (rows, n_groups)))
+    out += index
     if side.perm:
-        sizes.append(4 * k)
+        out.append(("perm", "i32", (k,)))
     count = outlier_count(rows * k, side.outliers)
     if count:  # §6.2: i32 row pointers, u16 (or i32) columns, f16 values
-        sizes += [4 * (rows + 1), count * (2 if k <= 1 << 16 else 4), 2 * count]
-    return sizes
+        out += [("outlier_rowptr", "i32", (rows + 1,)), ("outlier_cols", "u16" if k <= 1 << 16 else "i32", (count,)),
+                ("outlier_values", "f16", (count,))]
+    return out
+
+
+def array_sizes(shape: tuple[int, ...], scheme: Scheme, sidecars: SidecarPlan | None = None) -> list[int]:
+    """Byte sizes of the arrays of `planned_arrays`."""
+    return [int(np.prod(s)) * DTYPES[dtype].itemsize for _, dtype, s in planned_arrays(shape, scheme, sidecars)]
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,9 @@ class Provenance:
     method: str = ""
     calibration_sha256: str | None = None
     created: str = ""  # ISO 8601 UTC; the one field that differs between identical conversions
+    # per-tensor schemes chosen for a budget (spec §2.4): target_bpw or max_kl, budget_bytes,
+    # candidates, score, samples, predicted_kl; None when one scheme was asked for
+    allocation: dict | None = None
 
     def __post_init__(self) -> None:
         # a header is untrusted input: wrong types must fail here, not later in qinfo
@@ -119,6 +122,8 @@ class Provenance:
                 raise TypeError(f"{name} must be a string")
         if self.calibration_sha256 is not None and not isinstance(self.calibration_sha256, str):
             raise TypeError("calibration_sha256 must be a string or null")
+        if self.allocation is not None and not isinstance(self.allocation, dict):
+            raise TypeError("allocation must be an object or null")
         if not isinstance(self.source_files, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.source_files.items()):
             raise TypeError("source_files must map file names to SHA-256 strings")

@@ -100,8 +100,7 @@ class QbinWriter:
         buf = memoryview(data).cast("B") if data.size else memoryview(b"")
         self._scratch.write(buf)
         self._size = offset + data.nbytes
-        return {"dtype": dtype, "shape": list(arr.shape), "offset": offset, "nbytes": data.nbytes,
-                "xxh3": xxhash.xxh3_64_hexdigest(buf)}
+        return _array_entry(dtype, arr.shape, offset, data.nbytes, xxhash.xxh3_64_hexdigest(buf))
 
     # -- OPEN -> FINISHED --------------------------------------------------
     def finish(self, *, model: ModelArgs, tokenizer: TokenizerInfo | None = None,
@@ -111,15 +110,7 @@ class QbinWriter:
         self._require(Stage.OPEN, "finish")
         if tokenizer is not None and tokenizer.tensor not in self._tensors:
             raise ValueError(f"tokenizer tensor {tokenizer.tensor!r} was not added")
-        header = {
-            "model": dataclasses.asdict(model),
-            "tokenizer": dataclasses.asdict(tokenizer) if tokenizer else None,
-            "chat_template": chat_template,
-            "generation": dataclasses.asdict(generation or GenerationDefaults()),
-            "provenance": dataclasses.asdict(provenance or Provenance()),
-            "tensors": self._tensors,
-        }
-        raw = json.dumps(header, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        raw = header_json(self._tensors, model, tokenizer, chat_template, generation, provenance)
         data_offset = align_up(PREAMBLE_SIZE + len(raw))
         file_size = data_offset + self._size
         fd, final_tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
@@ -172,6 +163,54 @@ class QbinWriter:
             self.abort()
             if exc_type is None:
                 raise RuntimeError(f"{self.path}: writer closed without finish(); nothing was written")
+
+
+def _array_entry(dtype: str, shape, offset: int, nbytes: int, digest: str) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": nbytes, "xxh3": digest}
+
+
+def header_json(tensors: dict[str, dict], model: ModelArgs, tokenizer: TokenizerInfo | None = None,
+                chat_template: str | None = None, generation: GenerationDefaults | None = None,
+                provenance: Provenance | None = None) -> bytes:
+    """The header a file with these directory entries and metadata has (spec §2), as bytes."""
+    header = {
+        "model": dataclasses.asdict(model),
+        "tokenizer": dataclasses.asdict(tokenizer) if tokenizer else None,
+        "chat_template": chat_template,
+        "generation": dataclasses.asdict(generation or GenerationDefaults()),
+        "provenance": dataclasses.asdict(provenance or Provenance()),
+        "tensors": tensors,
+    }
+    return json.dumps(header, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+class QbinSizer:
+    """The exact size of a file before it is written: the writer's directory, built from each
+    tensor's layout and its arrays' (role, dtype, shape) alone (digests are fixed-length).
+    Add tensors in the order the writer will receive them."""
+
+    def __init__(self):
+        self._tensors: dict[str, dict] = {}
+        self._size = 0
+
+    def add(self, t: Tensor, arrays: list[tuple[str, str, tuple[int, ...]]]) -> None:
+        """A tensor `t` (its layout fields; its arrays are ignored) with these arrays."""
+        entry = t.meta()
+        entry["layout"] = KIND_LAYOUTS[t.kind]
+        entry["arrays"] = {}
+        for role, dtype, shape in arrays:
+            offset = align_up(self._size)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+            entry["arrays"][role] = _array_entry(dtype, shape, offset, nbytes, "0" * 16)
+            self._size = offset + nbytes
+        self._tensors[t.name] = entry
+
+    def add_bytes(self, name: str, n: int) -> None:
+        self.add(Tensor(name, "bytes", (n,), {}), [("data", "u8", (n,))])
+
+    def file_size(self, **metadata) -> int:
+        """Bytes of the file, given finish()'s keyword arguments."""
+        return align_up(PREAMBLE_SIZE + len(header_json(self._tensors, **metadata))) + self._size
 
 
 def _fsync_dir(path: Path) -> None:
