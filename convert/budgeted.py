@@ -30,7 +30,8 @@ def _stub(p, scheme) -> Tensor:
     if not scheme.quantized:
         return Tensor(p.name, scheme.kind, tuple(p.shape), {})
     k = p.shape[1]
-    return Tensor(p.name, scheme.kind, tuple(p.shape), {}, scheme.group_for(k), scheme.symmetric or KINDS[scheme.kind].nf4)
+    symmetric = scheme.symmetric or KINDS[scheme.kind].nf4
+    return Tensor(p.name, scheme.kind, tuple(p.shape), {}, scheme.group_for(k), symmetric)
 
 
 def allocate_plan(ckpt, args, planned: list, calibration, options, provenance: Provenance, finish: dict,
@@ -47,7 +48,8 @@ def allocate_plan(ckpt, args, planned: list, calibration, options, provenance: P
     def nbytes(p, scheme) -> int:
         return dataclasses.replace(p, scheme=scheme).aligned_nbytes(sidecars(p, scheme))
 
-    chosen = [p for p in planned if p.role in ("linear", "embed", "head") and not skipped((p.name, p.hf_name), options.skip)]
+    chosen = [p for p in planned
+              if p.role in ("linear", "embed", "head") and not skipped((p.name, p.hf_name), options.skip)]
     choices = allocate.score(ckpt, chosen, sens, candidates, nbytes, options.score, options.progress)
     n_weights = sum(int(np.prod(p.shape)) for p in planned if not (p.role == "head" and args.tie_embeddings))
     target = int(options.target_bpw * n_weights / 8) if options.target_bpw is not None else None
@@ -62,7 +64,8 @@ def allocate_plan(ckpt, args, planned: list, calibration, options, provenance: P
         sizer = QbinSizer()
         for p in planned:
             scheme = pick[p.name].scheme if p.name in pick else p.scheme
-            sizer.add(_stub(p, scheme), planned_arrays(p.shape, scheme, sidecars(p, scheme) if p.name in pick else None))
+            side = sidecars(p, scheme) if p.name in pick else None
+            sizer.add(_stub(p, scheme), planned_arrays(p.shape, scheme, side))
         sizer.add_bytes(tokenizer_name, tokenizer_nbytes)
         return sizer.file_size(**finish, provenance=record(pick))
 

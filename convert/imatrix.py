@@ -98,7 +98,8 @@ class ImatrixMethod:
     def fold_scales(self, names, stats, w, into, schemes) -> None:
         """Rounding folds nothing."""
 
-    def quantize(self, names: list[str], stats, w: dict[str, torch.Tensor], schemes: dict[str, Scheme]) -> dict[str, Tensor]:
+    def quantize(self, names: list[str], stats, w: dict[str, torch.Tensor],
+                 schemes: dict[str, Scheme]) -> dict[str, Tensor]:
         importance = torch.diagonal(stats.gram)
         out = {}
         for n in names:

@@ -142,8 +142,8 @@ class ConvertOptions:
             raise ValueError("--target-bpw/--max-kl choose weight-only schemes; they do not combine with --prune, "
                              "--outliers, --outlier-threshold, --smooth or --act-static")
         if self.head != "auto" or self.embed != "auto":
-            raise ValueError("--target-bpw/--max-kl choose the embeddings' and the head's schemes too; drop --head/--embed "
-                             "(or keep a tensor in f16 with --skip)")
+            raise ValueError("--target-bpw/--max-kl choose the embeddings' and the head's schemes too; drop "
+                             "--head/--embed (or keep a tensor in f16 with --skip)")
         if self.score not in SCORES:
             raise ValueError(f"score {self.score!r}; expected one of {', '.join(SCORES)}")
         if self.sensitivity_samples < 1:

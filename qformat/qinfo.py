@@ -83,8 +83,9 @@ def _bpw(nbytes: int, params: int) -> float | None:
     return round(8 * nbytes / params, 4) if params else None
 
 
-def summarize(reader: QbinReader) -> dict:
-    """The stable JSON summary of an open file (see `qinfo --json`)."""
+def summarize(reader: QbinReader, per_tensor: bool = False) -> dict:
+    """The stable JSON summary of an open file (see `qinfo --json`); per_tensor: also each
+    tensor's scheme and bits per weight (key "per_tensor")."""
     directory = reader.header["tensors"]
     classes: dict[str, dict] = {}
     sidecars_total: Counter = Counter()
@@ -114,6 +115,12 @@ def summarize(reader: QbinReader) -> dict:
     params = sum(c["parameters"] for c in ordered.values())
     weight_bytes = sum(c["bytes"] for c in ordered.values())
     tok = reader.tokenizer
+    extra = {}
+    if per_tensor:
+        extra["per_tensor"] = [
+            {"name": name, "shape": entry["shape"], **scheme_of(entry),
+             "bits_per_weight": _bpw(sum(a["nbytes"] for a in entry["arrays"].values()), math.prod(entry["shape"]))}
+            for name, entry in directory.items() if entry["kind"] != "bytes"]
     return {
         "file": str(reader.path),
         "format_version": "{}.{}".format(*reader.version),
@@ -124,6 +131,7 @@ def summarize(reader: QbinReader) -> dict:
         "parameters": params,
         "weight_bytes": weight_bytes,
         "bits_per_weight": _bpw(weight_bytes, params),
+        "file_bits_per_weight": _bpw(reader.file_size, params),
         "classes": ordered,
         "sidecars": dict(sorted(sidecars_total.items())),
         "tokenizer": None if tok is None else {
@@ -136,6 +144,7 @@ def summarize(reader: QbinReader) -> dict:
         "generation": dataclasses.asdict(reader.generation),
         "provenance": dataclasses.asdict(reader.provenance),
         "verified_arrays": None,
+        **extra,
     }
 
 
@@ -169,7 +178,9 @@ def render(info: dict) -> str:
         f"              bos {m.get('bos_token_id')}, eos {m.get('eos_token_ids')}, pad {m.get('pad_token_id')}",
         f"parameters    {info['parameters']:,}",
         f"bits/weight   {'-' if bpw is None else f'{bpw:.3f}'} overall "
-        f"({info['weight_bytes']:,} bytes of weight arrays; see --help for what is counted)",
+        f"({info['weight_bytes']:,} bytes of weight arrays; see --help for what is counted); "
+        f"{'-' if info['file_bits_per_weight'] is None else format(info['file_bits_per_weight'], '.3f')} "
+        "whole file",
         "",
         f"  {'class':<11} {'tensors':>7} {'parameters':>13} {'bits/w':>7}  schemes / sidecars",
     ]
@@ -201,6 +212,19 @@ def render(info: dict) -> str:
                  f"{prov.get('calibration_sha256') or 'none'}")
     if prov.get("command"):
         lines.append(f"              command: {prov['command']}")
+    alloc = prov.get("allocation")
+    if alloc:
+        target = (f"{alloc.get('target_bpw')} bits/weight ({alloc.get('budget_bytes'):,} bytes)"
+                  if alloc.get("target_bpw") is not None else f"predicted KL <= {alloc.get('max_kl')}")
+        lines.append(f"allocation    {target}; score {alloc.get('score')} on {alloc.get('samples')} windows; "
+                     f"predicted KL {alloc.get('predicted_kl', 0):.4f} nats/token")
+        lines.append(f"              candidates {', '.join(alloc.get('candidates') or [])}")
+    if "per_tensor" in info:
+        lines.append("")
+        for t in info["per_tensor"]:
+            tbpw = t["bits_per_weight"]
+            lines.append(f"  {t['name']:<28} {'x'.join(map(str, t['shape'])):>12}  {scheme_label(t):<24} "
+                         f"{'-' if tbpw is None else f'{tbpw:.3f}':>7}")
     if info["verified_arrays"] is not None:
         lines.append(f"checksums     {info['verified_arrays']} arrays OK, padding zero")
     return "\n".join(lines)
@@ -210,7 +234,9 @@ def render(info: dict) -> str:
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("--verify", is_flag=True, help="Also check every array's checksum (reads the whole file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (stable keys).")
-def main(file: Path, verify: bool, as_json: bool) -> None:
+@click.option("--tensors", "per_tensor", is_flag=True,
+              help="Also list every tensor: shape, scheme and bits per weight (a budget's choices).")
+def main(file: Path, verify: bool, as_json: bool, per_tensor: bool) -> None:
     """Describe the .qbin FILE: architecture, parameters, size, bits per weight per tensor
     class, schemes, sidecars, tokenizer, chat template and provenance.
 
@@ -218,7 +244,7 @@ def main(file: Path, verify: bool, as_json: bool) -> None:
     """
     try:
         with QbinReader(file) as reader:
-            info = summarize(reader)
+            info = summarize(reader, per_tensor)
             if verify:
                 info["verified_arrays"] = reader.verify()
     except QbinError as e:

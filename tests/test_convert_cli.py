@@ -115,7 +115,7 @@ def test_unexpected_tensor(src, tmp_path):
     assert_one_line_error(run(src, tmp_path / "o.qbin", "-s", "int8"), "o_proj.bias", "not support")
 
 
-@pytest.mark.parametrize("scheme", ["int5-g64", "int4-g60", "nf4-g64-sym", "fp8"])
+@pytest.mark.parametrize("scheme", ["int7-g64", "int4-g60", "nf4-g64-sym", "fp8"])
 def test_unknown_scheme(src, tmp_path, scheme):
     assert_one_line_error(run(src, tmp_path / "o.qbin", "-s", scheme), "--scheme")
 

@@ -58,7 +58,7 @@ def test_json_summary(sample):
     path, written = sample
     info = json.loads(_run("--json", path))
     assert list(info) == ["file", "format_version", "file_size", "header_bytes", "tensors", "model", "parameters",
-                          "weight_bytes", "bits_per_weight", "classes", "sidecars", "tokenizer", "chat_template",
+                          "weight_bytes", "bits_per_weight", "file_bits_per_weight", "classes", "sidecars", "tokenizer", "chat_template",
                           "generation", "provenance", "verified_arrays"]
     assert info["file"] == str(path) and info["file_size"] == path.stat().st_size
     assert info["format_version"] == "1.0" and info["tensors"] == len(written) + 1
@@ -171,3 +171,20 @@ def test_converted_model_has_every_tensor_classified(tiny_checkpoint, tmp_path, 
     assert info["parameters"] == report.n_params
     assert info["bits_per_weight"] == pytest.approx(report.bpw, abs=1e-3)
     assert info["provenance"]["scheme"] == "int4-g32" and info["tokenizer"]["kind"] == "hf-json"
+
+
+def test_tensors_lists_every_tensor_with_its_scheme_and_bits(sample):
+    path, written = sample
+    out = _run("--tensors", path)
+    info = json.loads(_run("--json", "--tensors", path))
+    rows = {t["name"]: t for t in info["per_tensor"]}
+    assert set(rows) == set(written) - {"tokenizer"}
+    for name, t in written.items():
+        if name == "tokenizer":
+            continue
+        nbytes = sum(np.asarray(a).nbytes for a in t.arrays.values())
+        assert rows[name]["bits_per_weight"] == pytest.approx(8 * nbytes / math.prod(t.shape), abs=1e-4)
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        assert f"{rows[name]['bits_per_weight']:.3f}" in line and line.split()[2] == rows[name]["kind"]
+    assert info["file_bits_per_weight"] == pytest.approx(8 * info["file_size"] / info["parameters"], abs=1e-4)
+    assert "per_tensor" not in json.loads(_run("--json", path))

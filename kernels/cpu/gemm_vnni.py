@@ -1,6 +1,6 @@
-"""Prefill GEMM of q4 and q8 weights on int8 activations through AVX512-VNNI.
+"""Prefill GEMM of q2-q6 and q8 weights on int8 activations through AVX512-VNNI.
 
-The float path dequantizes rows to f32 and calls BLAS. Here the products are bytes. For q4
+The float path dequantizes rows to f32 and calls BLAS. Here the products are bytes. For q2-q6
 weights the activations are quantized per token and weight group exactly as the decode GEMV
 quantizes them (quant.quantize_x: d = max|x|/127, round half even), so prompt and decode
 steps see the same numbers; W8A8 passes its own per-token codes (per_token_input).
@@ -9,7 +9,8 @@ steps see the same numbers; W8A8 passes its own per-token codes (per_token_input
   columns: step s is 64 bytes, 4 consecutive columns of each of the 16 rows (one 32-bit lane per
   row). A tile of TOKENS tokens then runs through the block: per step, one vpdpbusd per token
   multiplies the 64 code bytes by that token's 4 activation bytes broadcast to every lane, so a
-  lane accumulates its row's dot product and no horizontal sum is ever needed. Each group's
+  lane accumulates its row's dot product and no horizontal sum is ever needed (q4 and q8 are
+  unpacked by whole words; the other widths field by field from their planes, spec §5). Each group's
   int32 accumulators start at -z·Σa (the zero-point term, exact in integers) and end in one
   float multiply-add by s·d per token: lanes are rows, so the scales are a vector load.
 
@@ -31,6 +32,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from qformat.packing import row_nbytes
+
 from .threads import run_row_chunks, run_tasks
 
 # Rows per block: one 32-bit lane each in a 512-bit vector.
@@ -42,7 +45,7 @@ TOKENS = 8
 # as ~16 GEMVs (measured crossover 16-24 tokens on SmolLM2's projections, two threads).
 MIN_TOKENS = 16
 # Kinds this GEMM unpacks (bits per code); the zero point of symmetric codes is the middle code.
-BITS = {"q4": 4, "q8": 8}
+BITS = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6, "q8": 8}
 
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 _V16 = ir.VectorType(_I32, 16)
@@ -57,8 +60,8 @@ def act_group(kind: str, group: int, k: int) -> int | None:
     scale is then the same for every group of a token), else the weight group."""
     if kind == "q8" and (group % 64 == 0 or group >= k):
         return 64
-    if kind not in BITS or group % 8:
-        return None
+    if kind not in BITS or group % 8 or row_nbytes(k, group, BITS[kind]) % 4:
+        return None  # the unpacking reads rows as whole 32-bit words
     return group
 
 
@@ -109,6 +112,25 @@ def quantize_rows(x, k, group, xq, d, sums):
 
 
 @njit(cache=True, inline="always")
+def _unpack_planes(cb, base, col0, plen, bits, lane, wb8):
+    """Or the codes of one group (plen padded codes from byte `base` of a row's bytes cb, first
+    column col0) into lane `lane` of the block's byte layout wb8 (zeroed by the caller)."""
+    shift = 0
+    for width in (4, 2, 1):
+        if (bits & width) == 0:
+            continue
+        s = plen * width // 8
+        mask = np.uint8((1 << width) - 1)
+        for i in range(8 // width):
+            for j in range(s):
+                c = col0 + i * s + j
+                v = (cb[base + j] >> np.uint8(width * i)) & mask
+                wb8[((c // 4) * LANES + lane) * 4 + c % 4] |= v << np.uint8(shift)
+        base += s
+        shift += width
+
+
+@njit(cache=True, inline="always")
 def _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb32, sb, zb):
     """Rows r0..r0+15 -> wb32 (steps·16,) uint32: step s, lane l = columns 4s..4s+3 of row r0+l as
     bytes; sb / zb (n_agroups·16,) scales and zero points per activation group and lane (rows
@@ -119,7 +141,7 @@ def _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup
     n_agroups = sb.size // LANES
     n_full = k // group
     n_rows = min(LANES, rows - r0)
-    if n_rows < LANES or n_full < n_groups:  # lanes or a tail group's columns left unwritten
+    if n_rows < LANES or n_full < n_groups or bits not in (4, 8):  # bytes left unwritten or or-ed into
         wb32[:] = 0
         sb[:] = 0.0
         zb[:] = 0
@@ -139,12 +161,15 @@ def _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup
             if bits == 8:
                 for j in range((plen + 3) // 4):
                     wb32[(step0 + j) * LANES + lane] = crow[g * gwords + j]
-            else:  # planar nibbles: byte j holds column j (low) and column plen/2 + j (high)
+            elif bits == 4:  # planar nibbles: byte j holds column j (low) and column plen/2 + j (high)
                 half = plen // 8  # in words
                 for j in range(half):
                     w = crow[g * gwords + j]
                     wb32[(step0 + j) * LANES + lane] = w & low
                     wb32[(step0 + half + j) * LANES + lane] = (w >> np.uint32(4)) & low
+            else:  # planes of 4, 2 and 1 bits (spec §5), field by field into the code bytes
+                _unpack_planes(crow.view(np.uint8), g * (group * bits // 8), g * group, plen, bits, lane,
+                               wb32.view(np.uint8))
 
 
 @intrinsic
@@ -225,7 +250,7 @@ def _gemm_part(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, x
 
 def gemm_q8act(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zeros: bool,
                h2f: np.ndarray, bits: int, k: int, group: int, agroup: int, x: np.ndarray) -> np.ndarray:
-    """x (n, k) float32 @ W.T for `bits`-bit codes (4 or 8) in groups of `group` columns, the
+    """x (n, k) float32 @ W.T for `bits`-bit codes (2 to 6, or 8) in groups of `group` columns, the
     activations quantized per `agroup` columns (act_group's choice)."""
     n = x.shape[0]
     n_groups = -(-k // agroup)

@@ -244,49 +244,36 @@ def gemv_q3(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
+def _gemv_planes(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, bits, out):
+    """out = W @ x for `bits`-bit codes stored in two planes (5 = 4+1, 6 = 4+2), float x."""
+    rows, n_groups = scales.shape
+    padded = xp.shape[1]
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * bits // 8
+    mid = np.float32(1 << (bits - 1))
+    for r in prange(rows):
+        crow = codes[r]
+        acc = np.float32(0.0)
+        for g in range(n_groups):
+            plen = padded if g < n_full else tail_padded
+            d = dot_bits(crow[g * gbytes:g * gbytes + plen * bits // 8], xp[g], plen, bits)
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            acc += h2f[scales[r, g]] * (d - z * xs[g])
+        out[r] = acc
+
+
+@njit(cache=True)
 def gemv_q5(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
-    """out = W @ x for 5-bit codes: a 4-bit plane then a 1-bit plane."""
-    rows, n_groups = scales.shape
-    padded = xp.shape[1]
-    n_full = k // group
-    tail_padded = ((k - n_full * group) + 7) // 8 * 8
-    gbytes = padded * 5 // 8
-    mid = np.float32(16.0)
-    for r in prange(rows):
-        crow = codes[r]
-        acc = np.float32(0.0)
-        for g in range(n_full):
-            d = dot5(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
-            z = np.float32(zeros[r, g]) if has_zeros else mid
-            acc += h2f[scales[r, g]] * (d - z * xs[g])
-        if n_full < n_groups:
-            d = dot5(crow[n_full * gbytes:], xp[n_full], tail_padded)
-            z = np.float32(zeros[r, n_full]) if has_zeros else mid
-            acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
-        out[r] = acc
+    """out = W @ x for 5-bit codes: a 4-bit plane then a 1-bit plane (float activations: only
+    layouts without int8 activations, kernels.layouts.q8act)."""
+    _gemv_planes(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, 5, out)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True)
 def gemv_q6(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
-    """out = W @ x for 6-bit codes: a 4-bit plane then a 2-bit plane."""
-    rows, n_groups = scales.shape
-    padded = xp.shape[1]
-    n_full = k // group
-    tail_padded = ((k - n_full * group) + 7) // 8 * 8
-    gbytes = padded * 6 // 8
-    mid = np.float32(32.0)
-    for r in prange(rows):
-        crow = codes[r]
-        acc = np.float32(0.0)
-        for g in range(n_full):
-            d = dot6(crow[g * gbytes:(g + 1) * gbytes], xp[g], padded)
-            z = np.float32(zeros[r, g]) if has_zeros else mid
-            acc += h2f[scales[r, g]] * (d - z * xs[g])
-        if n_full < n_groups:
-            d = dot6(crow[n_full * gbytes:], xp[n_full], tail_padded)
-            z = np.float32(zeros[r, n_full]) if has_zeros else mid
-            acc += h2f[scales[r, n_full]] * (d - z * xs[n_full])
-        out[r] = acc
+    """out = W @ x for 6-bit codes: a 4-bit plane then a 2-bit plane (as gemv_q5)."""
+    _gemv_planes(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, 6, out)
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
@@ -613,43 +600,39 @@ def dequant_q3(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
+def _dequant_planes(codes, scales, zeros, has_zeros, h2f, k, group, bits, rows, out):
+    """Rows `rows` of 5- or 6-bit codes to float32 (len(rows), n_groups * P), padded layout."""
+    n_groups = scales.shape[1]
+    padded = (group + 7) // 8 * 8
+    n_full = k // group
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    gbytes = padded * bits // 8
+    mid = np.float32(1 << (bits - 1))
+    for i in prange(rows.size):
+        r = rows[i]
+        crow = codes[r]
+        orow = out[i]
+        for g in range(n_groups):
+            plen = padded if g < n_full else tail_padded
+            z = np.float32(zeros[r, g]) if has_zeros else mid
+            cg = crow[g * gbytes:g * gbytes + plen * bits // 8]
+            og = orow[g * padded:g * padded + plen]
+            if bits == 5:
+                deq5(cg, og, plen, h2f[scales[r, g]], z)
+            else:
+                deq6(cg, og, plen, h2f[scales[r, g]], z)
+
+
+@njit(cache=True)
 def dequant_q5(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
     """Rows `rows` of 5-bit codes to float32 (len(rows), n_groups * P), padded layout."""
-    n_groups = scales.shape[1]
-    padded = (group + 7) // 8 * 8
-    n_full = k // group
-    tail_padded = ((k - n_full * group) + 7) // 8 * 8
-    gbytes = padded * 5 // 8
-    mid = np.float32(16.0)
-    for i in prange(rows.size):
-        r = rows[i]
-        crow = codes[r]
-        orow = out[i]
-        for g in range(n_groups):
-            plen = padded if g < n_full else tail_padded
-            z = np.float32(zeros[r, g]) if has_zeros else mid
-            deq5(crow[g * gbytes:g * gbytes + plen * 5 // 8], orow[g * padded:g * padded + plen],
-                 plen, h2f[scales[r, g]], z)
+    _dequant_planes(codes, scales, zeros, has_zeros, h2f, k, group, 5, rows, out)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True)
 def dequant_q6(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
     """Rows `rows` of 6-bit codes to float32 (len(rows), n_groups * P), padded layout."""
-    n_groups = scales.shape[1]
-    padded = (group + 7) // 8 * 8
-    n_full = k // group
-    tail_padded = ((k - n_full * group) + 7) // 8 * 8
-    gbytes = padded * 6 // 8
-    mid = np.float32(32.0)
-    for i in prange(rows.size):
-        r = rows[i]
-        crow = codes[r]
-        orow = out[i]
-        for g in range(n_groups):
-            plen = padded if g < n_full else tail_padded
-            z = np.float32(zeros[r, g]) if has_zeros else mid
-            deq6(crow[g * gbytes:g * gbytes + plen * 6 // 8], orow[g * padded:g * padded + plen],
-                 plen, h2f[scales[r, g]], z)
+    _dequant_planes(codes, scales, zeros, has_zeros, h2f, k, group, 6, rows, out)
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
