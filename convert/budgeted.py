@@ -39,7 +39,7 @@ def allocate_plan(ckpt, args, planned: list, calibration, options, provenance: P
     """(plan with the chosen schemes, provenance with the allocation record, the Sensitivity,
     the exact file size). ConvertError when the budget cannot be met."""
     candidates = allocate.parse_candidates(options.candidates)
-    tokens = np.asarray(calibration.tokens)[:options.sensitivity_samples]
+    tokens = sensitivity.spread(np.asarray(calibration.tokens), options.sensitivity_samples)
     sens = sensitivity.measure(ckpt, args, planned, tokens, progress=options.progress)
 
     def sidecars(p, scheme):

@@ -82,6 +82,14 @@ class Sensitivity:
         return total
 
 
+def spread(tokens: np.ndarray, count: int) -> np.ndarray:
+    """`count` windows of the calibration matrix, evenly spaced over it: every source of a "mix"
+    (pydoc first, then self-sampled text) is measured, not just the first."""
+    if count >= len(tokens):
+        return tokens
+    return tokens[np.linspace(0, len(tokens) - 1, count).round().astype(np.int64)]
+
+
 def measure(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, *, device: torch.device | None = None,
             progress: bool = True) -> Sensitivity:
     """The statistics of every planned 2-D weight (projections, embedding, head) over `tokens`
