@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from qformat import tensors as T
 from qformat.config import Provenance
 from qformat.schemes import KINDS, Tensor
 from qformat.writer import QbinSizer
@@ -51,6 +52,9 @@ def allocate_plan(ckpt, args, planned: list, calibration, options, provenance: P
     chosen = [p for p in planned
               if p.role in ("linear", "embed", "head") and not skipped((p.name, p.hf_name), options.skip)]
     choices = allocate.score(ckpt, chosen, sens, candidates, nbytes, options.score, options.progress)
+    # what the quantization still needs: the head's Gram matrix (head_store); the rest is freed
+    sens.stats = {n: dataclasses.replace(st, lookup=None) for n, st in sens.stats.items()
+                  if n in (T.TOK_EMBEDDINGS.name(), T.OUTPUT.name()) and st.gram is not None}
     n_weights = sum(int(np.prod(p.shape)) for p in planned if not (p.role == "head" and args.tie_embeddings))
     target = int(options.target_bpw * n_weights / 8) if options.target_bpw is not None else None
 

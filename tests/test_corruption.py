@@ -181,7 +181,7 @@ CASES = [
          r"missing array\(s\) sparse_index"),
     Case("unknown_role", header(lambda h: arrays(h, "norm").update(bogus=arrays(h, "norm")["data"])),
          r"array role 'bogus' is not defined for kind f32"),
-    Case("unknown_kind", header(set_in(["tensors", "norm", "kind"], "q5")), r"unknown kind 'q5'"),
+    Case("unknown_kind", header(set_in(["tensors", "norm", "kind"], "q7")), r"unknown kind 'q7'"),
     Case("kind_not_a_string", header(set_in(["tensors", "norm", "kind"], ["f32"])), r"unknown kind \['f32'\]"),
     Case("unknown_layout_version", header(set_in(["tensors", "output", "layout"], 2)), r"q8 layout version 2"),
     Case("unknown_dtype", header(set_in(["tensors", "norm", "arrays", "data", "dtype"], "f8")), r"unknown dtype 'f8'"),
