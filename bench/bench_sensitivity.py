@@ -33,12 +33,14 @@ def spearman(a: list[float], b: list[float]) -> float:
 @click.option("--scheme", default="int3-g64", show_default=True, help="The scheme each tensor is rounded to alone.")
 @click.option("--windows", default=8, show_default=True, help="Evaluation windows of 512 tokens per corpus.")
 @click.option("--samples", default=16, show_default=True, help="Calibration windows of the sensitivity pass.")
+@click.option("--calib", "calib_source", default="pydoc", show_default=True,
+              help="Calibration text of the sensitivity pass (pydoc: no sampling from the model needed).")
 @click.option("--layer-step", default=3, show_default=True, help="Every n-th layer's projections are sampled.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/qformat-bench-sens"))
 @click.option("--threads", default=2, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def main(model_dir: Path, scheme: str, windows: int, samples: int, layer_step: int, work: Path, threads: int,
-         json_out: Path | None) -> None:
+def main(model_dir: Path, scheme: str, windows: int, samples: int, calib_source: str, layer_step: int, work: Path,
+         threads: int, json_out: Path | None) -> None:
     from transformers import AutoTokenizer
 
     from qformat.convert.calibration import calibration_tokens
@@ -47,7 +49,7 @@ def main(model_dir: Path, scheme: str, windows: int, samples: int, layer_step: i
     from qformat.convert.hf_config import architecture_of, model_args
     from qformat.convert.options import ConvertOptions
     from qformat.convert.plan import plan
-    from qformat.convert.sensitivity import measure, spread
+    from qformat.convert.sensitivity import measure
     from qformat.schemes import parse_scheme
 
     torch.set_num_threads(threads)
@@ -60,8 +62,8 @@ def main(model_dir: Path, scheme: str, windows: int, samples: int, layer_step: i
     ckpt = Checkpoint(model_dir)
     args = model_args(config, {}, has_lm_head="lm_head.weight" in ckpt)
     planned, args = plan(ckpt, args, architecture_of(config), ConvertOptions(head="scheme", embed="scheme"))
-    calib = calibration_tokens(model_dir, "mix", 128, 512, 0)
-    sens = measure(ckpt, args, planned, spread(np.asarray(calib.tokens), samples), progress=False)
+    calib = calibration_tokens(model_dir, calib_source, samples, 512, 0)
+    sens = measure(ckpt, args, planned, np.asarray(calib.tokens), progress=False)
     click.echo(f"sensitivity pass: {samples} windows, calibration loss {sens.loss:.3f}")
     s = parse_scheme(scheme)
     by_name = {p.name: p for p in planned}
