@@ -22,8 +22,10 @@ from qformat.writer import QbinSizer
 from . import allocate, sensitivity
 from .gptq import gptq_quantize
 from .imatrix import imatrix_tensor
+from .layerwise import weight_stats
 from .plan import ConvertError, planned_arrays, planned_sidecars, skipped
 from .report import ConvertReport
+from .rtn import QuantStats
 
 
 def _stub(p, scheme) -> Tensor:
@@ -105,13 +107,7 @@ def head_store(sens: sensitivity.Sensitivity, options, store):
             res = gptq_quantize(wt, gram, scheme, damp=options.damp, block=options.block, act_order=False,
                                 clip_search=clip_search)
             t = res.tensor(name, scheme)
-        return t, _stats(t, wt.numpy(), scheme)
+        return t, weight_stats(t, wt.numpy(), scheme, QuantStats)
 
     return store_weight
 
-
-def _stats(t: Tensor, w: np.ndarray, scheme):
-    from .rtn import QuantStats, plain_error, sum_sq
-
-    err = t.dequantize() - w
-    return QuantStats(w.size, sum_sq(w), float(plain_error(w, scheme).sum(dtype=np.float64)), sum_sq(err))

@@ -332,7 +332,7 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
                 if short in stored:
                     t = dataclasses.replace(stored[short], name=q.name)
                     ref = refs[short].cpu().numpy()
-                    yield q, t, _weight_stats(t, ref, q.scheme, QuantStats)
+                    yield q, t, weight_stats(t, ref, q.scheme, QuantStats)
                 else:  # norms, biases (possibly folded), skipped projections
                     t, stats = store(q.name, fp[short].cpu().numpy(), q.scheme)
                     yield q, t, stats
@@ -341,7 +341,7 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
         bar.close()
 
 
-def _weight_stats(t: Tensor, w: np.ndarray, scheme: Scheme, cls):
+def weight_stats(t: Tensor, w: np.ndarray, scheme: Scheme, cls):
     """Weight-space errors of a stored tensor: plain min/max RTN's and the stored one's.
     For AWQ, w is the scaled weight the tensor approximates (its folded partner absorbs 1/s)."""
     from .rtn import plain_error, sum_sq
