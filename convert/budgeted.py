@@ -38,7 +38,7 @@ def _stub(p, scheme) -> Tensor:
 
 
 def allocate_plan(ckpt, args, planned: list, calibration, options, provenance: Provenance, finish: dict,
-                  tokenizer_nbytes: int, tokenizer_name: str, report: ConvertReport):
+                  tokenizer: Tensor, report: ConvertReport):
     """(plan with the chosen schemes, provenance with the allocation record, the Sensitivity,
     the exact file size). ConvertError when the budget cannot be met."""
     candidates = allocate.parse_candidates(options.candidates)
@@ -72,7 +72,7 @@ def allocate_plan(ckpt, args, planned: list, calibration, options, provenance: P
             scheme = pick[p.name].scheme if p.name in pick else p.scheme
             side = sidecars(p, scheme) if p.name in pick else None
             sizer.add(_stub(p, scheme), planned_arrays(p.shape, scheme, side))
-        sizer.add_bytes(tokenizer_name, tokenizer_nbytes)
+        sizer.add_stored(tokenizer)
         return sizer.file_size(**finish, provenance=record(pick))
 
     try:

@@ -148,11 +148,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
     if args.vocab_size < max((i for c in tok.info.selftest for i in c.ids), default=-1) + 1:
         raise ConvertError(f"{src}: the tokenizer produces ids beyond vocab_size {args.vocab_size}")
     head, embed = resolve_special(options.head, options.main), resolve_special(options.embed, options.main)
-    report = ConvertReport(src, dst, options.main.name, args, [], len(tok.data), 0, 0.0, options.dry_run,
+    report = ConvertReport(src, dst, options.main.name, args, [], tok.stored.nbytes, 0, 0.0, options.dry_run,
                            head=(embed if args.tie_embeddings else head).name, embed=embed.name,
                            clip_search=options.clip)
     if options.dry_run and not options.allocating:
-        return _dry_run(report, planned, prune_targets, len(tok.data), options, started)
+        return _dry_run(report, planned, prune_targets, tok.stored.nbytes, options, started)
 
     files = [src / "config.json"] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files
     source_files = {str(p.relative_to(src)): _sha256(p) for p in sorted(set(files))}
@@ -182,7 +182,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
                   generation=generation_defaults(gen))
     if options.allocating:
         planned, provenance, sens, planned_size = budgeted.allocate_plan(
-            ckpt, args, planned, calibration, options, provenance, finish, len(tok.data), tok.info.tensor, report)
+            ckpt, args, planned, calibration, options, provenance, finish, tok.stored, report)
         report.scheme = provenance.scheme
         chosen = {p.role: p.scheme.name for p in planned if p.role in ("embed", "head")}
         report.embed = chosen.get("embed", report.embed)
@@ -210,7 +210,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
             report.tensors.append(TensorReport(p.name, p.role, p.shape, p.scheme.name, t.nbytes, stats))
             tally.add(p.role, t)
             del t
-        writer.add_bytes(tok.info.tensor, tok.data)
+        writer.add_tensor(tok.stored)
         writer.finish(**finish, provenance=provenance)
     ckpt.close()
     if calibration is not None:

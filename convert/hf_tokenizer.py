@@ -1,17 +1,20 @@
 """The tokenizer, chat template and special-token settings of a Hugging Face model folder.
 
-The tokenizer file is stored verbatim (tokenizer.json for the `tokenizers` library, preferred,
-or SentencePiece's tokenizer.model). A self-test of a few strings, encoded here exactly as the
+The tokenizer file (tokenizer.json for the `tokenizers` library, preferred, or SentencePiece's
+tokenizer.model) is stored byte for byte, xz-compressed: uncompressed, SmolLM2's tokenizer.json
+alone is 0.2 bits per weight of a 4-bit file. A self-test of a few strings, encoded here exactly as the
 runtime will encode them (no special tokens added), lets the runtime prove it tokenizes alike.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from qformat.config import SelfTestCase, TokenizerInfo
+from qformat.schemes import Tensor, xz_tensor
 
 TOKENIZER_TENSOR = "tokenizer"
 
@@ -31,9 +34,14 @@ class TokenizerFiles:
     """What the converter takes from the folder's tokenizer files."""
 
     info: TokenizerInfo
-    data: bytes  # the tokenizer file, stored as the "tokenizer" bytes tensor
+    data: bytes  # the tokenizer file
     chat_template: str | None
     files: list[Path]  # every file read, for provenance hashes
+
+    @cached_property
+    def stored(self) -> Tensor:
+        """The tensor the file is written as (kind xz, named info.tensor)."""
+        return xz_tensor(self.info.tensor, self.data)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -43,6 +43,7 @@ KIND_LAYOUTS: dict[str, int] = {
     "f16": 1,
     "bf16": 1,
     "bytes": 1,
+    "xz": 1,
     "q8": 1,
     "q6": 1,
     "q5": 1,

@@ -16,7 +16,7 @@ import click
 from .constants import PREAMBLE_SIZE
 from .errors import QbinError
 from .reader import QbinReader
-from .schemes import QUANT_KINDS
+from .schemes import FILE_KINDS, QUANT_KINDS
 from .tensors import tensor_group
 
 # Tensor classes in display order. A class is the group of the name's entry in the tensor name
@@ -34,7 +34,7 @@ _SIDECAR_NAMES = {
 BPW_HELP = ("Bits per weight = 8 x (bytes of every stored array of the weight tensors) / (number "
             "of logical weights). Counted: codes, scales, zeros and every sidecar (perm, outliers, "
             "16-bit columns, n:m index, activation scales); float tensors count their data. Not "
-            "counted: alignment padding, the header, and bytes tensors (the tokenizer).")
+            "counted: alignment padding, the header, and the tokenizer file.")
 
 
 class QinfoError(click.ClickException):
@@ -90,7 +90,7 @@ def summarize(reader: QbinReader, per_tensor: bool = False) -> dict:
     classes: dict[str, dict] = {}
     sidecars_total: Counter = Counter()
     for name, entry in directory.items():
-        if entry["kind"] == "bytes":
+        if entry["kind"] in FILE_KINDS:
             continue
         cls = classes.setdefault(tensor_group(name), {
             "tensors": 0, "parameters": 0, "bytes": 0, "_schemes": Counter(), "_sidecars": Counter()})
@@ -120,7 +120,7 @@ def summarize(reader: QbinReader, per_tensor: bool = False) -> dict:
         extra["per_tensor"] = [
             {"name": name, "shape": entry["shape"], **scheme_of(entry),
              "bits_per_weight": _bpw(sum(a["nbytes"] for a in entry["arrays"].values()), math.prod(entry["shape"]))}
-            for name, entry in directory.items() if entry["kind"] != "bytes"]
+            for name, entry in directory.items() if entry["kind"] not in FILE_KINDS]
     return {
         "file": str(reader.path),
         "format_version": "{}.{}".format(*reader.version),
@@ -137,6 +137,7 @@ def summarize(reader: QbinReader, per_tensor: bool = False) -> dict:
         "tokenizer": None if tok is None else {
             "kind": tok.kind, "tensor": tok.tensor, "bytes": directory[tok.tensor]["arrays"]["data"]["nbytes"]
             if "data" in directory[tok.tensor]["arrays"] else 0,
+            "compression": "xz" if directory[tok.tensor]["kind"] == "xz" else None,
             "add_bos": tok.add_bos, "selftest_cases": len(tok.selftest),
         },
         "chat_template": {"present": reader.chat_template is not None,
@@ -197,7 +198,7 @@ def render(info: dict) -> str:
     lines.append(f"sidecars      {', '.join(info['sidecars']) if info['sidecars'] else 'none'}")
     tok = info["tokenizer"]
     lines.append("tokenizer     none" if tok is None else
-                 f"tokenizer     {tok['kind']} (tensor {tok['tensor']!r}, {tok['bytes']:,} bytes), "
+                 f"tokenizer     {tok['kind']} (tensor {tok['tensor']!r}, {tok['bytes']:,} bytes{', xz' if tok['compression'] else ''}), "
                  f"add_bos {str(tok['add_bos']).lower()}, {tok['selftest_cases']} selftest case(s)")
     ct = info["chat_template"]
     lines.append(f"chat template {'present (' + format(ct['chars'], ',') + ' chars)' if ct['present'] else 'absent'}")

@@ -14,7 +14,7 @@ from .config import GenerationDefaults, ModelArgs, Provenance, TokenizerInfo, fr
 from .constants import ALIGNMENT, DTYPES, MAGIC, MAX_HEADER_BYTES, PREAMBLE, PREAMBLE_SIZE, VERSION_MAJOR
 from .errors import QbinError
 from .layout import check_array_entry, check_sidecar_values, check_tensor, tensor_stub
-from .schemes import Tensor
+from .schemes import KINDS, BytesKind, Tensor
 
 
 class QbinReader:
@@ -184,8 +184,15 @@ class QbinReader:
         return arr.reshape(a["shape"])
 
     def raw_bytes(self, name: str) -> bytes:
-        """Contents of a "bytes" tensor (a tokenizer file)."""
-        return self[name].arrays["data"].tobytes()
+        """Contents of a "bytes" or "xz" tensor (a tokenizer file), decompressed."""
+        t = self[name]
+        kind = KINDS[t.kind]
+        if not isinstance(kind, BytesKind):
+            self._fail(f"tensor {name!r} is of kind {t.kind}, not a stored file (bytes or xz)")
+        try:
+            return kind.contents(t)
+        except ValueError as e:
+            self._fail(f"{e}; re-copy or re-convert it")
 
     def array_entries(self, name: str) -> dict[str, dict]:
         """The directory entries (dtype, shape, offset, nbytes, xxh3) of a tensor's arrays."""

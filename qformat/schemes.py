@@ -7,6 +7,7 @@ fast versions against the same names in qformat.kernels.
 """
 from __future__ import annotations
 
+import lzma
 import re
 from dataclasses import dataclass, field
 
@@ -146,6 +147,40 @@ class BytesKind(Kind):
 
     def dequantize(self, t):
         raise TypeError(f"tensor {t.name} holds bytes, not numbers")
+
+    def contents(self, t: Tensor) -> bytes:
+        """The file the tensor holds."""
+        return np.asarray(t.arrays["data"]).tobytes()
+
+
+class XzKind(BytesKind):
+    """A file compressed with xz (LZMA2); the logical shape is its length once decompressed."""
+
+    name = "xz"
+
+    def expected_arrays(self, t):
+        return {"data": (("u8",), None)}
+
+    def contents(self, t: Tensor) -> bytes:
+        if len(t.shape) != 1:
+            raise ValueError(f"tensor {t.name!r}: an xz tensor's shape is [length], not {list(t.shape)}")
+        n = int(t.shape[0])
+        # the logical length bounds the output, so a corrupted stream cannot make us allocate more
+        decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        try:
+            out = decoder.decompress(np.asarray(t.arrays["data"]).tobytes(), max_length=n + 1)
+        except lzma.LZMAError as e:
+            raise ValueError(f"tensor {t.name!r}: corrupted xz stream ({e})") from None
+        if len(out) != n or not decoder.eof:
+            raise ValueError(f"tensor {t.name!r}: xz stream decodes to {'more' if len(out) > n else 'less'} "
+                             f"than the {n} bytes its shape records; the file is corrupted")
+        return out
+
+
+def xz_tensor(name: str, data: bytes) -> Tensor:
+    """A tensor of kind "xz" holding `data` compressed (a tokenizer file shrinks about 6x)."""
+    packed = lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE)
+    return Tensor(name, "xz", (len(data),), {"data": np.frombuffer(packed, np.uint8)})
 
 
 class GroupQuantKind(Kind):
@@ -299,6 +334,7 @@ KINDS: dict[str, Kind] = {
     "f16": FloatKind("f16"),
     "bf16": FloatKind("bf16"),
     "bytes": BytesKind(),
+    "xz": XzKind(),
     "q8": GroupQuantKind("q8", 8),
     "q6": GroupQuantKind("q6", 6),
     "q5": GroupQuantKind("q5", 5),
@@ -308,6 +344,8 @@ KINDS: dict[str, Kind] = {
     "nf4": GroupQuantKind("nf4", 4, nf4=True),
 }
 QUANT_KINDS = frozenset(k for k, v in KINDS.items() if isinstance(v, GroupQuantKind))
+# Kinds that hold a file (the tokenizer), not weights.
+FILE_KINDS = frozenset(k for k, v in KINDS.items() if isinstance(v, BytesKind))
 FLOAT_KINDS = frozenset(k for k, v in KINDS.items() if isinstance(v, FloatKind))
 
 

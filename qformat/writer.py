@@ -77,7 +77,7 @@ class QbinWriter:
         self._tensors[t.name] = entry
 
     def add_bytes(self, name: str, data: bytes) -> None:
-        """Store an opaque byte string (a tokenizer file) as a tensor of kind "bytes"."""
+        """Store an opaque byte string as a tensor of kind "bytes" (a tokenizer: `xz_tensor`)."""
         arr = np.frombuffer(data, dtype=np.uint8)
         self.add_tensor(Tensor(name, "bytes", (arr.size,), {"data": arr}))
 
@@ -205,8 +205,9 @@ class QbinSizer:
             self._size = offset + nbytes
         self._tensors[t.name] = entry
 
-    def add_bytes(self, name: str, n: int) -> None:
-        self.add(Tensor(name, "bytes", (n,), {}), [("data", "u8", (n,))])
+    def add_stored(self, t: Tensor) -> None:
+        """A tensor whose arrays are already built (a tokenizer file)."""
+        self.add(t, [(role, _DTYPE_NAMES[a.dtype.name], a.shape) for role, a in t.arrays.items()])
 
     def file_size(self, **metadata) -> int:
         """Bytes of the file, given finish()'s keyword arguments."""

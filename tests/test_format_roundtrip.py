@@ -17,7 +17,7 @@ from qbin_testutil import (
 )
 from qformat import QbinError, QbinReader, QbinWriter, Tensor, parse_scheme
 from qformat.constants import DTYPES, NF4_LEVELS
-from qformat.schemes import KINDS, bf16_to_f32, f32_to_bf16, quantize_rtn
+from qformat.schemes import KINDS, bf16_to_f32, f32_to_bf16, quantize_rtn, xz_tensor
 
 
 def _write(path, *tensors, **finish):
@@ -72,6 +72,42 @@ def test_dtype_table_matches_the_spec():
     sizes = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1, "u8": 1, "i16": 2, "u16": 2, "i32": 4, "u32": 4, "i64": 8}
     assert {k: v.itemsize for k, v in DTYPES.items()} == sizes
     assert all(v.byteorder in "<|=" and (v.byteorder != "=" or np.little_endian) for v in DTYPES.values())
+
+
+# ---------------------------------------------------------------------------- stored files
+
+
+def test_xz_file_round_trips_and_is_smaller(tmp_path):
+    """An xz tensor stores the file compressed and hands it back byte for byte."""
+    data = b"".join(b'"token_%d": %d,' % (i, i) for i in range(5000))
+    t = xz_tensor("tokenizer", data)
+    assert t.shape == (len(data),) and t.nbytes < len(data) / 4
+    with QbinReader(_write(tmp_path / "m.qbin", t), verify=True) as r:
+        assert r["tokenizer"].kind == "xz" and r.raw_bytes("tokenizer") == data
+
+
+@pytest.mark.parametrize("case, match", [
+    ("garbled", r"corrupted xz stream"),
+    ("longer", r"decodes to less than the \d+ bytes"),
+    ("shorter", r"decodes to more than the \d+ bytes"),
+    ("not_a_file", r"not a stored file"),
+])
+def test_corrupted_xz_file_is_refused(tmp_path, case, match):
+    """A stream that does not decode to exactly its recorded length is named, never trusted; the
+    reader decodes at most one byte past the recorded length."""
+    data = bytes(range(256)) * 64
+    t = xz_tensor("tokenizer", data)
+    packed = t.arrays["data"].copy()
+    if case == "garbled":
+        packed[len(packed) // 2] ^= 0xFF
+        t = Tensor("tokenizer", "xz", t.shape, {"data": packed})
+    elif case in ("longer", "shorter"):
+        t = Tensor("tokenizer", "xz", (len(data) + (7 if case == "longer" else -7),), {"data": packed})
+    else:
+        t = Tensor("tokenizer", "f32", (4,), {"data": np.zeros(4, np.float32)})
+    with QbinReader(_write(tmp_path / "m.qbin", t), verify=True) as r:
+        with pytest.raises(QbinError, match=match):
+            r.raw_bytes("tokenizer")
 
 
 # ---------------------------------------------------------------------------- quantized kinds

@@ -84,7 +84,7 @@ def test_json_summary(sample):
     assert info["classes"]["mlp"]["sidecars"] == {"fp_cols": 1, "outliers": 1, "sparse_index": 1}
     assert info["sidecars"] == {"fp_cols": 1, "outliers": 2, "perm": 1, "sparse_index": 1}
     assert info["tokenizer"] == {"kind": "hf-json", "tensor": "tokenizer", "bytes": len(TOKENIZER_BYTES),
-                                 "add_bos": True, "selftest_cases": 2}
+                                 "compression": None, "add_bos": True, "selftest_cases": 2}
     assert info["chat_template"] == {"present": True, "chars": len(metadata()["chat_template"])}
     assert info["generation"]["temperature"] == 0.6
     assert info["provenance"]["method"] == "rtn" and info["provenance"]["created"] == "2026-01-01T00:00:00Z"
@@ -129,7 +129,7 @@ def test_help_says_what_bits_per_weight_counts():
     out = " ".join(_run("--help").split())
     assert "--verify" in out and "--json" in out
     assert "Counted: codes, scales, zeros and every sidecar" in out
-    assert "Not counted: alignment padding, the header, and bytes tensors (the tokenizer)" in out
+    assert "Not counted: alignment padding, the header, and the tokenizer file" in out
 
 
 def test_minimal_file_without_weights_or_metadata(tmp_path):

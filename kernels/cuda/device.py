@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qformat.schemes import FILE_KINDS
+
 from . import module
 from .upload import uploading
 
@@ -33,7 +35,7 @@ class CUDAOps:
         """Context of a model's load: weights staged to the device through pinned memory, with a
         progress bar for large files (upload.py)."""
         tensors = [reader[name] for name in reader.names()]
-        return uploading(sum(t.nbytes for t in tensors if t.kind != "bytes"))
+        return uploading(sum(t.nbytes for t in tensors if t.kind not in FILE_KINDS))
 
     def asarray(self, a):
         return module.cupy().asarray(a)
