@@ -114,8 +114,10 @@ def gemv_q8act_reference(t: Tensor, x: np.ndarray, act_group: int | None = None)
     x = np.asarray(x, np.float32)
     q, d = quantize_activations(dense_input(a, x), act_group)
     codes = unpack_codes(np.asarray(a["codes"]), k, group, bits).astype(np.int64)  # (rows, k)
+    n_groups = -(-k // group)
     z = (np.asarray(a["zeros"], np.int64) if "zeros" in a
-         else np.full((rows, -(-k // group)), 2 ** (bits - 1), np.int64))
+         else np.zeros((rows, n_groups), np.int64) if "offsets" in a
+         else np.full((rows, n_groups), 2 ** (bits - 1), np.int64))
     cols = np.arange(k) // act_group
     out = np.zeros(rows, np.float64)
     for ga in range(d.size):
@@ -123,6 +125,8 @@ def gemv_q8act_reference(t: Tensor, x: np.ndarray, act_group: int | None = None)
         g = ga * act_group // group
         dots = (codes[:, sel] - z[:, g:g + 1]) @ q[sel]  # exact integers
         out += np.asarray(a["scales"][:, g], np.float64) * np.float64(d[ga]) * dots
+        if "offsets" in a:  # spec §4.2: o times the sum of the same rounded activations
+            out += np.asarray(a["offsets"][:, g], np.float64) * np.float64(d[ga]) * q[sel].sum()
     return _add_sidecars(a, x, out).astype(np.float32)
 
 

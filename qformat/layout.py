@@ -49,7 +49,7 @@ def check_tensor(name: str, meta: dict, arrays: dict[str, tuple[str, tuple[int, 
             raise ValueError(f"tensor {name!r}.{role}: dtype {dtype} (expected {' or '.join(dtypes)})")
         if want is not None and tuple(ashape) != tuple(want):
             raise ValueError(f"tensor {name!r}.{role}: shape {list(ashape)} (expected {list(want)})")
-    missing = kind.required(t) - set(arrays)
+    missing = kind.required(t, frozenset(arrays)) - set(arrays)
     if missing:
         raise ValueError(f"tensor {name!r}: missing array(s) {', '.join(sorted(missing))}")
     if isinstance(kind, GroupQuantKind):
@@ -114,6 +114,13 @@ def _check_sidecars(name: str, t: Tensor, arrays: dict[str, tuple[str, tuple[int
         (c,) = arrays["fp_cols"][1] if len(arrays["fp_cols"][1]) == 1 else (None,)
         if c is None or tuple(arrays["fp_weight"][1]) != (rows, c):
             raise ValueError(f"tensor {name!r}: fp_cols must be (C,) and fp_weight (rows, C)")
+    if "offsets" in arrays:
+        clash = [label for label, present in (("zeros", "zeros" in arrays), ("n:m sparsity", t.sparsity is not None),
+                                              ("int8 activations", t.activation is not None), ("16-bit columns", bool(fp)))
+                 if present]
+        if clash:
+            raise ValueError(f"tensor {name!r}: offsets (a float minimum per group) do not combine with "
+                             f"{', '.join(clash)}")
     if "act_scale" in arrays and (t.activation or {}).get("mode") != "static":
         raise ValueError(f"tensor {name!r}: act_scale is only defined for static activation quantization")
     if (t.activation or {}).get("mode") == "static" and "act_scale" not in arrays:

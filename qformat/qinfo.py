@@ -24,7 +24,7 @@ from .tensors import tensor_group
 CLASSES = ("embeddings", "attention", "mlp", "head", "norms", "biases", "other")
 
 # Array roles that hold the quantized weight itself; every other role is a sidecar.
-_BASE_ROLES = frozenset({"data", "codes", "scales", "zeros"})
+_BASE_ROLES = frozenset({"data", "codes", "scales", "zeros", "offsets"})
 # Sidecar roles shown under one name (the CSR triple is one sidecar, so are the 16-bit columns).
 _SIDECAR_NAMES = {
     "outlier_rowptr": "outliers", "outlier_cols": "outliers", "outlier_values": "outliers",
@@ -61,6 +61,8 @@ def scheme_of(entry: dict) -> dict:
         out["sparsity"] = "{}:{}".format(*entry["sparsity"])
     if entry.get("activation") is not None:
         out["activation"] = f"int8 {entry['activation']['mode']}"
+    if "offsets" in entry.get("arrays", {}):
+        out["offsets"] = True  # a float minimum per group (spec §4.2), not a zero-point
     return out
 
 

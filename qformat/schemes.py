@@ -97,7 +97,7 @@ class Tensor:
 
 
 # Arrays with one entry per row (sliced by Tensor.take_rows), and the outliers' CSR triple.
-_ROW_ARRAYS = frozenset({"data", "codes", "scales", "zeros", "sparse_index", "fp_weight"})
+_ROW_ARRAYS = frozenset({"data", "codes", "scales", "zeros", "offsets", "sparse_index", "fp_weight"})
 _CSR_ARRAYS = frozenset({"outlier_rowptr", "outlier_cols", "outlier_values"})
 
 
@@ -112,7 +112,8 @@ class Kind:
         """role -> (allowed dtypes, exact shape or None when checked elsewhere)."""
         raise NotImplementedError
 
-    def required(self, t: Tensor) -> set[str]:
+    def required(self, t: Tensor, present: frozenset[str] = frozenset()) -> set[str]:
+        """The roles a tensor must have, given the roles `present` (alternatives: zeros or offsets)."""
         raise NotImplementedError
 
     def dequantize(self, t: Tensor) -> np.ndarray:
@@ -126,7 +127,7 @@ class FloatKind(Kind):
     def expected_arrays(self, t):
         return {"data": ((self.name,), tuple(t.shape))}
 
-    def required(self, t):
+    def required(self, t, present=frozenset()):
         return {"data"}
 
     def dequantize(self, t):
@@ -142,7 +143,7 @@ class BytesKind(Kind):
     def expected_arrays(self, t):
         return {"data": (("u8",), tuple(t.shape))}
 
-    def required(self, t):
+    def required(self, t, present=frozenset()):
         return {"data"}
 
     def dequantize(self, t):
@@ -216,6 +217,7 @@ class GroupQuantKind(Kind):
             "codes": (("u8",), (rows, row_nbytes(kc, gc, self.bits))),
             "scales": (("f16",), (rows, g)),
             "zeros": (("u8",), (rows, g)),
+            "offsets": (("f16",), (rows, g)),
             "perm": (("i32",), (k,)),
             "outlier_rowptr": (("i32",), (rows + 1,)),
             "outlier_cols": (("u16", "i32"), None),
@@ -227,15 +229,16 @@ class GroupQuantKind(Kind):
         }
         if t.symmetric or self.nf4:
             del out["zeros"]  # the zero-point is implied (2**(bits-1)) or unused (nf4)
+            del out["offsets"]
         if t.sparsity is not None:
             n, m = t.sparsity
             out["sparse_index"] = (("u8",), (rows, -(-kc * _index_bits(m) // 8)))
         return out
 
-    def required(self, t):
+    def required(self, t, present=frozenset()):
         req = {"codes", "scales"}
         if not t.symmetric and not self.nf4:
-            req.add("zeros")
+            req.add("offsets" if "offsets" in present else "zeros")
         if t.sparsity is not None:
             req.add("sparse_index")
         return req
@@ -249,6 +252,9 @@ class GroupQuantKind(Kind):
         s = np.repeat(t.arrays["scales"].astype(np.float32), gc, axis=1)[:, :kc]
         if self.nf4:
             return NF4_LEVELS[q] * s
+        if "offsets" in t.arrays:
+            o = np.repeat(t.arrays["offsets"].astype(np.float32), gc, axis=1)[:, :kc]
+            return q.astype(np.float32) * s + o
         if "zeros" in t.arrays:
             z = np.repeat(t.arrays["zeros"].astype(np.float32), gc, axis=1)[:, :kc]
         else:

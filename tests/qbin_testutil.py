@@ -157,6 +157,16 @@ def zero_dense_channels(t: Tensor, channels: np.ndarray) -> None:
     a["codes"] = pack_codes(codes, gc, bits)
 
 
+def add_offsets(t: Tensor, rng: np.random.Generator) -> Tensor:
+    """An affine tensor with its zeros replaced by float16 offsets (spec §4.2): -s·z plus a
+    random fraction of a step, so that no integer zero-point could express the grid."""
+    s = np.asarray(t.arrays["scales"], np.float32)
+    z = (np.asarray(t.arrays.pop("zeros"), np.float32) if "zeros" in t.arrays
+         else np.full(s.shape, 2.0 ** (BITS[t.kind] - 1), np.float32))
+    t.arrays["offsets"] = (-s * (z + rng.uniform(-0.5, 0.5, z.shape))).astype(np.float16)
+    return Tensor(t.name, t.kind, t.shape, t.arrays, t.group_size, False, t.sparsity, t.activation)
+
+
 def add_perm(t: Tensor, rng: np.random.Generator) -> Tensor:
     t.arrays["perm"] = rng.permutation(t.shape[1]).astype(np.int32)
     return t
@@ -297,6 +307,8 @@ def ref_dequantize(t: Tensor) -> np.ndarray:
         s = t.arrays["scales"][r].astype(np.float64)[g]
         if t.kind == "nf4":
             dense[r] = s * NF4_LEVELS.astype(np.float64)[q.astype(int)]
+        elif "offsets" in t.arrays:  # §4.2: a float minimum per group, no zero-point
+            dense[r] = s * q + t.arrays["offsets"][r].astype(np.float64)[g]
         else:
             z = t.arrays["zeros"][r].astype(np.float64)[g] if not t.symmetric else 2.0 ** (bits - 1)
             dense[r] = s * (q - z)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qbin_testutil import (
-    TOKENIZER_BYTES, add_fp_cols, add_outliers, add_perm, array_entry, metadata, model_args, read_raw,
+    TOKENIZER_BYTES, add_fp_cols, add_offsets, add_outliers, add_perm, array_entry, metadata, model_args, read_raw,
     ref_dequantize, rewrite_header, sparse_2of4, write_raw, write_sample,
 )
 from qformat import QbinError, QbinReader, QbinWriter, Tensor, parse_scheme
@@ -108,6 +108,46 @@ def test_corrupted_xz_file_is_refused(tmp_path, case, match):
     with QbinReader(_write(tmp_path / "m.qbin", t), verify=True) as r:
         with pytest.raises(QbinError, match=match):
             r.raw_bytes("tokenizer")
+
+
+# ---------------------------------------------------------------------------- offsets (§4.2)
+
+
+def test_offsets_round_trip_and_match_the_spec(tmp_path):
+    rng = np.random.default_rng(5)
+    t = add_offsets(parse_scheme("int4-g32").quantize("w", rng.standard_normal((6, 80)).astype(np.float32)), rng)
+    with QbinReader(_write(tmp_path / "m.qbin", t), verify=True) as r:
+        got = r["w"]
+        assert "offsets" in got.arrays and "zeros" not in got.arrays
+        np.testing.assert_array_equal(got.dequantize(), ref_dequantize(t))
+
+
+@pytest.mark.parametrize("clash, match", [
+    ("zeros", r"do not combine with zeros"),
+    ("sparsity", r"do not combine with n:m sparsity"),
+    ("fp_cols", r"do not combine with 16-bit columns"),
+    ("symmetric", r"array role 'offsets' is not defined"),
+])
+def test_offsets_refuse_what_they_do_not_combine_with(tmp_path, clash, match):
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    if clash == "sparsity":
+        mask = np.zeros(w.shape, bool)
+        mask[:, ::2] = True
+        t = parse_scheme("int4-g32").quantize_nm("w", w, mask, 2, 4)
+        t.arrays["offsets"] = np.zeros(t.arrays["zeros"].shape, np.float16)
+        del t.arrays["zeros"]
+    elif clash == "symmetric":
+        t = parse_scheme("int4-g32-sym").quantize("w", w)
+        t.arrays["offsets"] = np.zeros(t.arrays["scales"].shape, np.float16)
+    else:
+        t = add_offsets(parse_scheme("int4-g32").quantize("w", w), rng)
+        if clash == "zeros":
+            t.arrays["zeros"] = np.zeros(t.arrays["scales"].shape, np.uint8)
+        else:
+            t = add_fp_cols(t, rng)
+    with pytest.raises(ValueError, match=match):
+        _write(tmp_path / "m.qbin", t)
 
 
 # ---------------------------------------------------------------------------- quantized kinds

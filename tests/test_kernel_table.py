@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qbin_testutil import add_fp_cols, add_outliers, add_perm
+from qbin_testutil import add_fp_cols, add_offsets, add_outliers, add_perm
 from qformat.kernels import backend, linear_op, reference
 from qformat.kernels.layouts import A8, DENSE, FORMS, NM, form_of, q8act
 from qformat.schemes import FLOAT_KINDS, QUANT_KINDS, Tensor, float_tensor, parse_scheme
@@ -95,5 +95,28 @@ def test_layout_matches_its_reference(device, kind, form):
     want = reference.linear_w8a8(t, x) if form == A8 else reference.linear(t, x)
     rtol = 1e-5 if name == "cpu" and not int8_activations(t) else 3e-2
     assert close(xp.asnumpy(op.gemm(xp.asarray(x))), want, rtol)
+    ids = np.array([0, ROWS - 1, 7])
+    np.testing.assert_allclose(xp.asnumpy(op.rows(ids)), t.dequantize()[ids], rtol=1e-6, atol=1e-6)
+
+
+# Affine kinds with offsets (spec §4.2) instead of zeros: the dense form with a permutation and
+# outliers, the sidecars that combine with offsets.
+OFFSET_KINDS = sorted(k for k in QUANT_KINDS if k != "nf4")
+
+
+@pytest.mark.parametrize("kind", OFFSET_KINDS)
+def test_offsets_match_their_reference(device, kind):
+    name, xp = device
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((ROWS, K)).astype(np.float32)
+    t = add_outliers(add_perm(add_offsets(parse_scheme(SCHEMES[kind]).quantize("w", w), rng), rng), rng)
+    assert "offsets" in t.arrays and "zeros" not in t.arrays
+    op = linear_op(name, t)
+    x = rng.standard_normal((12, K)).astype(np.float32)
+    out = xp.asarray(np.full(ROWS, np.nan, np.float32))
+    op.gemv(xp.asarray(x[0]), out)
+    assert close(xp.asnumpy(out), reference.decode_reference(t, x[0]), 1e-5)
+    rtol = 1e-5 if name == "cpu" and not int8_activations(t) else 3e-2
+    assert close(xp.asnumpy(op.gemm(xp.asarray(x))), reference.linear(t, x), rtol)
     ids = np.array([0, ROWS - 1, 7])
     np.testing.assert_allclose(xp.asnumpy(op.rows(ids)), t.dequantize()[ids], rtol=1e-6, atol=1e-6)

@@ -20,6 +20,7 @@ from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 from qformat.convert import convert  # noqa: E402
 from qformat.reader import QbinReader  # noqa: E402
+from qformat.schemes import Tensor  # noqa: E402
 from qformat.runtime.model import Transformer  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -205,6 +206,36 @@ def test_fused_decode_step_equals_per_operation_path(built, tmp_path, case):
     fused.forward(ids[:4], 0)
     plain.forward(ids[:4], 0)
     for pos in range(4, 20):
+        a, b = fused.forward(ids[pos:pos + 1], pos), plain.forward(ids[pos:pos + 1], pos)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+def test_offsets_decode_fused_and_per_operation_alike(built, tmp_path):
+    """A file whose grouped tensors carry offsets (spec §4.2, what a GGUF Q4_1 imports to) decodes
+    alike on the fused step and the per-op path, and close to the file it came from."""
+    from qbin_testutil import add_offsets
+    from qformat.writer import QbinWriter
+
+    folder, _ = built("llama-untied")
+    qq, qo = tmp_path / "q.qbin", tmp_path / "offsets.qbin"
+    convert(folder, qq, "int4-g32", progress=False, clip_search=False)
+    r = QbinReader(qq)
+    rng = np.random.default_rng(9)
+    with QbinWriter(qo) as w:
+        for name in r.names():
+            t = r[name]
+            if t.kind == "q4":
+                t = add_offsets(Tensor(t.name, t.kind, t.shape, dict(t.arrays), t.group_size, t.symmetric), rng)
+            w.add_tensor(t)
+        w.finish(model=r.model, tokenizer=r.tokenizer, chat_template=r.chat_template, generation=r.generation,
+                 provenance=r.provenance)
+    assert "offsets" in QbinReader(qo)["layers.0.attn.wq"].arrays
+    fused, plain = Transformer(QbinReader(qo)), Transformer(QbinReader(qo), fused=False)
+    assert fused.fused is not None
+    ids = [int(i) for i in np.random.default_rng(8).integers(0, fused.args.vocab_size, 12)]
+    fused.forward(ids[:4], 0)
+    plain.forward(ids[:4], 0)
+    for pos in range(4, 12):
         a, b = fused.forward(ids[pos:pos + 1], pos), plain.forward(ids[pos:pos + 1], pos)
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 

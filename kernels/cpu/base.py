@@ -61,7 +61,9 @@ ACT, ACT_SCALE = range(23, 25)
 # bits per code of a grouped kind, and whether it is nf4 (the generic n:m and the q8act routines
 # read them)
 CODE_BITS, IS_NF4 = range(25, 27)
-WIDTH = 27
+# offsets (spec §4.2): the float16 minimum per group, as uint16 bits (0: none)
+OFFSETS = 27
+WIDTH = 28
 
 
 def new_row(routine: str) -> list[int]:
@@ -86,8 +88,35 @@ def grouped_row(routine: str, codes: np.ndarray, scales: np.ndarray, zeros: np.n
     return row, arrays
 
 
+@numba.njit(cache=True)
+def add_offsets(offsets, h2f, xs, k, group, out):
+    """out (rows,) += offsets (rows, n_groups, float16 bits) · the group sums of xs (k,), the dense
+    part's input in stored column order (spec §4.2). Both decode paths call this one loop, so that
+    they agree to the bit."""
+    rows, n_groups = offsets.shape
+    sums = np.zeros(n_groups, np.float32)
+    for j in range(k):
+        sums[j // group] += xs[j]
+    for r in range(rows):
+        acc = np.float32(0.0)
+        for g in range(n_groups):
+            acc += h2f[offsets[r, g]] * sums[g]
+        out[r] += acc
+
+
+@numba.njit(cache=True)
+def add_offsets_q8(offsets, h2f, d, sums, out):
+    """add_offsets on int8 activations: the group sums are d · (the sum of the group's codes)."""
+    rows, n_groups = offsets.shape
+    for r in range(rows):
+        acc = np.float32(0.0)
+        for g in range(n_groups):
+            acc += h2f[offsets[r, g]] * (d[g] * np.float32(sums[g]))
+        out[r] += acc
+
+
 class Sidecars:
-    """Permutation, sparse outliers and 16-bit columns of a quantized tensor (all optional)."""
+    """Permutation, sparse outliers, 16-bit columns and offsets of a quantized tensor (all optional)."""
 
     def __init__(self, t: Tensor):
         a = t.arrays
@@ -106,7 +135,15 @@ class Sidecars:
         self.fp = None
         if "fp_cols" in a:
             self.fp = (np.asarray(a["fp_cols"], np.int64), np.asarray(a["fp_weight"], np.float32))
-        self.any = self.perm is not None or self.outliers is not None or self.fp is not None
+        # offsets (spec §4.2): the dense kernels run with zeros 0, and o · (group sums of the
+        # stored-order input) is added here
+        self.offsets = np.asarray(a["offsets"]).view(np.uint16) if "offsets" in a else None
+        self.group = min(t.group_size, t.shape[1]) if t.group_size else 0
+        self.any = self.perm is not None or self.outliers is not None or self.fp is not None or self.offsets is not None
+
+    def _group_sums(self, x: np.ndarray) -> np.ndarray:
+        xs = self.stored_x(x)
+        return np.add.reduceat(xs, np.arange(0, xs.shape[-1], self.group), axis=-1)
 
     def stored_x(self, x: np.ndarray) -> np.ndarray:
         """The dense part's input: x with the 16-bit columns zeroed (their dense weights are zero,
@@ -117,7 +154,15 @@ class Sidecars:
             x[..., self.fp[0]] = 0.0
         return x if self.perm is None else np.ascontiguousarray(x[..., self.perm])
 
-    def add_gemv(self, x: np.ndarray, out: np.ndarray) -> None:
+    def add_gemv(self, x: np.ndarray, out: np.ndarray, quantized: tuple | None = None) -> None:
+        """out += the sidecars' products with x; quantized: the (scales, code sums) per group of
+        the int8 activations the dense part ran on, which the offsets then multiply."""
+        if self.offsets is not None:
+            if quantized is not None:
+                add_offsets_q8(self.offsets, H2F, *quantized, out)
+            else:
+                add_offsets(self.offsets, H2F, np.ascontiguousarray(self.stored_x(x), np.float32), x.shape[-1],
+                            self.group, out)
         if self.outliers is not None:
             row_of, cols, vals = self.outliers
             out += np.bincount(row_of, weights=vals * x[cols], minlength=out.shape[0]).astype(np.float32)
@@ -126,6 +171,8 @@ class Sidecars:
             out += w @ x[cols]
 
     def add_gemm(self, x: np.ndarray, out: np.ndarray) -> None:
+        if self.offsets is not None:
+            out += self._group_sums(x) @ H2F[self.offsets].T
         if self.outliers is not None:
             row_of, cols, vals = self.outliers
             np.add.at(out.T, row_of, (x[:, cols] * vals).T)
@@ -149,6 +196,8 @@ class Sidecars:
             # an empty array still has a valid (1-element) allocation behind it
             put(OUT_COLS, cols.astype(np.int32) if cols.size else np.zeros(1, np.int32))
             put(OUT_VALS, vals.copy() if vals.size else np.zeros(1, np.float32))
+        if self.offsets is not None:
+            put(OFFSETS, np.ascontiguousarray(self.offsets))
         if self.fp is not None and self.fp[0].size:
             cols, w = self.fp
             put(FP_COLS, cols.astype(np.int32))

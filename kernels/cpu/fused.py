@@ -34,9 +34,9 @@ from numba.extending import intrinsic
 from qformat.block import LOGITS, STEP_TYPES, X, Attention, Block, Glu, HeadNorm, Linear, Norm
 
 from . import dense, int8, ops, quant, sparse
-from .base import (ACT, ACT_SCALE, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_FP,
-                   N_GROUPS, N_TILES, NM_INDEX, NM_INDEX_BYTES, NM_M, NM_N, NM_TILE, OUT_COLS, OUT_PTR, OUT_VALS,
-                   PERM, ROUTINE, ROUTINE_COL, ROUTINES, ROWS, SCALES, ZEROS)
+from .base import (ACT, ACT_SCALE, add_offsets, add_offsets_q8, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_FP,
+                   N_GROUPS, N_TILES, NM_INDEX, NM_INDEX_BYTES, NM_M, NM_N, NM_TILE, OFFSETS, OUT_COLS, OUT_PTR,
+                   OUT_VALS, PERM, ROUTINE, ROUTINE_COL, ROUTINES, ROWS, SCALES, ZEROS)
 
 # Step codes: a step's index in qformat.block.STEP_TYPES.
 NORM, HEAD_NORM, LINEAR, ATTENTION, GLU = (STEP_TYPES.index(t) for t in (Norm, HeadNorm, Linear, Attention, Glu))
@@ -152,6 +152,13 @@ def _add_sidecars(table, i, x, out):
 
 
 @njit(cache=True)
+def _add_offsets(table, i, h2f, xs, out):
+    """out += offsets · the group sums of xs (the dense part's input, stored column order; spec §4.2)."""
+    offsets = carray(_address(table[i, OFFSETS]), (table[i, ROWS], table[i, N_GROUPS]), np.uint16)
+    add_offsets(offsets, h2f, xs, table[i, IN], table[i, GROUP], out)
+
+
+@njit(cache=True)
 def _dense_input(table, i, x):
     """The dense part's input: x with the 16-bit columns zeroed (base.Sidecars.stored_x), in
     stored column order (gathered once through the permutation, spec §6.1)."""
@@ -210,6 +217,9 @@ def _gemv_q8act(table, i, h2f, x, out):
     codes, scales, zeros, has_zeros, k, group = _grouped(table, i)
     xq, d, sums = quant.quantize_x(x, k, group, (group + 7) // 8 * 8)
     quant.gemv_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, table[i, CODE_BITS], out)
+    if table[i, OFFSETS] != 0:  # on the rounded activations' sums, as base.Sidecars.add_gemv
+        add_offsets_q8(carray(_address(table[i, OFFSETS]), (table[i, ROWS], table[i, N_GROUPS]), np.uint16), h2f,
+                       d, sums, out)
 
 
 @njit(cache=True)
@@ -265,6 +275,8 @@ def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4,
     if w8a8 is not None:
         if r == R_W8A8:
             _gemv_w8a8(table, i, h2f, xs, out)
+    if table[i, OFFSETS] != 0 and r != R_Q8ACT:
+        _add_offsets(table, i, h2f, xs, out)
     if table[i, OUT_PTR] != 0 or table[i, N_FP] != 0:
         _add_sidecars(table, i, x, out)
 

@@ -33,8 +33,10 @@ class GroupQuantOp(LinearBase):
         self.kind = t.kind
         self.codes = a["codes"]
         self.scales = a["scales"].view(np.uint16)
-        self.has_zeros = "zeros" in a
-        self.zeros = a["zeros"] if self.has_zeros else np.zeros((1, 1), np.uint8)
+        # offsets (spec §4.2) run the codes' part with zeros 0; Sidecars adds the offsets' part
+        self.has_zeros = "zeros" in a or "offsets" in a
+        self.zeros = (a["zeros"] if "zeros" in a else np.zeros(a["scales"].shape, np.uint8) if self.has_zeros
+                      else np.zeros((1, 1), np.uint8))
         # a group wider than the row is one partial group: the same bytes as a group of the row
         self.group = min(t.group_size, self.in_features)
         self.padded = padded_len(self.group)
@@ -44,24 +46,28 @@ class GroupQuantOp(LinearBase):
         self.q8act = q8act(t.kind, self.group) and not float_activations
         self.side = Sidecars(t)
         # prefill on int8 activations where decode runs on them (q4), through gemm_vnni
+        # (offsets: dequantized rows and BLAS, exact; the int8 GEMM's activation groups do not
+        # give the offsets their rounded sums)
         self.act_group = (gemm_vnni.act_group(t.kind, self.group, self.in_features)
-                          if VNNI and self.q8act else None)
+                          if VNNI and self.q8act and "offsets" not in a else None)
         self._width = -(-self.in_features // self.group) * padded_len(self.group)
         tail = self.in_features % self.group
         self._unwritten = self._width - (self.padded - padded_len(tail) if tail else 0)
 
     def gemv(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         xs_in = self.side.stored_x(x) if self.side.any else x
+        quantized = None
         if self.q8act:
             xq, d, sums = quant.quantize_x(xs_in, self.in_features, self.group, self.padded)
             quant.gemv_q8act(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xq, d, sums,
                              self.in_features, self.group, self.bits, out)
+            quantized = d, sums
         else:
             xp, xs = quant.pad_x(xs_in, self.in_features, self.group, self.padded)
             self._gemv(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xp, xs,
                        self.in_features, self.group, out)
         if self.side.any:
-            self.side.add_gemv(x, out)
+            self.side.add_gemv(x, out, quantized)
         return out
 
     def gemm(self, x: np.ndarray) -> np.ndarray:

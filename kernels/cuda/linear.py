@@ -68,7 +68,7 @@ class _CudaOp:
 
 
 class CudaSidecars:
-    """A grouped tensor's perm, CSR outliers and 16-bit columns on the device (each optional).
+    """A grouped tensor's perm, CSR outliers, 16-bit columns and offsets on the device (each optional).
 
     `stored_x` gives the dense part's input (x in stored column order, 16-bit columns zeroed, as
     reference.dense_input); `add` adds outliers · x and fp_weight · x[fp_cols] from the logical x."""
@@ -102,6 +102,10 @@ class CudaSidecars:
             self.fp_cols = cp.asarray(np.asarray(a["fp_cols"], np.int32))
             self.fp_weight = to_device(np.asarray(a["fp_weight"]).view(np.float16))
         self.adds = bool(self.n_rowptr or self.n_fp)
+        # offsets (spec §4.2): the dense part runs with zeros 0; add_offsets adds o · group sums
+        self.offsets = to_device(np.asarray(a["offsets"]).view(np.float16)) if "offsets" in a else None
+        self.group = min(t.group_size, k) if t.group_size else k
+        self.n_groups = -(-k // self.group)
 
     def stored_x(self, x, out):
         """out (n, k) or (k,) = x gathered into stored column order; returns out."""
@@ -110,6 +114,24 @@ class CudaSidecars:
         module.kernel("sidecars", "gather_columns")(_grid(n * k, THREADS), (THREADS,),
                                                     (x, out, self.src, np.int32(n), np.int32(k)))
         return out
+
+    def add_offsets(self, xs, y, quantized=None) -> None:
+        """y (n, rows) or (rows,) += offsets · the group sums of xs (n, k) or (k,), the stored-order
+        input; quantized: the (codes, scales, code sums) of the int8 activations a GEMV ran on,
+        whose sums the offsets then take (spec §4.2)."""
+        cp = module.cupy()
+        rows, k = y.shape[-1], xs.shape[-1]
+        n = y.size // rows
+        if quantized is not None:
+            _, d, code_sums = quantized
+            sums = cp.ascontiguousarray(d * code_sums.astype(cp.float32))
+        else:
+            sums = cp.empty(n * self.n_groups, cp.float32)
+            module.kernel("sidecars", "group_sums")(_grid(n * self.n_groups, THREADS), (THREADS,),
+                                                    (xs, sums, np.int32(n), np.int32(k), np.int32(self.group),
+                                                     np.int32(self.n_groups)))
+        module.kernel("sidecars", "add_offsets")((rows,), (32, 4), (sums, y, np.int32(n), np.int32(rows),
+                                                                    self.offsets, np.int32(self.n_groups)))
 
     def add(self, x, y) -> None:
         """y (n, rows) or (rows,) += the sidecars' products with x (n, k) or (k,), both contiguous."""
@@ -141,8 +163,9 @@ class CudaGroupQuantOp(_CudaOp):
                                       f"and rows of {k} columns has no CUDA kernel (run with --device cpu)")
         self.codes = to_device(a["codes"])
         self.scales = to_device(np.asarray(a["scales"]).view(np.float16))
-        self.has_zeros = "zeros" in a
-        self.zeros = to_device(a["zeros"]) if self.has_zeros else cp.zeros(1, cp.uint8)
+        self.has_zeros = "zeros" in a or "offsets" in a  # offsets: the codes' part with zeros 0
+        self.zeros = (to_device(a["zeros"]) if "zeros" in a else cp.zeros(a["scales"].shape, cp.uint8)
+                      if self.has_zeros else cp.zeros(1, cp.uint8))
         self.index = to_device(a["sparse_index"]) if self.m else cp.zeros((1, 1), cp.uint8)
         self.levels = cp.asarray(NF4_LEVELS.astype(np.float32)) if self.nf4 else cp.zeros(1, cp.float32)
         self.row_bytes = int(self.codes.shape[1])
@@ -202,8 +225,9 @@ class CudaGroupQuantOp(_CudaOp):
         x = cp.ascontiguousarray(x)
         xs = self.side.stored_x(x, self._xs) if self.side.gathers else x
         if self.int8_activations:
-            xq, d, sums = quantized or self.quantize(xs)
+            xq, d, sums = quantized = quantized or self.quantize(xs)
         else:
+            quantized = None
             xq, d, sums = self._xq, self._d, self._sums  # unread
         grid, block = _grid(rows, ROWS_PER_BLOCK), (32, ROWS_PER_BLOCK)
         # out, the added vector (any float array where none: the kernel does not read it), whether one
@@ -220,6 +244,8 @@ class CudaGroupQuantOp(_CudaOp):
                 if xs is not self._xs:  # gathered straight into the padded buffer otherwise
                     self._x[:k] = xs
                 self._gemv(grid, block, (*self._weights(), self._x, *y, *shape))
+        if self.side.offsets is not None:
+            self.side.add_offsets(xs, out, quantized)
         if self.side.adds:
             self.side.add(x, out)
         return out
@@ -253,6 +279,8 @@ class CudaGroupQuantOp(_CudaOp):
         for r0 in range(0, self.out_features, self._block):
             n = min(self._block, self.out_features - r0)
             out[:, r0:r0 + n] = cp.matmul(xh, self.stored_rows(r0, n).T)
+        if self.side.offsets is not None:
+            self.side.add_offsets(cp.ascontiguousarray(xs), out)
         if self.side.adds:
             self.side.add(x, out)
         return out

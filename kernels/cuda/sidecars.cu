@@ -1,5 +1,5 @@
-// What a quantized weight carries besides its grouped codes (spec §6.4, §6.5), for the linear
-// ops of kernels/cuda/linear.py: the input in stored column order, the sparse outliers and
+// What a quantized weight carries besides its grouped codes (spec §4.2, §6.4, §6.5), for the linear
+// ops of kernels/cuda/linear.py: the input in stored column order, the offsets, sparse outliers and
 // 16-bit columns added after the dense product, and W8A8's per-token int8 activations. Each
 // takes n tokens, so one kernel serves decode (n = 1, inside the CUDA graph) and prefill.
 #include "common.cuh"
@@ -31,6 +31,35 @@ extern "C" __global__ void add_sidecars(const float* __restrict__ x, float* __re
         float acc = 0.0f;
         for (int e = begin + lane; e < end; e += 32) acc += __half2float(vals[e]) * xt[cols[e]];
         for (int j = lane; j < n_fp; j += 32) acc += __half2float(fp_weight[(size_t)row * n_fp + j]) * xt[fp_cols[j]];
+        acc = warp_sum(acc);
+        if (lane == 0) y[(size_t)t * rows + row] += acc;
+    }
+}
+
+// sums (n, n_groups) = the sums of xs (n, k) over each group of `group` columns (the last may be
+// partial): the float group sums the offsets (spec §4.2) multiply. One thread per (token, group).
+extern "C" __global__ void group_sums(const float* __restrict__ xs, float* __restrict__ sums, int n, int k,
+                                      int group, int n_groups) {
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long long)n * n_groups) return;
+    const long long token = t / n_groups;
+    const int g = (int)(t - token * n_groups);
+    const float* x = xs + token * k;
+    float acc = 0.0f;
+    for (int c = g * group; c < min(k, (g + 1) * group); ++c) acc += x[c];
+    sums[t] = acc;
+}
+
+// y (n, rows) += offsets (rows, n_groups, float16) · sums (n, n_groups). One block per row, a
+// warp per token, lanes over the groups.
+extern "C" __global__ void add_offsets(const float* __restrict__ sums, float* __restrict__ y, int n, int rows,
+                                       const __half* __restrict__ offsets, int n_groups) {
+    const int row = blockIdx.x;
+    const int lane = threadIdx.x;
+    for (int t = threadIdx.y; t < n; t += blockDim.y) {
+        float acc = 0.0f;
+        for (int g = lane; g < n_groups; g += 32)
+            acc += __half2float(offsets[(size_t)row * n_groups + g]) * sums[(size_t)t * n_groups + g];
         acc = warp_sum(acc);
         if (lane == 0) y[(size_t)t * rows + row] += acc;
     }

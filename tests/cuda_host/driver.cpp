@@ -112,6 +112,16 @@ extern "C" void host_add_sidecars(int grid, int bx, int by, const float* x, floa
     launch(grid, bx, by, [&] { add_sidecars(x, y, n, rows, k, rowptr, n_rowptr, cols, vals, fp_cols, fp_weight, n_fp); });
 }
 
+extern "C" void host_group_sums(int grid, int bx, int by, const float* xs, float* sums, int n, int k, int group,
+                                int n_groups) {
+    launch(grid, bx, by, [&] { group_sums(xs, sums, n, k, group, n_groups); });
+}
+
+extern "C" void host_add_offsets(int grid, int bx, int by, const float* sums, float* y, int n, int rows,
+                                 const __half* offsets, int n_groups) {
+    launch(grid, bx, by, [&] { add_offsets(sums, y, n, rows, offsets, n_groups); });
+}
+
 extern "C" void host_w8a8_inputs(int grid, int bx, int by, const float* x, const float* inv_scale, int has_scale,
                                  const u8* fp_mask, int has_fp, float* x1, float* xa, int k, int static_mode,
                                  float act_scale) {
