@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -10,6 +11,7 @@ from qformat.schemes import SCHEME_NAMES, parse_scheme
 
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_SOURCE
 from .converter import convert
+from .gguf_import import import_gguf, is_gguf
 from .gptq import DEFAULT_DAMP
 from .methods import METHODS
 from .options import SPECIAL_CHOICES, ConvertOptions
@@ -81,7 +83,7 @@ SPECIAL_HELP = (
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("src", metavar="MODEL_DIR", type=click.Path(path_type=str))
+@click.argument("src", metavar="MODEL", type=click.Path(path_type=str))
 @click.argument("dst", metavar="OUT.qbin", type=click.Path(path_type=str))
 @click.option("--scheme", "-s", default=None, callback=_check_scheme,
               help=f"Quantization scheme: {', '.join(SCHEME_NAMES)}; int2/3/4 are asymmetric unless "
@@ -165,11 +167,16 @@ SPECIAL_HELP = (
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:
-    """Convert the Hugging Face checkpoint in MODEL_DIR to OUT.qbin.
+    """Convert MODEL (a Hugging Face checkpoint folder, or a GGUF file) to OUT.qbin.
 
     Reads Llama, Mistral, Qwen2 and Qwen3 checkpoints (safetensors, bf16/fp16/fp32, sharded or
-    not) with their tokenizer and chat template; streams one tensor at a time.
+    not) with their tokenizer and chat template; streams one tensor at a time. A GGUF file's
+    F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors are imported without requantization; other GGUF types
+    need --scheme, which requantizes them.
     """
+    if is_gguf(Path(src)):
+        _import_gguf(ctx, src, dst, fields)
+        return
     if fields["scheme"] is None:
         if fields["target_bpw"] is None and fields["max_kl"] is None:
             raise InputError("give --scheme (e.g. int4-g64), or --target-bpw BITS for a file of that size")
@@ -183,6 +190,25 @@ def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:
     if options.dry_run:
         for line in report.plan_lines():
             click.echo(line)
+    click.echo(report.summary())
+
+
+# What a GGUF import takes from the command line; any other option asks for the float checkpoint.
+GGUF_OPTIONS = ("scheme", "force")
+
+
+def _import_gguf(ctx: click.Context, src: str, dst: str, fields: dict) -> None:
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    extra = [name for name in fields if name not in GGUF_OPTIONS and ctx.get_parameter_source(name) in given]
+    if extra:
+        raise InputError(f"{src} is a GGUF file: it is imported as it is (tensors without a qbin layout "
+                         f"requantized with --scheme); --{extra[0].replace('_', '-')} needs the Hugging Face "
+                         "checkpoint instead")
+    try:
+        report = import_gguf(src, dst, fields["scheme"], force=fields["force"],
+                             command=shlex.join((ctx.obj or {}).get("argv", ["qconvert"])))
+    except (ValueError, OSError) as e:
+        raise InputError(str(e)) from None
     click.echo(report.summary())
 
 

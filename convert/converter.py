@@ -15,30 +15,27 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-import qformat
 from qformat.config import Provenance
 from qformat.schemes import Scheme, Tensor, float_tensor
 from qformat.writer import QbinWriter
 
 from . import budgeted, calibrated
 from .checkpoint import Checkpoint, LazyRows
+from .gguf_import import import_gguf, is_gguf
 from .hf_config import architecture_of, generation_defaults, model_args
 from .hf_tokenizer import read_tokenizer
 from .options import ConvertOptions
 from .outliers import KeepTally
 from .plan import ConvertError, plan, planned_sidecars, resolve_special, skipped
+from .provenance import CONVERTER, created_timestamp, file_sha256
 from .prune import magnitude_store, parse_pattern, plan_pruning
 from .report import ConvertReport, TensorReport
 from .rtn import BLOCK_ELEMENTS, QuantStats, quantize_weight
 from .smoothquant import with_activation
-
-CONVERTER = f"qformat.convert {qformat.__version__}"
-
 
 def _read_json(path: Path) -> dict:
     try:
@@ -48,29 +45,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConvertError(f"{path}: expected a JSON object")
     return data
-
-
-# ---------------------------------------------------------------------------- provenance
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def created_timestamp() -> str:
-    """UTC ISO 8601 now, or SOURCE_DATE_EPOCH when set (reproducible builds convention)."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    if epoch:
-        try:
-            when = datetime.fromtimestamp(int(epoch), tz=timezone.utc)
-        except ValueError:
-            raise ConvertError(f"SOURCE_DATE_EPOCH={epoch!r} is not an integer number of seconds") from None
-    else:
-        when = datetime.now(timezone.utc)
-    return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------------------- storing
@@ -112,7 +86,8 @@ def _progress(items: list, enabled: bool):
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None = None,
             options: ConvertOptions | None = None, **fields) -> ConvertReport:
-    """Convert the HF checkpoint folder `src` into the qbin file `dst`.
+    """Convert the HF checkpoint folder `src` (or a GGUF file: gguf_import.import_gguf) into the
+    qbin file `dst`.
 
     options: a ConvertOptions (default: its defaults); `scheme` and keyword `fields` replace
     those fields of it, e.g. convert(src, dst, "int4-g64", method="gptq", calib="pydoc").
@@ -120,6 +95,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    if is_gguf(src):  # llama.cpp's format: imported as it is (gguf_import.py)
+        requantize = scheme or fields.get("scheme") or (options.scheme if options is not None else None)
+        return import_gguf(src, dst, requantize, force=fields.get("force", options.force if options else False))
     options = dataclasses.replace(options or ConvertOptions(), **({"scheme": scheme} if scheme else {}), **fields)
     try:
         options = options.validate()
@@ -155,7 +133,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
         return _dry_run(report, planned, prune_targets, tok.stored.nbytes, options, started)
 
     files = [src / "config.json"] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files
-    source_files = {str(p.relative_to(src)): _sha256(p) for p in sorted(set(files))}
+    source_files = {str(p.relative_to(src)): file_sha256(p) for p in sorted(set(files))}
     calibration = None
     if options.calibrated:
         try:

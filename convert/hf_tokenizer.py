@@ -106,3 +106,15 @@ def read_tokenizer(folder: Path) -> TokenizerFiles:
     template, template_files = _chat_template(folder, tok_config)
     info = TokenizerInfo(kind=kind, tensor=TOKENIZER_TENSOR, add_bos=add_bos, selftest=cases)
     return TokenizerFiles(info, data, template, [path, *files, *template_files])
+
+
+def tokenizer_json_files(data: bytes, add_bos: bool | None, chat_template: str | None,
+                         files: list[Path]) -> TokenizerFiles:
+    """TokenizerFiles of a tokenizer.json built elsewhere (a GGUF's vocabulary): the self-test
+    and, when add_bos is None, the post-processor's BOS rule, exactly as for a folder's file."""
+    try:
+        found_bos, cases = _hf_json(data, {} if add_bos is None else {"add_bos_token": add_bos})
+    except Exception as e:  # the tokenizers library raises assorted types
+        raise ValueError(f"cannot build the tokenizer ({type(e).__name__}: {e})") from None
+    info = TokenizerInfo(kind="hf-json", tensor=TOKENIZER_TENSOR, add_bos=found_bos, selftest=cases)
+    return TokenizerFiles(info, data, chat_template, files)
