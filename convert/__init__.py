@@ -1,12 +1,13 @@
 """qconvert: Hugging Face checkpoints to .qbin files, by round-to-nearest, GPTQ or AWQ, with
 pruning, 16-bit outliers and SmoothQuant W8A8 (convert/methods.py lists them); GGUF files
-imported (gguf_import.py)."""
+imported (gguf_import.py) and qbin files exported to GGUF (gguf_export.py)."""
 from __future__ import annotations
 
 from .converter import convert
+from .gguf_export import export_gguf
 from .gguf_import import import_gguf
 from .options import ConvertOptions
 from .plan import ConvertError
 from .report import ConvertReport, TensorReport
 
-__all__ = ["ConvertError", "ConvertOptions", "ConvertReport", "TensorReport", "convert", "import_gguf"]
+__all__ = ["ConvertError", "ConvertOptions", "ConvertReport", "TensorReport", "convert", "export_gguf", "import_gguf"]

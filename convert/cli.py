@@ -11,6 +11,7 @@ from qformat.schemes import SCHEME_NAMES, parse_scheme
 
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_SOURCE
 from .converter import convert
+from .gguf_export import export_gguf
 from .gguf_import import import_gguf, is_gguf
 from .gptq import DEFAULT_DAMP
 from .methods import METHODS
@@ -25,6 +26,8 @@ class OneLineCommand(click.Command):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         argv = list(args) if args is not None else sys.argv[1:]
+        if self is main and argv[:1] == ["export"]:  # `qconvert export FILE.qbin --to gguf OUT`
+            return export.main(argv[1:], "qconvert export", complete_var, standalone_mode, **extra)
         extra.setdefault("obj", {"argv": ["qconvert", *argv]})  # as a user would retype it
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
@@ -207,6 +210,31 @@ def _import_gguf(ctx: click.Context, src: str, dst: str, fields: dict) -> None:
     try:
         report = import_gguf(src, dst, fields["scheme"], force=fields["force"],
                              command=shlex.join((ctx.obj or {}).get("argv", ["qconvert"])))
+    except (ValueError, OSError) as e:
+        raise InputError(str(e)) from None
+    click.echo(report.summary())
+
+
+EXPORTS = ("gguf",)
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", metavar="FILE.qbin", type=click.Path(path_type=str))
+@click.option("--to", "fmt", type=click.Choice(EXPORTS), required=True, help="The format to write.")
+@click.argument("dst", metavar="OUT", type=click.Path(path_type=str))
+@click.option("--requantize", metavar="TYPE", default=None,
+              help="GGUF type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) for tensors no GGUF type holds; the error it adds "
+                   "is reported. Without it such tensors are refused.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def export(src: str, fmt: str, dst: str, requantize: str | None, force: bool) -> None:
+    """Write FILE.qbin as a GGUF file for llama.cpp and ollama (qconvert export FILE.qbin --to gguf OUT.gguf).
+
+    int4 in groups of 32 becomes Q4_0 (symmetric) or Q4_1, symmetric int8 in groups of 32 Q8_0,
+    float tensors stay as they are: convert with --scheme int4-g32 (GPTQ and AWQ too, without
+    act-order or outliers) for a file llama.cpp runs at the quantizer's quality.
+    """
+    try:
+        report = export_gguf(src, dst, requantize, force=force)
     except (ValueError, OSError) as e:
         raise InputError(str(e)) from None
     click.echo(report.summary())

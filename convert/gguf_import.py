@@ -49,7 +49,7 @@ GGUF_ARCHS = {a.name: a for a in (
 )}
 
 
-def _tensor_names() -> dict[T.TensorName, str]:
+def tensor_names() -> dict[T.TensorName, str]:
     """qbin tensor entry -> its GGUF name ("{i}" for the layer), from gguf-py's own table."""
     import gguf
 
@@ -192,7 +192,7 @@ def model_args_of(meta: Metadata, arch: GgufArch, names: set[str], tied: bool) -
 # llama.cpp's pre-tokenizer names whose splitting is GPT-2's byte-level regex, as tokenizers'
 # ByteLevel(use_regex=True) applies it (checked against SmolLM2's own tokenizer.json on the EVAL
 # corpora). Others (llama-bpe, qwen2, ...) split differently and are refused until checked.
-BYTE_LEVEL_PRE = ("gpt2", "smollm")
+BYTE_LEVEL_PRE = ("gpt-2", "smollm")
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of added tokens
 
 
@@ -202,7 +202,7 @@ def tokenizer_of(meta: Metadata, path: Path) -> TokenizerFiles:
     if model != "gpt2":
         raise ConvertError(f"{path}: tokenizer model {model!r} is not supported yet (gpt2 BPE is); convert the "
                            "Hugging Face checkpoint, which carries its tokenizer file")
-    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in BYTE_LEVEL_PRE:
         raise ConvertError(f"{path}: pre-tokenizer {pre!r} is not supported yet ({', '.join(BYTE_LEVEL_PRE)} are); "
                            "convert the Hugging Face checkpoint instead")
@@ -285,7 +285,7 @@ def import_gguf(src: str | Path, dst: str | Path, scheme: str | None = None, *, 
         raise ConvertError(f"{path}: GGUF architecture {meta.get('general.architecture')!r} is not supported "
                            f"(supported: {', '.join(GGUF_ARCHS)})")
     by_name = {t.name: t for t in reader.tensors}
-    names = _tensor_names()
+    names = tensor_names()
     tied = names[T.OUTPUT] not in by_name
     args = model_args_of(meta, arch, set(by_name), tied)
     tok = tokenizer_of(meta, path)

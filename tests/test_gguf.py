@@ -1,7 +1,11 @@
-"""GGUF import (convert/gguf_import.py): a tiny Llama written as GGUF by gguf-py, as llama.cpp's
-converter writes one (q/k rows permuted, BPE vocabulary in the metadata), imported and checked
-tensor by tensor against gguf-py's own dequantization, its tokenizer against the checkpoint's
-tokenizer.json, and its logits against transformers running the same dequantized weights."""
+"""GGUF import and export (convert/gguf_import.py, gguf_export.py).
+
+Import: a tiny Llama written as GGUF by gguf-py, as llama.cpp's converter writes one (q/k rows
+permuted, BPE vocabulary in the metadata), checked tensor by tensor against gguf-py's own
+dequantization, its tokenizer against the checkpoint's tokenizer.json, and its logits against
+transformers running the same dequantized weights. Export: the round trips GGUF -> qbin -> GGUF
+and qbin -> GGUF -> qbin are bit-exact for the types that map, and what does not map is refused
+or requantized with the error reported."""
 from __future__ import annotations
 
 import json
@@ -18,7 +22,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from tiny_models import make_tiny_checkpoint, training_text  # noqa: E402
 
 import qformat  # noqa: E402
-from qformat.convert import ConvertError, import_gguf  # noqa: E402
+from qformat.convert import ConvertError, convert, export_gguf, import_gguf  # noqa: E402
 from qformat.convert.cli import main as qconvert  # noqa: E402
 from qformat.convert.gguf_import import unpermute_rows  # noqa: E402
 from qformat.reader import QbinReader  # noqa: E402
@@ -72,7 +76,7 @@ def write_gguf(folder, path, types=TYPES, arch="llama", drop_key=None):
     types_ = [3 if i in special else 1 if t is not None else 5 for i, t in enumerate(tokens)]
     tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types_)
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
@@ -221,3 +225,79 @@ def test_cli_imports_a_gguf_and_refuses_float_only_options(tiny, tmp_path):
     assert res.exit_code == 2 and "--method needs the Hugging Face checkpoint" in res.output
     res = CliRunner().invoke(qconvert, [str(tmp_path / "m.qbin"), str(tmp_path / "n.qbin"), "-s", "int4"])
     assert res.exit_code == 2  # a qbin is not a model folder
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def test_gguf_qbin_gguf_round_trip_is_byte_identical(tiny, tmp_path):
+    _, path, _ = tiny
+    import_gguf(path, tmp_path / "m.qbin")
+    report = export_gguf(tmp_path / "m.qbin", tmp_path / "back.gguf")
+    assert not report.notes and not report.minimum_error
+    a, b = gguf.GGUFReader(path), gguf.GGUFReader(tmp_path / "back.gguf")
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb)
+    for name, t in ta.items():
+        assert t.tensor_type == tb[name].tensor_type, name
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(tb[name].data), err_msg=name)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "llama.block_count", "llama.attention.head_count_kv"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32-sym", "int8-g32", "f16"])
+def test_qbin_gguf_qbin_round_trip_is_bit_exact(tiny, tmp_path, scheme):
+    folder, _, _ = tiny
+    src, back = tmp_path / "src.qbin", tmp_path / "back.qbin"
+    convert(folder, src, scheme, head="scheme", embed="scheme", clip_search=False, progress=False)
+    export_gguf(src, tmp_path / "m.gguf")
+    import_gguf(tmp_path / "m.gguf", back)
+    a, b = QbinReader(src), QbinReader(back)
+    assert set(a.names()) == set(b.names())
+    for name in a.names():
+        ta, tb = a[name], b[name]
+        if ta.kind == "xz":
+            continue
+        assert (ta.kind, ta.shape, ta.group_size, ta.symmetric) == (tb.kind, tb.shape, tb.group_size, tb.symmetric)
+        for role, arr in ta.arrays.items():
+            np.testing.assert_array_equal(arr, tb.arrays[role], err_msg=f"{name}.{role}")
+    ids = [5, 17, 42, 8, 99, 3]
+    np.testing.assert_array_equal(qformat.load(src).logits(ids), qformat.load(back).logits(ids))
+
+
+def test_zero_points_become_q4_1_minima_with_the_error_reported(tiny, tmp_path):
+    folder, _, _ = tiny
+    src = tmp_path / "src.qbin"
+    convert(folder, src, "int4-g32", head="scheme", embed="scheme", clip_search=False, progress=False)
+    report = export_gguf(src, tmp_path / "m.gguf")
+    assert set(report.types.values()) == {"Q4_1", "F32"}
+    assert report.minimum_error and "stored as Q4_1's float16 minimum" in report.summary()
+    import_gguf(tmp_path / "m.gguf", tmp_path / "back.qbin")
+    a, b = QbinReader(src), QbinReader(tmp_path / "back.qbin")
+    w, got = a["layers.0.ffn.w2"].dequantize(), b["layers.0.ffn.w2"].dequantize()
+    assert 0 < np.abs(got - w).max() <= 1e-3 * np.abs(w).max()
+
+
+def test_tensors_gguf_cannot_hold_are_refused_or_requantized(tiny, tmp_path):
+    folder, _, _ = tiny
+    src = tmp_path / "g64.qbin"
+    convert(folder, src, "int4-g64", clip_search=False, progress=False)
+    with pytest.raises(ConvertError, match=r"\d+ tensor\(s\) have no GGUF type: tok_embeddings is q8 in groups of 64.*--requantize"):
+        export_gguf(src, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".*.tmp"))
+    report = export_gguf(src, tmp_path / "m.gguf", "Q8_0")
+    assert "Q8_0" in report.types.values()
+    assert any("requantized to Q8_0 (relative RMS error" in n for n in report.notes)
+    with pytest.raises(ConvertError, match=r"not a GGUF type"):
+        export_gguf(src, tmp_path / "n.gguf", "Q9_9")
+
+
+def test_cli_export(tiny, tmp_path):
+    _, path, _ = tiny
+    import_gguf(path, tmp_path / "m.qbin")
+    res = CliRunner().invoke(qconvert, ["export", str(tmp_path / "m.qbin"), "--to", "gguf", str(tmp_path / "o.gguf")])
+    assert res.exit_code == 0, res.output
+    assert "Q4_1 x6" in res.output and (tmp_path / "o.gguf").is_file()
+    res = CliRunner().invoke(qconvert, ["export", str(tmp_path / "m.qbin"), "--to", "gguf", str(tmp_path / "o.gguf")])
+    assert res.exit_code == 2 and "already exists" in res.output
