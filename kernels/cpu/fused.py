@@ -34,9 +34,10 @@ from numba.extending import intrinsic
 from qformat.block import LOGITS, STEP_TYPES, X, Attention, Block, Glu, HeadNorm, Linear, Norm
 
 from . import dense, int8, ops, quant, sparse
-from .base import (ACT, ACT_SCALE, add_offsets, add_offsets_q8, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_FP,
+from .base import (ACT, ACT_SCALE, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_FP,
                    N_GROUPS, N_TILES, NM_INDEX, NM_INDEX_BYTES, NM_M, NM_N, NM_TILE, OFFSETS, OUT_COLS, OUT_PTR,
-                   OUT_VALS, PERM, ROUTINE, ROUTINE_COL, ROUTINES, ROWS, SCALES, ZEROS)
+                   OUT_VALS, PERM, ROUTINE, ROUTINE_COL, ROUTINES, ROWS, SCALES, ZEROS, add_offsets,
+                   add_offsets_q8)
 
 # Step codes: a step's index in qformat.block.STEP_TYPES.
 NORM, HEAD_NORM, LINEAR, ATTENTION, GLU = (STEP_TYPES.index(t) for t in (Norm, HeadNorm, Linear, Attention, Glu))
@@ -152,10 +153,15 @@ def _add_sidecars(table, i, x, out):
 
 
 @njit(cache=True)
+def _offsets(table, i):
+    """Row i's offsets (rows, n_groups) as float16 bits (spec §4.2)."""
+    return carray(_address(table[i, OFFSETS]), (table[i, ROWS], table[i, N_GROUPS]), np.uint16)
+
+
+@njit(cache=True)
 def _add_offsets(table, i, h2f, xs, out):
     """out += offsets · the group sums of xs (the dense part's input, stored column order; spec §4.2)."""
-    offsets = carray(_address(table[i, OFFSETS]), (table[i, ROWS], table[i, N_GROUPS]), np.uint16)
-    add_offsets(offsets, h2f, xs, table[i, IN], table[i, GROUP], out)
+    add_offsets(_offsets(table, i), h2f, xs, table[i, IN], table[i, GROUP], out)
 
 
 @njit(cache=True)
@@ -218,8 +224,7 @@ def _gemv_q8act(table, i, h2f, x, out):
     xq, d, sums = quant.quantize_x(x, k, group, (group + 7) // 8 * 8)
     quant.gemv_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, table[i, CODE_BITS], out)
     if table[i, OFFSETS] != 0:  # on the rounded activations' sums, as base.Sidecars.add_gemv
-        add_offsets_q8(carray(_address(table[i, OFFSETS]), (table[i, ROWS], table[i, N_GROUPS]), np.uint16), h2f,
-                       d, sums, out)
+        add_offsets_q8(_offsets(table, i), h2f, d, sums, out)
 
 
 @njit(cache=True)
