@@ -6,8 +6,11 @@ from __future__ import annotations
 from .converter import convert
 from .gguf_export import export_gguf
 from .gguf_import import import_gguf
+from .hf_export import export_hf
+from .hf_import import import_hf_quantized
 from .options import ConvertOptions
 from .plan import ConvertError
 from .report import ConvertReport, TensorReport
 
-__all__ = ["ConvertError", "ConvertOptions", "ConvertReport", "TensorReport", "convert", "export_gguf", "import_gguf"]
+__all__ = ["ConvertError", "ConvertOptions", "ConvertReport", "TensorReport", "convert", "export_gguf", "export_hf", "import_gguf",
+           "import_hf_quantized"]

@@ -127,6 +127,16 @@ class Checkpoint:
         with self.rows(name) as rows:
             return rows.read()
 
+    def read_stored(self, name: str) -> tuple[np.ndarray, str]:
+        """(the tensor in its stored dtype, that dtype's name as torch spells it, e.g. "int32");
+        bfloat16 is widened to float32 exactly, as numpy has no bfloat16."""
+        import torch
+
+        path = self._names[name]
+        t = self._open(path).get_tensor(name) if self.format == "safetensors" else self._torch(path)[name]
+        dtype = str(t.dtype).removeprefix("torch.")
+        return (t.to(torch.float32) if t.dtype == torch.bfloat16 else t).numpy(), dtype
+
     @contextmanager
     def rows(self, name: str) -> Iterator["LazyRows"]:
         """The tensor as a LazyRows: `.shape`, and `[start:stop]` reads just those rows as float32.

@@ -14,6 +14,9 @@ from .converter import convert
 from .gguf_export import export_gguf
 from .gguf_import import import_gguf, is_gguf
 from .gptq import DEFAULT_DAMP
+from .hf_export import LAYOUTS, export_hf
+from .hf_import import FORMATS as HF_FORMATS
+from .hf_import import import_hf_quantized, quant_method
 from .methods import METHODS
 from .options import SPECIAL_CHOICES, ConvertOptions
 from .outliers import parse_fraction
@@ -180,6 +183,9 @@ def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:
     if is_gguf(Path(src)):
         _import_gguf(ctx, src, dst, fields)
         return
+    if quant_method(Path(src)) in HF_FORMATS:
+        _import_quantized(ctx, src, dst, fields)
+        return
     if fields["scheme"] is None:
         if fields["target_bpw"] is None and fields["max_kl"] is None:
             raise InputError("give --scheme (e.g. int4-g64), or --target-bpw BITS for a file of that size")
@@ -215,7 +221,21 @@ def _import_gguf(ctx: click.Context, src: str, dst: str, fields: dict) -> None:
     click.echo(report.summary())
 
 
-EXPORTS = ("gguf",)
+def _import_quantized(ctx: click.Context, src: str, dst: str, fields: dict) -> None:
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    extra = [name for name in fields if name != "force" and ctx.get_parameter_source(name) in given]
+    if extra:
+        raise InputError(f"{src} is already quantized ({quant_method(Path(src))}): it is imported as it is; "
+                         f"--{extra[0].replace('_', '-')} needs the unquantized checkpoint instead")
+    try:
+        report = import_hf_quantized(src, dst, force=fields["force"],
+                                     command=shlex.join((ctx.obj or {}).get("argv", ["qconvert"])))
+    except (ValueError, OSError) as e:
+        raise InputError(str(e)) from None
+    click.echo(report.summary())
+
+
+EXPORTS = ("gguf", *LAYOUTS)
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -225,16 +245,27 @@ EXPORTS = ("gguf",)
 @click.option("--requantize", metavar="TYPE", default=None,
               help="GGUF type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) for tensors no GGUF type holds; the error it adds "
                    "is reported. Without it such tensors are refused.")
+@click.option("--fold", is_flag=True,
+              help="compressed-tensors / gptq: requantize tensors the layout cannot hold (outliers, 16-bit columns, "
+                   "nf4, act-order for compressed-tensors) onto its grid by round-to-nearest; the error is reported.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def export(src: str, fmt: str, dst: str, requantize: str | None, force: bool) -> None:
-    """Write FILE.qbin as a GGUF file for llama.cpp and ollama (qconvert export FILE.qbin --to gguf OUT.gguf).
+def export(src: str, fmt: str, dst: str, requantize: str | None, fold: bool, force: bool) -> None:
+    """Write FILE.qbin for another runtime: a GGUF file for llama.cpp and ollama (--to gguf OUT.gguf),
+    or a Hugging Face folder for transformers, vLLM and SGLang (--to compressed-tensors DIR, --to gptq DIR).
 
-    int4 in groups of 32 becomes Q4_0 (symmetric) or Q4_1, symmetric int8 in groups of 32 Q8_0,
-    float tensors stay as they are: convert with --scheme int4-g32 (GPTQ and AWQ too, without
-    act-order or outliers) for a file llama.cpp runs at the quantizer's quality.
+    GGUF: int4 in groups of 32 becomes Q4_0 (symmetric) or Q4_1, symmetric int8 in groups of 32
+    Q8_0, float tensors stay as they are: convert with --scheme int4-g32 (GPTQ and AWQ too,
+    without act-order or outliers) for a file llama.cpp runs at the quantizer's quality.
+    compressed-tensors: every integer grid (W4A16, W8A8 as int-quantized), codes and scales copied;
+    gptq: one grid for the model, act-order as g_idx.
     """
+    if fmt == "gguf" and fold:
+        raise InputError("--fold applies to compressed-tensors and gptq exports; GGUF takes --requantize TYPE")
+    if fmt != "gguf" and requantize:
+        raise InputError(f"--requantize applies to GGUF exports; for {fmt} pass --fold")
     try:
-        report = export_gguf(src, dst, requantize, force=force)
+        report = (export_gguf(src, dst, requantize, force=force) if fmt == "gguf"
+                  else export_hf(src, dst, fmt, fold=fold, force=force))
     except (ValueError, OSError) as e:
         raise InputError(str(e)) from None
     click.echo(report.summary())

@@ -27,6 +27,8 @@ from . import budgeted, calibrated
 from .checkpoint import Checkpoint, LazyRows
 from .gguf_import import import_gguf, is_gguf
 from .hf_config import architecture_of, generation_defaults, model_args
+from .hf_import import FORMATS as HF_FORMATS
+from .hf_import import import_hf_quantized
 from .hf_tokenizer import read_tokenizer
 from .options import ConvertOptions
 from .outliers import KeepTally
@@ -110,8 +112,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
     arch = architecture_of(config)
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
-        raise ConvertError(f"{src}: the checkpoint is already quantized ({method}); convert its "
-                           "unquantized (bf16/fp16/fp32) release instead")
+        if method in HF_FORMATS:  # GPTQ, AWQ, compressed-tensors: imported as they are (hf_import.py)
+            if options.scheme != ConvertOptions.scheme or options.calibrated or options.allocating:
+                raise ConvertError(f"{src}: the checkpoint is already quantized ({method}); it is imported as "
+                                   "it is, without a scheme or method: convert its unquantized release to requantize")
+            return import_hf_quantized(src, dst, force=options.force, command=options.command)
+        raise ConvertError(f"{src}: the checkpoint is quantized with {method!r}, which qformat does not read "
+                           f"(it reads {', '.join(HF_FORMATS)}); convert its unquantized (bf16/fp16/fp32) release")
     ckpt = Checkpoint(src, allow_pickle=options.allow_pickle)
     args = model_args(config, gen, has_lm_head="lm_head.weight" in ckpt)
     tok = read_tokenizer(src)

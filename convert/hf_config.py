@@ -9,7 +9,7 @@ from typing import Any
 
 from qformat.config import GenerationDefaults, ModelArgs, RopeScaling
 
-from .architectures import Architecture, lookup
+from .architectures import ARCHITECTURES, Architecture, lookup
 
 # transformers' class defaults for keys a config.json may omit (identical for the four classes).
 _DEFAULT_ROPE_THETA = 10000.0
@@ -149,3 +149,43 @@ def generation_defaults(generation: dict[str, Any] | None) -> GenerationDefaults
         repetition_penalty=None if g.get("repetition_penalty") is None else float(g["repetition_penalty"]),
         max_new_tokens=None if g.get("max_new_tokens") is None else int(g["max_new_tokens"]),
     )
+
+
+_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def hf_config_of(args: ModelArgs, dtype: str = "float16") -> dict[str, Any]:
+    """The config.json transformers and vLLM read for ModelArgs: the inverse of model_args
+    (model_args(hf_config_of(a)) == a for every supported architecture)."""
+    arch = next((a for a in ARCHITECTURES.values() if a.arch == args.arch), None)
+    if arch is None:
+        raise ValueError(f"architecture {args.arch!r} has no Hugging Face class")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    s = args.rope_scaling
+    if s is not None:
+        rope.update(rope_type=s.kind, factor=s.factor)
+        if s.kind == "llama3":
+            rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                        original_max_position_embeddings=s.original_max_position)
+    config: dict[str, Any] = {
+        "architectures": [arch.hf_name], "model_type": _MODEL_TYPES[args.arch],
+        "vocab_size": args.vocab_size, "hidden_size": args.dim, "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        # transformers 5 reads rope_parameters, transformers 4 and vLLM's older loaders rope_theta/rope_scaling
+        "rope_parameters": rope, "rope_theta": args.rope_theta,
+        "rope_scaling": None if s is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "bos_token_id": args.bos_token_id,
+        "eos_token_id": (args.eos_token_ids[0] if len(args.eos_token_ids) == 1 else list(args.eos_token_ids))
+        if args.eos_token_ids else None,
+        "pad_token_id": args.pad_token_id, "dtype": dtype, "torch_dtype": dtype,
+        "attention_bias": args.qkv_bias and args.arch == "llama", "mlp_bias": False,
+    }
+    if arch.sliding_window_key is not None:
+        config[arch.sliding_window_key] = args.sliding_window
+        if arch.sliding_window_switch is not None:
+            config[arch.sliding_window_switch] = False
+    return config
+

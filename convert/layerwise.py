@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from qformat import tensors as T
 from qformat.config import ModelArgs
-from qformat.schemes import Scheme, Tensor, float_tensor
+from qformat.schemes import Scheme, Tensor
 
 # A layer's tensors by the part of their name after "layers.{i}." (qformat.tensors): w's keys.
 (ATTN_NORM, WQ, WK, WV, WO, BQ, BK, BV, Q_NORM, K_NORM, FFN_NORM, W1, W3, W2) = (t.key for t in (
