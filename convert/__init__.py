@@ -1,6 +1,8 @@
 """qconvert: Hugging Face checkpoints to .qbin files, by round-to-nearest, GPTQ or AWQ, with
 pruning, 16-bit outliers and SmoothQuant W8A8 (convert/methods.py lists them); GGUF files
-imported (gguf_import.py) and qbin files exported to GGUF (gguf_export.py)."""
+imported (gguf_import.py) and qbin files exported to GGUF (gguf_export.py); GPTQ, AWQ and
+compressed-tensors folders imported (hf_import.py) and qbin files exported to compressed-tensors
+and GPTQ folders for transformers, vLLM and SGLang (hf_export.py)."""
 from __future__ import annotations
 
 from .converter import convert

@@ -123,6 +123,10 @@ SPECIAL_HELP = (
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ: quantize columns by decreasing activation energy, stored with a column permutation "
                    "(SmolLM2-135M int4-g64: ppl 15.05 with it, see bench/bench_quality.py).")
+@click.option("--static-groups", is_flag=True,
+              help="GPTQ: fix each group's scale and zero-point from the unquantized weights in input order "
+                   "(AutoGPTQ's static_groups, llm-compressor's actorder=weight), so act-order stores no "
+                   "permutation and the file exports exactly to GGUF (at g32) and compressed-tensors.")
 @click.option("--prune", metavar="PATTERN", callback=_check_prune,
               help="Prune every decoder projection (never embeddings, head, norms): 2:4 or 4:8 (n of every m "
                    "input columns kept, stored compressed in quantized schemes: 2:4 int4-g64 is 3.4 bits/weight "
@@ -178,7 +182,8 @@ def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:
     Reads Llama, Mistral, Qwen2 and Qwen3 checkpoints (safetensors, bf16/fp16/fp32, sharded or
     not) with their tokenizer and chat template; streams one tensor at a time. A GGUF file's
     F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors are imported without requantization; other GGUF types
-    need --scheme, which requantizes them.
+    need --scheme, which requantizes them. A GPTQ, AWQ (GEMM) or compressed-tensors folder is
+    imported as it is (its integer grid mapped exactly, act-order's g_idx as a permutation).
     """
     if is_gguf(Path(src)):
         _import_gguf(ctx, src, dst, fields)

@@ -146,7 +146,13 @@ class Metadata:
 
     def get(self, key: str, default=None):
         field = self.reader.get_field(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:
+            raise ConvertError(f"{self.path}: GGUF metadata key {key!r} is unreadable ({type(e).__name__}); the file "
+                               "is corrupted: re-download it") from None
 
     def need(self, key: str):
         value = self.get(key)
@@ -197,15 +203,13 @@ CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of added tokens
 
 
 def tokenizer_of(meta: Metadata, path: Path) -> TokenizerFiles:
-    """tokenizer.json rebuilt from the GGUF's BPE vocabulary, merges and token types."""
+    """tokenizer.json rebuilt from the GGUF's vocabulary: byte-level BPE with GPT-2's split here
+    (checked on the EVAL corpora), every other kind (SentencePiece, the Llama 3 / Qwen2 / ...
+    splits) by transformers' GGUF tokenizer builders."""
     model = meta.need("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ConvertError(f"{path}: tokenizer model {model!r} is not supported yet (gpt2 BPE is); convert the "
-                           "Hugging Face checkpoint, which carries its tokenizer file")
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
-    if pre not in BYTE_LEVEL_PRE:
-        raise ConvertError(f"{path}: pre-tokenizer {pre!r} is not supported yet ({', '.join(BYTE_LEVEL_PRE)} are); "
-                           "convert the Hugging Face checkpoint instead")
+    if model != "gpt2" or pre not in BYTE_LEVEL_PRE:
+        return _transformers_tokenizer(meta, path, model, pre)
     tokens = [str(t) for t in meta.need("tokenizer.ggml.tokens")]
     types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [m.split(" ", 1) for m in meta.need("tokenizer.ggml.merges")]
@@ -228,6 +232,29 @@ def tokenizer_of(meta: Metadata, path: Path) -> TokenizerFiles:
                                     meta.get("tokenizer.chat_template"), [path])
     except ValueError as e:
         raise ConvertError(f"{path}: {e}") from None
+
+
+def _transformers_tokenizer(meta: Metadata, path: Path, model: str, pre: str) -> TokenizerFiles:
+    try:
+        from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+    except ImportError:
+        raise ConvertError(f"{path}: its tokenizer ({model}, pre-tokenizer {pre!r}) is rebuilt by transformers' GGUF "
+                           "support: pip install transformers") from None
+    # a byte-level vocabulary whose split transformers does not know would tokenize differently
+    if model == "gpt2" and pre not in mapping.GGUF_PRE_TOKENIZER_SPLITS and pre != "default":
+        raise ConvertError(f"{path}: pre-tokenizer {pre!r} is not supported (known: "
+                           f"{', '.join(BYTE_LEVEL_PRE + tuple(mapping.GGUF_PRE_TOKENIZER_SPLITS))}); convert the "
+                           "Hugging Face checkpoint instead")
+    try:
+        architecture, tokenizer, config = mapping.get_gguf_tokenizer(str(path))
+        backend, _ = mapping.convert_gguf_tokenizer(architecture, tokenizer)
+        data = backend.to_str().encode("utf-8")
+        add_bos = bool(config.get("add_bos_token", False))
+        return tokenizer_json_files(data, add_bos, meta.get("tokenizer.chat_template"), [path])
+    except ConvertError:
+        raise
+    except Exception as e:  # transformers raises assorted types on vocabularies it cannot build
+        raise ConvertError(f"{path}: cannot rebuild its {model} tokenizer ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------- tensors

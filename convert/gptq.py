@@ -71,10 +71,15 @@ def _group_start(w: torch.Tensor, hdiag: torch.Tensor, scheme: Scheme, clip_sear
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, *, damp: float = DEFAULT_DAMP,
                   block: int = DEFAULT_BLOCK, act_order: bool = False, clip_search: bool = False,
-                  prune=None, outliers: int = 0, fp_cols: np.ndarray | None = None) -> GptqResult:
+                  prune=None, outliers: int = 0, fp_cols: np.ndarray | None = None,
+                  static_groups: bool = False) -> GptqResult:
     """GPTQ of the weight w (rows, k) given the input Gram matrix h (k, k) = XᵀX (any positive
     multiple works: dampening is relative to its mean diagonal).
 
+    static_groups: every group's scale and zero-point are fixed up front from the unquantized
+    weights of its input-order columns (AutoGPTQ's static_groups, llm-compressor's
+    actorder="weight"); with act-order the columns are still visited by decreasing H[i,i], but
+    the groups stay contiguous in input order, so no permutation is stored.
     prune: a prune.SweepMask, for SparseGPT (convert/prune.py); then a float scheme only prunes."""
     w = w.detach().to(torch.float32).clone()
     rows, k = w.shape
@@ -87,6 +92,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, *, damp: flo
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    static = None
+    if static_groups and scheme.quantized:
+        if prune is not None or outliers or fp_cols is not None:
+            raise ValueError("static groups do not combine with pruning, outliers or 16-bit columns")
+        hd = torch.diagonal(h).to(torch.float32)
+        params = [_group_start(w[:, a:a + g], hd[a:a + g], scheme, clip_search) for a in range(0, k, g)]
+        static = (torch.cat([p[0] for p in params], 1), torch.cat([p[1] for p in params], 1))
     perm = None
     if act_order:
         order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
@@ -107,11 +119,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, *, damp: flo
     wt = w.T.contiguous()
     codes_t = torch.zeros_like(wt)
     q_t = torch.zeros_like(wt)
+    group_of = None
+    if static is not None:  # the loop reads each column's input-order group
+        scales, zeros = static
+        group_of = (torch.as_tensor(perm).long() if perm is not None else torch.arange(k)) // g
     with one_thread():
         _column_loop(wt, hinv, hdiag, scheme, g, block, clip_search, codes_t, q_t, scales, zeros, prune,
-                     None if kept is None else kept.T.contiguous())
+                     None if kept is None else kept.T.contiguous(), group_of)
     codes, q_all = codes_t.T, q_t.T.contiguous()
     w_hat = q_all
+    if static is not None and perm is not None:  # stored in input order: no permutation
+        order = torch.as_tensor(perm, device=w.device).long()
+        codes, w_hat = torch.empty_like(codes), torch.empty_like(q_all)
+        codes[:, order], w_hat[:, order] = codes_t.T, q_all
+        return GptqResult(codes, scales, zeros, None, w_hat)
     if perm is not None:
         w_hat = torch.empty_like(q_all)
         w_hat[:, torch.as_tensor(perm, device=w.device).long()] = q_all
@@ -122,8 +143,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, *, damp: flo
     return GptqResult(codes, scales, zeros, perm, w_hat, kept, fp_cols)
 
 
-def _column_loop(wt, hinv, hdiag, scheme, g, block, clip_search, codes_t, q_t, scales, zeros, prune=None, kept_t=None) -> None:
+def _column_loop(wt, hinv, hdiag, scheme, g, block, clip_search, codes_t, q_t, scales, zeros, prune=None, kept_t=None,
+                 group_of=None) -> None:
     """The GPTQ sweep over the columns of W (rows of wt, updated in place), lazily in blocks.
+    With `group_of` (static groups) column i takes the fixed scales[:, group_of[i]] instead.
     With `prune` (SparseGPT) the weights prune.keep marks False become exactly zero when their
     column is reached and their error is compensated like rounding error; group parameters are
     found on the kept weights only (zeroed pruned ones leave min/max/absmax unchanged)."""
@@ -139,7 +162,9 @@ def _column_loop(wt, hinv, hdiag, scheme, g, block, clip_search, codes_t, q_t, s
             if prune is not None and i % prune.span(i2 - i1) == 0:
                 span = prune.span(i2 - i1)
                 prune.choose(w1[i:i + span], torch.diagonal(hinv1)[i:i + span], col)
-            if scheme.quantized and col % g == 0:
+            if group_of is not None:
+                s, z = scales[:, group_of[col]], zeros[:, group_of[col]]
+            elif scheme.quantized and col % g == 0:
                 part = w1[i:i + g] if prune is None else w1[i:i + g] * prune.keep[col:col + g]
                 if kept_t is not None:  # weights kept in 16 bits stay out of the group's range
                     part = torch.where(kept_t[col:col + g], 0.0, part)
@@ -188,6 +213,7 @@ class GptqMethod:
     act_order: bool = False
     clip_search: bool = False
     keep: KeepOptions = KeepOptions()  # outliers / 16-bit columns (outliers.py)
+    static_groups: bool = False  # groups fixed in input order: act-order without a stored perm
     name: str = "gptq"
     folds: bool = False
 
@@ -205,7 +231,7 @@ class GptqMethod:
             res = gptq_quantize(stacked, stats.gram, scheme, damp=self.damp, block=self.block,
                                 act_order=self.act_order, clip_search=self.clip_search,
                                 outliers=outlier_count(stacked.numel(), self.keep.fraction),
-                                fp_cols=cols if cols.size else None)
+                                fp_cols=cols if cols.size else None, static_groups=self.static_groups)
             start = 0
             for n in group:
                 rows = slice(start, start + w[n].shape[0])

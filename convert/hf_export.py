@@ -121,8 +121,9 @@ class Layout:
         """The layer's arrays, by suffix of its module name."""
         raise NotImplementedError
 
-    def config(self, groups: dict[Grid, list[str]]) -> dict:
-        """config.json's quantization_config for grid -> module names."""
+    def config(self, groups: dict[Grid, list[str]], linears: set[str]) -> dict:
+        """config.json's quantization_config for grid -> module names (`linears`: every linear
+        module of the model, quantized or not)."""
         raise NotImplementedError
 
 
@@ -152,7 +153,7 @@ class CompressedTensors(Layout):
             out["weight_zero_point"] = np.ascontiguousarray(pack_int32(zeros_of(t).T, g.bits).T)
         return out
 
-    def config(self, groups):
+    def config(self, groups, linears):
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -166,13 +167,16 @@ class CompressedTensors(Layout):
                        "actorder": None, "observer": "minmax"}
             inputs = ({"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
                        "group_size": None, "actorder": None, "observer": None} if g.int8_inputs else None)
-            config_groups[f"group_{i}"] = {"targets": sorted(modules), "weights": weights, "input_activations": inputs,
+            # one grid for every quantized layer: llm-compressor's form, "Linear" minus `ignore`
+            targets = ["Linear"] if len(groups) == 1 else sorted(modules)
+            config_groups[f"group_{i}"] = {"targets": targets, "weights": weights, "input_activations": inputs,
                                            "output_activations": None,
                                            "format": "int-quantized" if g.int8_inputs else "pack-quantized"}
         formats = {c["format"] for c in config_groups.values()}
         return {"quant_method": "compressed-tensors",
                 "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-                "quantization_status": "compressed", "config_groups": config_groups, "ignore": [],
+                "quantization_status": "compressed", "config_groups": config_groups,
+                "ignore": sorted(linears - {m for ms in groups.values() for m in ms}),
                 "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
                 "version": ct_version}
 
@@ -213,7 +217,7 @@ class Gptq(Layout):
                 "scales": np.ascontiguousarray(np.asarray(t.arrays["scales"], np.float16).T),
                 "g_idx": g_idx}
 
-    def config(self, groups):
+    def config(self, groups, linears):
         (g, *_), act_order = groups, any(g.act_order for g in groups)
         return {"quant_method": "gptq", "bits": g.bits, "group_size": g.group_size or -1, "desc_act": act_order,
                 "sym": g.symmetric, "true_sequential": True, "static_groups": False,
@@ -352,7 +356,9 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, layout: str, *, fo
     groups: dict[Grid, list[str]] = {}
     for name, g in grids.items():
         groups.setdefault(g, []).append(hf_names[name].removesuffix(".weight"))
-    config["quantization_config"] = target.config(groups)
+    linears = {hf_names[n].removesuffix(".weight") for n in tensors
+               if T.parse_name(n)[0].role in ("linear", "head")}
+    config["quantization_config"] = target.config(groups, linears)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:

@@ -40,7 +40,8 @@ class ConvertOptions:
     method: METHODS' rtn, gptq or awq; the calibrated ones read calib_samples x calib_seqlen
     tokens of `calib` ("pydoc", "self", "mix" or a text file; calibration.py); damp, block and
     act_order are GPTQ's dampening, lazy block and column order (act-order stores a `perm`, not
-    with pruning); awq_grid the α values AWQ tries.
+    with pruning); static_groups fixes GPTQ's groups in input order, so act-order stores no
+    `perm` (the file then exports to GGUF and compressed-tensors exactly); awq_grid the α values AWQ tries.
     prune: "2:4", "4:8" or a fraction "50%" of every decoder projection, chosen by prune_method
     (magnitude, wanda, sparsegpt; None: the method's default).
     outliers: a fraction (0.005 or "0.5%") of every decoder projection's weights kept exactly
@@ -73,6 +74,7 @@ class ConvertOptions:
     damp: float = DEFAULT_DAMP
     block: int = DEFAULT_BLOCK
     act_order: bool = True
+    static_groups: bool = False
     awq_grid: int = DEFAULT_GRID
     prune: str | None = None
     prune_method: str | None = None
@@ -116,6 +118,8 @@ class ConvertOptions:
             check_prune_options(self.prune, self.pruning)
         options = self if self.outliers is None else replace(self, outliers=parse_fraction(self.outliers))
         options.keep.check()
+        if self.static_groups and (self.method != "gptq" or self.prune is not None or options.keep.active):
+            raise ValueError("--static-groups is a GPTQ option that does not combine with --prune or --outliers")
         if self.prune is not None and options.keep.active:
             raise ValueError("--outliers/--outlier-threshold do not combine with --prune; use one or the other")
         if options.smoothquant and (self.prune is not None or options.keep.active):

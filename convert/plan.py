@@ -99,7 +99,7 @@ def planned_sidecars(p: PlannedTensor, options: ConvertOptions, pruned: bool) ->
         return None  # float tensors store pruned zeros densely; embeddings and head get no sidecars
     pattern = parse_pattern(options.prune) if pruned else None
     nm = (pattern.n, pattern.m) if pattern is not None and pattern.structured else None
-    perm = options.method == "gptq" and options.gptq_act_order
+    perm = options.method == "gptq" and options.gptq_act_order and not options.static_groups
     return SidecarPlan(nm=nm, perm=perm, outliers=options.keep.fraction)
 
 

@@ -9,6 +9,7 @@ or requantized with the error reported."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def write_gguf(folder, path, types=TYPES, arch="llama", drop_key=None):
     """The checkpoint in `folder` as llama.cpp's converter writes it; returns {gguf name: the
     weights gguf-py dequantizes it to, in HF row order}."""
     config = json.loads((folder / "config.json").read_text())
-    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text()) if (folder / "tokenizer.json").is_file() else None
     state = load_file(folder / "model.safetensors")
     n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     w = gguf.GGUFWriter(str(path), arch)
@@ -68,21 +69,32 @@ def write_gguf(folder, path, types=TYPES, arch="llama", drop_key=None):
     w.add_head_count_kv(n_kv)
     w.add_rope_freq_base(config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    vocab = tok["model"]["vocab"]
-    tokens = [None] * config["vocab_size"]
-    for t, i in vocab.items():
-        tokens[i] = t
-    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
-    types_ = [3 if i in special else 1 if t is not None else 5 for i, t in enumerate(tokens)]
-    tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types_)
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    if tok is None:  # SentencePiece, as llama.cpp's converter writes it: pieces, scores, types
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        n = sp.get_piece_size()
+        w.add_tokenizer_model("llama")
+        w.add_token_list([sp.id_to_piece(i) for i in range(n)] + [f"[PAD{i}]" for i in range(n, config["vocab_size"])])
+        w.add_token_scores([sp.get_score(i) for i in range(n)] + [0.0] * (config["vocab_size"] - n))
+        w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                           for i in range(n)] + [5] * (config["vocab_size"] - n))
+    else:
+        vocab = tok["model"]["vocab"]
+        tokens = [None] * config["vocab_size"]
+        for t, i in vocab.items():
+            tokens[i] = t
+        special = {a["id"] for a in tok["added_tokens"] if a["special"]}
+        types_ = [3 if i in special else 1 if t is not None else 5 for i, t in enumerate(tokens)]
+        tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types(types_)
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     w.add_bos_token_id(config["bos_token_id"])
     w.add_eos_token_id(config["eos_token_id"] if isinstance(config["eos_token_id"], int) else config["eos_token_id"][0])
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(tok is None)
     w.add_chat_template("{{ messages }}")
     expected = {}
     for hf, value in state.items():
@@ -301,3 +313,50 @@ def test_cli_export(tiny, tmp_path):
     assert "Q4_1 x6" in res.output and (tmp_path / "o.gguf").is_file()
     res = CliRunner().invoke(qconvert, ["export", str(tmp_path / "m.qbin"), "--to", "gguf", str(tmp_path / "o.gguf")])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+def test_corrupted_gguf_is_a_convert_error_or_imports(tiny, tmp_path):
+    """Bytes of the header, metadata and tensor directory overwritten at random, and cuts at
+    random places: the import either succeeds or raises ConvertError, never another exception,
+    and leaves nothing behind when it fails. FUZZ_CASES and FUZZ_SEED run a longer campaign."""
+    _, path, _ = tiny
+    data = path.read_bytes()
+    reader = gguf.GGUFReader(path)
+    directory_end = int(reader.data_offset)
+    rng = np.random.default_rng(int(os.environ.get("FUZZ_SEED", 11)))
+    outcomes = {"ok": 0, "refused": 0}
+    for i in range(int(os.environ.get("FUZZ_CASES", 60))):
+        bad = bytearray(data)
+        if i % 4 == 3:
+            bad = bad[: int(rng.integers(8, len(data)))]
+        else:
+            for at in rng.integers(4, directory_end, int(rng.integers(1, 4))):
+                bad[at] = int(rng.integers(0, 256))
+        src, dst = tmp_path / f"c{i}.gguf", tmp_path / f"c{i}.qbin"
+        src.write_bytes(bytes(bad))
+        try:
+            import_gguf(src, dst)
+            outcomes["ok"] += 1
+        except ConvertError:
+            outcomes["refused"] += 1
+            assert not dst.exists()
+        src.unlink()
+        dst.unlink(missing_ok=True)
+    assert outcomes["refused"] > 0 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_sentencepiece_gguf_tokenizer_encodes_as_the_model(tmp_path):
+    """A SentencePiece vocabulary (tokenizer.ggml.model "llama": pieces, scores, byte tokens),
+    rebuilt by transformers' GGUF builder, encodes as the SentencePiece model it came from."""
+    import sentencepiece
+
+    folder = make_tiny_checkpoint(tmp_path / "sp", tokenizer="sentencepiece", tied=True, seed=2,
+                                  config_overrides={"hidden_size": 64, "intermediate_size": 128})
+    path = tmp_path / "sp.gguf"
+    write_gguf(folder, path, types={**TYPES, "lm_head": ("output", Q.F16)})
+    import_gguf(path, tmp_path / "m.qbin")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    tok = qformat.load(tmp_path / "m.qbin").tokenizer
+    texts = training_text(1)[:12] + ["Hello world, numbers 1234 and ünïcode ☃ bytes.", "two  spaces\nand a newline"]
+    for text in texts:
+        assert tok.encode(text, add_bos=True) == [sp.bos_id()] + sp.encode(text), text

@@ -23,14 +23,17 @@ def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return (torch.randn(n, k, generator=g) @ mix + 0.3 * torch.randn(n, k, generator=g)) * scale
 
 
+ACT_ORDERS = [False, True, "static"]  # "static": act-order with static groups (no perm stored)
+
+
 @pytest.mark.parametrize("scheme_name", SCHEMES)
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", ACT_ORDERS)
 def test_gptq_beats_rtn_on_output_error(scheme_name, act_order):
     scheme = parse_scheme(scheme_name)
     k = 200  # not a multiple of 64 or 128: a partial last group
     x = correlated_inputs(1500, k)
     w = torch.randn(48, k, generator=torch.Generator().manual_seed(1))
-    res = gptq_quantize(w, x.T @ x, scheme, act_order=act_order)
+    res = gptq_quantize(w, x.T @ x, scheme, act_order=bool(act_order), static_groups=act_order == "static")
     rtn = torch.from_numpy(scheme.quantize("w", w.numpy()).dequantize())
     err_gptq = torch.linalg.norm(x @ w.T - x @ res.w_hat.T)
     err_rtn = torch.linalg.norm(x @ w.T - x @ rtn.T)
@@ -38,17 +41,33 @@ def test_gptq_beats_rtn_on_output_error(scheme_name, act_order):
 
 
 @pytest.mark.parametrize("scheme_name", SCHEMES)
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", ACT_ORDERS)
 def test_stored_tensor_dequantizes_to_gptq_weights_exactly(scheme_name, act_order):
     scheme = parse_scheme(scheme_name)
     x = correlated_inputs(400, 136, seed=2)
     w = torch.randn(24, 136, generator=torch.Generator().manual_seed(3))
-    res = gptq_quantize(w, x.T @ x, scheme, act_order=act_order, clip_search=True)
+    res = gptq_quantize(w, x.T @ x, scheme, act_order=bool(act_order), clip_search=True,
+                        static_groups=act_order == "static")
     t = res.tensor("w", scheme)
-    assert ("perm" in t.arrays) == act_order
-    if act_order:
+    assert ("perm" in t.arrays) == (act_order is True)
+    if act_order is True:
         assert sorted(t.arrays["perm"].tolist()) == list(range(136))
     np.testing.assert_array_equal(t.dequantize(), res.w_hat.numpy())
+
+
+@pytest.mark.parametrize("scheme_name", ["int4-g64", "int4-g32-sym", "int3-g64"])
+def test_static_groups_take_the_unquantized_weights_grid(scheme_name):
+    """With static groups every group's scale and zero-point are round-to-nearest's, fixed
+    before the sweep, whatever order the columns are visited in."""
+    scheme = parse_scheme(scheme_name)
+    x = correlated_inputs(400, 136, seed=5)
+    w = torch.randn(24, 136, generator=torch.Generator().manual_seed(6))
+    t = gptq_quantize(w, x.T @ x, scheme, act_order=True, static_groups=True).tensor("w", scheme)
+    rtn = scheme.quantize("w", w.numpy())
+    np.testing.assert_array_equal(t.arrays["scales"], rtn.arrays["scales"])
+    if "zeros" in rtn.arrays:
+        np.testing.assert_array_equal(t.arrays["zeros"], rtn.arrays["zeros"])
+    assert "perm" not in t.arrays and not np.array_equal(t.arrays["codes"], rtn.arrays["codes"])
 
 
 @pytest.mark.parametrize("scheme_name", ["int4-g64", "int3-g64", "int2-g64-sym", "nf4-g64", "int8"])

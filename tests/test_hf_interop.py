@@ -54,6 +54,8 @@ def qbins(ckpt, tmp_path_factory):
         "int3": ("int3-g32", {"head": "f16"}),
         "gptq-act-order": ("int4-g32", {"head": "f16", "method": "gptq", "calib": "pydoc", "calib_samples": 4,
                                         "act_order": True}),
+        "gptq-static": ("int4-g32-sym", {"head": "f16", "method": "gptq", "calib": "pydoc", "calib_samples": 4,
+                                         "act_order": True, "static_groups": True}),
         "outliers": ("int4-g32", {"head": "f16", "outliers": 0.01}),
     }
     out = {}
@@ -157,12 +159,13 @@ def test_hf_config_of_inverts_model_args(arch, tmp_path):
 # ---------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("key,dequantize", [("sym", False), ("asym", True), ("w8a8", False)])
+@pytest.mark.parametrize("key,dequantize", [("sym", False), ("asym", True), ("w8a8", False), ("gptq-static", False)])
 def test_compressed_tensors_export_loads_in_transformers(qbins, ckpt, tmp_path, key, dequantize):
     """transformers + compressed-tensors decompress the folder to qrun's weights: logits equal
     the float32 model on them to float16 rounding, and qrun's to its int8-activation error.
     (transformers 5 loads asymmetric folders only with dequantize=True, and that path only
-    for one config group; W8A8 runs int8 activations in both runtimes.)"""
+    for one config group; W8A8 runs int8 activations in both runtimes. GPTQ with act-order
+    exports as it is with --static-groups.)"""
     pytest.importorskip("compressed_tensors")
     report = export_hf(qbins[key], tmp_path / "ct", "compressed-tensors")
     assert report.grids and "tok_embeddings" in report.dequantized
@@ -180,7 +183,8 @@ def test_compressed_tensors_export_loads_in_transformers(qbins, ckpt, tmp_path, 
 
 @pytest.mark.parametrize("key,layout", [("sym", "compressed-tensors"), ("asym", "compressed-tensors"),
                                         ("w8a8", "compressed-tensors"), ("int3", "compressed-tensors"),
-                                        ("asym", "gptq"), ("gptq-act-order", "gptq")])
+                                        ("asym", "gptq"), ("gptq-act-order", "gptq"),
+                                        ("gptq-static", "compressed-tensors")])
 def test_round_trip_gives_back_the_weights(qbins, tmp_path, key, layout):
     export_hf(qbins[key], tmp_path / "out", layout)
     report = import_hf_quantized(tmp_path / "out", tmp_path / "back.qbin")
@@ -189,6 +193,9 @@ def test_round_trip_gives_back_the_weights(qbins, tmp_path, key, layout):
     if layout == "gptq":
         q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
         assert (q["bits"], q["group_size"], q["desc_act"]) == (4, 32, key == "gptq-act-order")
+    else:
+        q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+        assert q["format"] == ("int-quantized" if key == "w8a8" else "pack-quantized") or len(q["config_groups"]) > 1
 
 
 def test_gptq_zero_point_zero_is_written_as_v2(qbins, tmp_path):
@@ -376,3 +383,16 @@ def test_bad_quantized_folders_are_refused(qbins, tmp_path):
             convert(folder, tmp_path / "x.qbin")
         assert not (tmp_path / "x.qbin").exists()
     assert set(FORMATS) == {"gptq", "awq", "compressed-tensors"} and set(LAYOUTS) == {"gptq", "compressed-tensors"}
+
+
+def test_static_groups_cli(ckpt, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "s.qbin"
+    ok = runner.invoke(qconvert, [str(ckpt), str(out), "-s", "int4-g32", "--method", "gptq", "--calib", "pydoc",
+                                  "--calib-samples", "4", "--static-groups", "-q"])
+    assert ok.exit_code == 0, ok.output
+    reader = QbinReader(out)
+    assert not any("perm" in reader[n].arrays for n in reader.names())
+    assert "static_groups=True" in reader.provenance.method
+    bad = runner.invoke(qconvert, [str(ckpt), str(tmp_path / "b.qbin"), "-s", "int4-g32", "--static-groups"])
+    assert bad.exit_code == 2 and "GPTQ option" in bad.output and not (tmp_path / "b.qbin").exists()

@@ -69,6 +69,8 @@ def _sentencepiece_tokenizer(dst: Path) -> tuple[int, dict[str, int]]:
         sentence_iterator=iter(training_text()), model_writer=proto, vocab_size=400, hard_vocab_limit=False,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        # as Llama's and Mistral's models: no normalization, whitespace kept (what GGUF assumes)
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
     )
     (dst / "tokenizer.model").write_bytes(proto.getvalue())
     config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
