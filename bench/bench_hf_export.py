@@ -55,18 +55,31 @@ def identical_weights(a: Path, b: Path) -> bool:
                if ra[n].kind in ("q8", "q4", "q3", "q2", "q5", "q6") and n != "tok_embeddings")
 
 
-def compare(qbin: Path, folder: Path, dequantize: bool, threads: int, label: str) -> None:
+def compare(qbin: Path, folder: Path, dequantize: bool, threads: int, label: str, model_dir: Path | None) -> None:
+    """qrun on the qbin against transformers on the folder; with model_dir also transformers on
+    the qbin's dequantized weights (bench_quality.load_model), which the folder must equal."""
     m = qformat.load(qbin, threads=threads)
     peer = TransformersLogits(folder, m.tokenizer, dequantize)
+    ref = None
+    if model_dir is not None:
+        from bench_quality import load_model
+
+        ref = TransformersLogits.__new__(TransformersLogits)
+        ref.model, ref.tokenizer = load_model(model_dir, qbin), m.tokenizer
     ids = m.tokenizer.encode(eval_text(), add_bos=False)[:512]
     a, b = m.logits(ids), peer.logits(ids)
-    print(f"first window: max |logit difference| {np.abs(a - b).max():.4f} of max |logit| {np.abs(b).max():.2f}")
+    print(f"first window: max |logit difference| qrun vs transformers {np.abs(a - b).max():.4f} of max |logit| "
+          f"{np.abs(b).max():.2f}" + (f"; transformers on the folder vs on the qbin's weights "
+                                      f"{np.abs(b - ref.logits(ids)).max():.2e}" if ref is not None else ""))
     for name, text, windows in (("pydoc", eval_text(), 40), ("prose", ood_text(), 20)):
         ours = perplexity(m, text, windows, reference=peer)
-        theirs = perplexity(peer, text, windows)
-        print(f"{name} ppl: qrun {ours.ppl:.4f}, transformers on {label} {theirs.ppl:.4f}, ratio "
-              f"{theirs.ppl / ours.ppl:.5f}; KL(transformers || qrun) {ours.kl:.2e}, top-1 agreement "
-              f"{ours.top1:.4f} ({windows} windows)")
+        theirs = perplexity(peer, text, windows, reference=ref)
+        line = (f"{name} ppl: qrun {ours.ppl:.4f}, transformers on {label} {theirs.ppl:.4f}, ratio "
+                f"{theirs.ppl / ours.ppl:.5f}; KL(transformers || qrun) {ours.kl:.2e}, top-1 agreement "
+                f"{ours.top1:.4f}")
+        if ref is not None:
+            line += f"; KL(on the qbin's weights || on the folder) {theirs.kl:.2e}"
+        print(line + f" ({windows} windows)")
 
 
 @click.command()
@@ -74,12 +87,14 @@ def compare(qbin: Path, folder: Path, dequantize: bool, threads: int, label: str
               envvar="QFORMAT_SMOLLM2", help="HF checkpoint folder to convert and export (default: $QFORMAT_SMOLLM2).")
 @click.option("--peer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A quantized HF folder written by a peer, to import instead.")
+@click.option("--qbin", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Export this qbin (converted from --model) instead of converting.")
 @click.option("--scheme", default="int4-g64-sym", show_default=True)
 @click.option("--static-groups/--no-static-groups", default=True, show_default=True)
 @click.option("--calib", default="mix", show_default=True)
 @click.option("--calib-samples", default=128, show_default=True)
 @click.option("--threads", default=2, show_default=True)
-def main(model: Path | None, peer: Path | None, scheme: str, static_groups: bool, calib: str, calib_samples: int,
+def main(model: Path | None, peer: Path | None, qbin: Path | None, scheme: str, static_groups: bool, calib: str, calib_samples: int,
          threads: int) -> None:
     """Export and compare with transformers, or import a peer's folder and compare."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,17 +104,20 @@ def main(model: Path | None, peer: Path | None, scheme: str, static_groups: bool
             report = import_hf_quantized(peer, tmp / "peer.qbin")
             print(f"import {peer.name}: {time.perf_counter() - started:.1f} s; " + "; ".join(report.notes))
             asym = any("zeros" in QbinReader(tmp / "peer.qbin")[n].arrays for n in QbinReader(tmp / "peer.qbin").names())
-            compare(tmp / "peer.qbin", peer, asym, threads, f"the {peer.name} folder")
+            compare(tmp / "peer.qbin", peer, asym, threads, f"the {peer.name} folder", None)
             return
         if model is None:
             raise click.UsageError("give --model (or $QFORMAT_SMOLLM2) or --peer")
-        qbin = tmp / "m.qbin"
-        started = time.perf_counter()
-        report = convert(model, qbin, scheme, method="gptq", calib=calib, calib_samples=calib_samples, act_order=True,
-                         static_groups=static_groups, head="f16" if scheme.endswith("-sym") else "auto",
-                         progress=False)
-        print(f"convert (gptq act-order{' static groups' if static_groups else ''} {scheme}): "
-              f"{time.perf_counter() - started:.0f} s, {report.file_size / 1e6:.2f} MB")
+        if qbin is None:
+            qbin = tmp / "m.qbin"
+            started = time.perf_counter()
+            # transformers' dequantize path (asymmetric folders) reads one config group: keep the head in float
+            report = convert(model, qbin, scheme, method="gptq", calib=calib, calib_samples=calib_samples,
+                             act_order=True, static_groups=static_groups,
+                             head="auto" if scheme.endswith("-sym") else "f16", progress=False)
+            print(f"convert (gptq act-order{' static groups' if static_groups else ''} {scheme}): "
+                  f"{time.perf_counter() - started:.0f} s, {report.file_size / 1e6:.2f} MB")
+        asym = any("zeros" in QbinReader(qbin)[n].arrays for n in QbinReader(qbin).names())
         for layout in ("compressed-tensors", "gptq"):
             started = time.perf_counter()
             exported = export_hf(qbin, tmp / layout, layout, fold=layout == "compressed-tensors" and not static_groups)
@@ -107,8 +125,7 @@ def main(model: Path | None, peer: Path | None, scheme: str, static_groups: bool
             import_hf_quantized(tmp / layout, tmp / f"{layout}.qbin")
             print(f"{layout}: {seconds:.1f} s; " + exported.summary().replace("\n", "; ")
                   + f"; re-imported weights identical: {identical_weights(qbin, tmp / f'{layout}.qbin')}")
-        compare(qbin, tmp / "compressed-tensors", not scheme.endswith("-sym"), threads,
-                "the compressed-tensors export")
+        compare(qbin, tmp / "compressed-tensors", asym, threads, "the compressed-tensors export", model)
 
 
 if __name__ == "__main__":

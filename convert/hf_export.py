@@ -356,8 +356,9 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, layout: str, *, fo
     groups: dict[Grid, list[str]] = {}
     for name, g in grids.items():
         groups.setdefault(g, []).append(hf_names[name].removesuffix(".weight"))
-    linears = {hf_names[n].removesuffix(".weight") for n in tensors
-               if T.parse_name(n)[0].role in ("linear", "head")}
+    # a tied model has no head tensor, but transformers builds an lm_head Linear all the same
+    linears = {hf_names[n].removesuffix(".weight") for n in tensors if T.parse_name(n)[0].role == "linear"}
+    linears.add(_RULES[T.OUTPUT].hf_name().removesuffix(".weight"))
     config["quantization_config"] = target.config(groups, linears)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))

@@ -181,6 +181,18 @@ def test_compressed_tensors_export_loads_in_transformers(qbins, ckpt, tmp_path, 
     assert (tmp_path / "ct" / "tokenizer.json").is_file() and (tmp_path / "ct" / "generation_config.json").is_file()
 
 
+def test_tied_model_exports_with_its_head_in_float(tmp_path):
+    """A tied model's head is the (float16) embedding: "Linear" targets must not take lm_head."""
+    folder = make_tiny_checkpoint(tmp_path / "tied", tied=True, seed=6, config_overrides=DIMS)
+    convert(folder, tmp_path / "t.qbin", "int4-g32-sym")
+    export_hf(tmp_path / "t.qbin", tmp_path / "ct", "compressed-tensors")
+    q = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert q["ignore"] == ["lm_head"] and q["config_groups"]["group_0"]["targets"] == ["Linear"]
+    want = _transformers_logits(tmp_path / "ct")
+    got = qformat.load(tmp_path / "t.qbin").logits(IDS)
+    assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("key,layout", [("sym", "compressed-tensors"), ("asym", "compressed-tensors"),
                                         ("w8a8", "compressed-tensors"), ("int3", "compressed-tensors"),
                                         ("asym", "gptq"), ("gptq-act-order", "gptq"),
