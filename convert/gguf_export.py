@@ -109,9 +109,11 @@ def _mapping(t: Tensor) -> tuple[str, Callable[[Tensor], np.ndarray]] | str:
 
 def _tokenizer(writer, reader: QbinReader, vocab_size: int) -> None:
     info = reader.tokenizer
+    if info is not None and info.kind == "sentencepiece":
+        _sentencepiece(writer, reader.raw_bytes(info.tensor), vocab_size, info.add_bos)
+        return
     if info is None or info.kind != "hf-json":
-        raise ConvertError(f"{reader.path}: only tokenizers.json (byte-level BPE) tokenizers export to GGUF so far; "
-                           f"this file's is {info.kind if info else 'missing'}")
+        raise ConvertError(f"{reader.path}: the file has no tokenizer; GGUF export needs one")
     spec = json.loads(reader.raw_bytes(info.tensor))
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
@@ -132,6 +134,30 @@ def _tokenizer(writer, reader: QbinReader, vocab_size: int) -> None:
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     writer.add_add_bos_token(bool(info.add_bos))
+
+
+# llama.cpp's token types of a SentencePiece vocabulary, as its converter assigns them
+SP_UNKNOWN, SP_BYTE = 2, 6
+
+
+def _sentencepiece(writer, proto: bytes, vocab_size: int, add_bos: bool) -> None:
+    """A SentencePiece model as llama.cpp's converter writes one: tokenizer model "llama",
+    every piece with its score and type; ids past the model's pieces are padding."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    n = sp.get_piece_size()
+    if n > vocab_size:
+        raise ConvertError(f"the SentencePiece model has {n} pieces, more than the model's vocabulary of {vocab_size}")
+    types = [SP_UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else SP_BYTE if sp.is_byte(i)
+             else UNUSED if sp.is_unused(i) else NORMAL for i in range(n)]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)] + [f"[PAD{i}]" for i in range(n, vocab_size)])
+    writer.add_token_scores([float(sp.get_score(i)) for i in range(n)] + [-1000.0] * (vocab_size - n))
+    writer.add_token_types(types + [UNUSED] * (vocab_size - n))
+    writer.add_add_bos_token(bool(add_bos))
+    if sp.unk_id() >= 0:
+        writer.add_unk_token_id(sp.unk_id())
 
 
 # ---------------------------------------------------------------------------- export

@@ -360,3 +360,12 @@ def test_sentencepiece_gguf_tokenizer_encodes_as_the_model(tmp_path):
     texts = training_text(1)[:12] + ["Hello world, numbers 1234 and ünïcode ☃ bytes.", "two  spaces\nand a newline"]
     for text in texts:
         assert tok.encode(text, add_bos=True) == [sp.bos_id()] + sp.encode(text), text
+    # and back: a qbin holding the SentencePiece model itself exports as llama.cpp's converter writes it
+    convert(folder, tmp_path / "sp.qbin", "int4-g32-sym", head="f16", embed="f16")
+    export_gguf(tmp_path / "sp.qbin", tmp_path / "back.gguf")
+    meta = gguf.GGUFReader(tmp_path / "back.gguf")
+    assert meta.get_field("tokenizer.ggml.model").contents() == "llama"
+    import_gguf(tmp_path / "back.gguf", tmp_path / "back.qbin")
+    tok = qformat.load(tmp_path / "back.qbin").tokenizer
+    for text in texts:
+        assert tok.encode(text, add_bos=True) == [sp.bos_id()] + sp.encode(text), text
