@@ -31,6 +31,7 @@ import qformat  # noqa: E402
 from qformat.convert import convert, export_hf, import_hf_quantized  # noqa: E402
 from qformat.corpus import eval_text  # noqa: E402
 from qformat.reader import QbinReader  # noqa: E402
+from qformat.schemes import QUANT_KINDS  # noqa: E402
 from qformat.runtime.evaluate import perplexity  # noqa: E402
 
 
@@ -52,7 +53,7 @@ class TransformersLogits:
 def identical_weights(a: Path, b: Path) -> bool:
     ra, rb = QbinReader(a), QbinReader(b)
     return all(np.array_equal(ra[n].dequantize(), rb[n].dequantize()) for n in ra.names()
-               if ra[n].kind in ("q8", "q4", "q3", "q2", "q5", "q6") and n != "tok_embeddings")
+               if ra[n].kind in QUANT_KINDS and n != "tok_embeddings")
 
 
 def compare(qbin: Path, folder: Path, dequantize: bool, threads: int, label: str, model_dir: Path | None) -> None:

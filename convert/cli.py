@@ -211,33 +211,30 @@ def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:
 GGUF_OPTIONS = ("scheme", "force")
 
 
-def _import_gguf(ctx: click.Context, src: str, dst: str, fields: dict) -> None:
+def _import_as_is(ctx: click.Context, src: str, fields: dict, allowed: tuple[str, ...], what: str, run) -> None:
+    """Import a file that is already quantized with run(command); options outside `allowed`
+    need float weights and are refused."""
     given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-    extra = [name for name in fields if name not in GGUF_OPTIONS and ctx.get_parameter_source(name) in given]
+    extra = [name for name in fields if name not in allowed and ctx.get_parameter_source(name) in given]
     if extra:
-        raise InputError(f"{src} is a GGUF file: it is imported as it is (tensors without a qbin layout "
-                         f"requantized with --scheme); --{extra[0].replace('_', '-')} needs the Hugging Face "
-                         "checkpoint instead")
+        raise InputError(f"{src} {what}; --{extra[0].replace('_', '-')} needs the Hugging Face checkpoint instead")
     try:
-        report = import_gguf(src, dst, fields["scheme"], force=fields["force"],
-                             command=shlex.join((ctx.obj or {}).get("argv", ["qconvert"])))
+        report = run(shlex.join((ctx.obj or {}).get("argv", ["qconvert"])))
     except (ValueError, OSError) as e:
         raise InputError(str(e)) from None
     click.echo(report.summary())
+
+
+def _import_gguf(ctx: click.Context, src: str, dst: str, fields: dict) -> None:
+    _import_as_is(ctx, src, fields, GGUF_OPTIONS, "is a GGUF file: it is imported as it is (tensors without a qbin "
+                  "layout requantized with --scheme)",
+                  lambda command: import_gguf(src, dst, fields["scheme"], force=fields["force"], command=command))
 
 
 def _import_quantized(ctx: click.Context, src: str, dst: str, fields: dict) -> None:
-    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-    extra = [name for name in fields if name != "force" and ctx.get_parameter_source(name) in given]
-    if extra:
-        raise InputError(f"{src} is already quantized ({quant_method(Path(src))}): it is imported as it is; "
-                         f"--{extra[0].replace('_', '-')} needs the unquantized checkpoint instead")
-    try:
-        report = import_hf_quantized(src, dst, force=fields["force"],
-                                     command=shlex.join((ctx.obj or {}).get("argv", ["qconvert"])))
-    except (ValueError, OSError) as e:
-        raise InputError(str(e)) from None
-    click.echo(report.summary())
+    _import_as_is(ctx, src, fields, ("force",), f"is already quantized ({quant_method(Path(src))}): it is imported "
+                  "as it is",
+                  lambda command: import_hf_quantized(src, dst, force=fields["force"], command=command))
 
 
 EXPORTS = ("gguf", *LAYOUTS)

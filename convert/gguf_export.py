@@ -25,7 +25,7 @@ from qformat.reader import QbinReader
 from qformat.schemes import FILE_KINDS, Tensor
 
 from .gguf_import import BYTE_LEVEL_PRE, CONTROL, GGUF_ARCHS, GROUP, USER_DEFINED, tensor_names, unpermute_rows
-from .plan import ConvertError
+from .plan import ConvertError, weight_tensors
 
 NORMAL, UNUSED = 1, 5  # tokenizer.ggml.token_type of ordinary and padding entries
 
@@ -204,14 +204,7 @@ def export_gguf(src: str | Path, dst: str | Path, requantize: str | None = None,
         _metadata(w, reader, args)
         _tokenizer(w, reader, args.vocab_size)
         gguf_names = tensor_names()
-        for name in reader.names():
-            t = reader[name]
-            if t.kind in FILE_KINDS:
-                continue
-            parsed = T.parse_name(name)
-            if parsed is None:
-                raise ConvertError(f"{src}: tensor {name!r} is not one a GGUF model holds")
-            entry, layer = parsed
+        for t, entry, layer in weight_tensors(reader, "GGUF"):
             data, qtype = _encode(t, target, report, gguf)
             if arch.permuted_qk and entry in (T.ATTN_Q, T.ATTN_K):
                 heads = args.n_heads if entry is T.ATTN_Q else args.n_kv_heads

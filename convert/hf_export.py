@@ -32,12 +32,12 @@ import numpy as np
 from qformat import tensors as T
 from qformat.packing import unpack_codes
 from qformat.reader import QbinReader
-from qformat.schemes import FILE_KINDS, KINDS, QUANT_KINDS, Tensor, quantize_rtn
+from qformat.schemes import KINDS, QUANT_KINDS, Tensor, quantize_rtn
 
 from .architectures import TENSOR_MAP
 from .hf_config import hf_config_of
 from .hf_packing import pack_int32
-from .plan import ConvertError
+from .plan import ConvertError, weight_tensors
 
 
 @dataclass(frozen=True)
@@ -278,10 +278,6 @@ def _fold(t: Tensor, layout: Layout) -> tuple[Tensor, Grid, float]:
     return folded, grid, err
 
 
-def _float16(t: Tensor) -> np.ndarray:
-    return t.dequantize().astype(np.float16)
-
-
 def export_hf(src: str | os.PathLike, dst: str | os.PathLike, layout: str, *, fold: bool = False,
               force: bool = False) -> HfExportReport:
     """Write the qbin `src` as the Hugging Face folder `dst` in `layout` ("compressed-tensors" or
@@ -309,15 +305,13 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, layout: str, *, fo
     grids: dict[str, Grid] = {}
     refused: list[str] = []
     hf_names: dict[str, str] = {}
-    for name in reader.names():
-        t = reader[name]
-        if t.kind in FILE_KINDS:
-            continue
-        parsed = T.parse_name(name)
-        if parsed is None:
-            raise ConvertError(f"{src}: tensor {name!r} has no Hugging Face name")
-        entry, layer = parsed
+    # every Linear transformers builds; a tied model has no head tensor but an lm_head all the same
+    linears = {_RULES[T.OUTPUT].hf_name().removesuffix(".weight")}
+    for t, entry, layer in weight_tensors(reader, "Hugging Face"):
+        name = t.name
         hf_names[name] = _RULES[entry].hf_name(layer)
+        if entry.role == "linear":
+            linears.add(hf_names[name].removesuffix(".weight"))
         tensors[name] = t
         if t.kind not in QUANT_KINDS:
             continue
@@ -348,7 +342,7 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, layout: str, *, fo
             for suffix, a in target.encode(t, grids[name]).items():
                 state[f"{module}.{suffix}"] = torch.from_numpy(np.array(a))
         elif t.kind in QUANT_KINDS:
-            state[hf] = torch.from_numpy(_float16(t))
+            state[hf] = torch.from_numpy(t.dequantize().astype(np.float16))
         elif t.kind == "bf16":
             state[hf] = torch.from_numpy(np.ascontiguousarray(t.arrays["data"]).view(np.int16)).view(torch.bfloat16)
         else:
@@ -356,9 +350,6 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, layout: str, *, fo
     groups: dict[Grid, list[str]] = {}
     for name, g in grids.items():
         groups.setdefault(g, []).append(hf_names[name].removesuffix(".weight"))
-    # a tied model has no head tensor, but transformers builds an lm_head Linear all the same
-    linears = {hf_names[n].removesuffix(".weight") for n in tensors if T.parse_name(n)[0].role == "linear"}
-    linears.add(_RULES[T.OUTPUT].hf_name().removesuffix(".weight"))
     config["quantization_config"] = target.config(groups, linears)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))

@@ -12,7 +12,7 @@ from qformat import tensors as T
 from qformat.config import ModelArgs
 from qformat.constants import ALIGNMENT, DTYPES
 from qformat.packing import row_nbytes
-from qformat.schemes import KINDS, Scheme, parse_scheme
+from qformat.schemes import FILE_KINDS, KINDS, Scheme, parse_scheme
 
 from .architectures import IGNORED_HF_TENSORS, Architecture, tensor_rules
 from .checkpoint import Checkpoint
@@ -23,6 +23,20 @@ from .prune import parse_pattern
 
 class ConvertError(ValueError):
     """A conversion request that cannot be carried out; the message is one line with the fix."""
+
+
+def weight_tensors(reader, target: str):
+    """(tensor, entry, layer) of every tensor of a qbin file but its files (the tokenizer), for
+    an export to `target`; a name outside the tensor name table (qformat.tensors) has no name
+    there and is a ConvertError."""
+    for name in reader.names():
+        t = reader[name]
+        if t.kind in FILE_KINDS:
+            continue
+        parsed = T.parse_name(name)
+        if parsed is None:
+            raise ConvertError(f"{reader.path}: tensor {name!r} has no {target} name")
+        yield t, *parsed
 
 
 @dataclass(frozen=True)
