@@ -29,12 +29,16 @@ from .groupquant import fake_quant
 from .sensitivity import Sensitivity
 
 # The candidates every quantizable tensor may take by default: each has a decode GEMV on int8
-# activations (or q8's float one) on the VNNI path. Groups of 32 are left out because only q4
-# has a fast kernel for them (the other widths measured ~1 ms for 1536x576, 10x their bytes'
-# worth); pass them with --candidates to include them anyway.
-DEFAULT_CANDIDATES = ("int2-g64", "int2-g128", "int3-g64", "int3-g128", "int4-g64", "int4-g128", "int5-g64",
-                      "int5-g128", "int6-g64", "int6-g128", "int8")
-
+# activations (or q8's float one) on the VNNI path. Groups of 32 only for q4, the one width with
+# a fast kernel for them (the others measured ~1 ms for 1536x576, 10x their bytes' worth); pass
+# them with --candidates to include them anyway. Up to 5 bits the grouped ones store log-coded
+# 8-bit scales ("-dq", spec §4.3): 8 bits per group less than float16 scales for +0.1-0.8% of
+# RTN's squared weight error on SmolLM2 at 2-4 bits and +1.7% at int5-g64
+# (bench/bench_log_scales.py), a fraction of what the bits saved buy elsewhere. int6 feels the
+# grid's steps more (+6.9% at g64), so it comes both ways and the allocator weighs the two.
+DEFAULT_CANDIDATES = ("int2-g64-dq", "int2-g128-dq", "int3-g64-dq", "int3-g128-dq", "int4-g32-dq", "int4-g64-dq",
+                      "int4-g128-dq", "int5-g64-dq", "int5-g128-dq", "int6-g64", "int6-g64-dq", "int6-g128",
+                      "int6-g128-dq", "int8")
 
 @dataclass(frozen=True)
 class Choice:

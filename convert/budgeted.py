@@ -92,8 +92,9 @@ def allocate_plan(ckpt, args, planned: list, calibration, options, provenance: P
 def head_store(sens: sensitivity.Sensitivity, options, store):
     """`store(name, w, scheme, clip_search=...)` with the embedding and the head quantized on the
     head's input Gram matrix: by importance-weighted rounding with --method imatrix, else by
-    GPTQ (AWQ's scales cannot fold into a tied embedding; rtn keeps round-to-nearest). No
-    act-order: a permutation would cost the lookup a gather per row."""
+    GPTQ (AWQ's scales cannot fold into a tied embedding; rtn keeps round-to-nearest). GPTQ's
+    act-order (with --act-order) runs with static groups: a stored permutation would cost the
+    lookup a gather per row, static groups store none."""
 
     def store_weight(name: str, w, scheme, *, clip_search: bool):
         st = sens.stats.get(name)
@@ -104,8 +105,8 @@ def head_store(sens: sensitivity.Sensitivity, options, store):
         if options.method == "imatrix":
             t, _ = imatrix_tensor(name, wt, torch.diagonal(gram), scheme)
         else:
-            res = gptq_quantize(wt, gram, scheme, damp=options.damp, block=options.block, act_order=False,
-                                clip_search=clip_search)
+            res = gptq_quantize(wt, gram, scheme, damp=options.damp, block=options.block, act_order=options.act_order,
+                                clip_search=clip_search, static_groups=True)
             t = res.tensor(name, scheme)
         return t, weight_stats(t, wt.numpy(), scheme, QuantStats)
 

@@ -93,7 +93,8 @@ SPECIAL_HELP = (
 @click.argument("dst", metavar="OUT.qbin", type=click.Path(path_type=str))
 @click.option("--scheme", "-s", default=None, callback=_check_scheme,
               help=f"Quantization scheme: {', '.join(SCHEME_NAMES)}; int2/3/4 are asymmetric unless "
-                   "suffixed -sym; groups run along the input dimension and need not divide it.")
+                   "suffixed -sym; groups run along the input dimension and need not divide it; a -dq suffix "
+                   "(int4-g64-dq) stores 8-bit log-coded scales instead of float16 (spec §4.3).")
 @click.option("--head", type=click.Choice(SPECIAL_CHOICES), default="auto", show_default=True,
               help="Format of the LM head. " + SPECIAL_HELP)
 @click.option("--embed", type=click.Choice(SPECIAL_CHOICES), default="auto", show_default=True,
@@ -121,12 +122,14 @@ SPECIAL_HELP = (
               help="GPTQ/SparseGPT dampening, a fraction of the Hessian's mean diagonal (0.03: best of 0.01, "
                    "0.03, 0.1 in both domains on SmolLM2, see README).")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
-              help="GPTQ: quantize columns by decreasing activation energy, stored with a column permutation "
-                   "(SmolLM2-135M int4-g64: ppl 15.05 with it, see bench/bench_quality.py).")
-@click.option("--static-groups", is_flag=True,
+              help="GPTQ: quantize columns by decreasing activation energy (with static groups, or a stored "
+                   "column permutation where those do not combine; see bench/bench_quality.py).")
+@click.option("--static-groups/--no-static-groups", default=None,
               help="GPTQ: fix each group's scale and zero-point from the unquantized weights in input order "
                    "(AutoGPTQ's static_groups, llm-compressor's actorder=weight), so act-order stores no "
-                   "permutation and the file exports exactly to GGUF (at g32) and compressed-tensors.")
+                   "permutation and the file exports exactly to GGUF (at g32) and compressed-tensors. Default: "
+                   "on wherever it combines (not with --prune, --outliers, --outlier-threshold); better than "
+                   "the permutation on both corpora of the README's measurements.")
 @click.option("--prune", metavar="PATTERN", callback=_check_prune,
               help="Prune every decoder projection (never embeddings, head, norms): 2:4 or 4:8 (n of every m "
                    "input columns kept, stored compressed in quantized schemes: 2:4 int4-g64 is 3.4 bits/weight "

@@ -15,7 +15,7 @@ import torch
 
 from qformat.constants import NF4_LEVELS
 from qformat.packing import pack_codes
-from qformat.schemes import KINDS, Scheme, Tensor, compress_nm
+from qformat.schemes import KINDS, Scheme, Tensor, compress_nm, encode_log_scales, log_scale
 
 _F16_TINY = 2.0**-24  # smallest positive float16, as qformat.schemes.f16_scale
 _F16_MAX = 65504.0
@@ -41,6 +41,14 @@ def f16_scale(s: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(s).clamp(_F16_TINY, _F16_MAX).to(torch.float16).to(torch.float32)
 
 
+def stored_scale(s: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """A float32 scale rounded to what `scheme` stores, back as float32: float16, or the log grid
+    of spec §4.3 for a "-dq" scheme (qformat.schemes.log_scale itself, so the two agree bit for bit)."""
+    if not scheme.log_scales:
+        return f16_scale(s)
+    return torch.from_numpy(log_scale(s.detach().cpu().numpy()).astype(np.float32)).to(s.device)
+
+
 def is_nf4(scheme: Scheme) -> bool:
     return KINDS[scheme.kind].nf4
 
@@ -58,15 +66,15 @@ def group_params(w: torch.Tensor, scheme: Scheme, ratio: torch.Tensor | float = 
     if r.ndim:
         r = r[..., None]
     if is_nf4(scheme):
-        scale = f16_scale(w.abs().amax(-1, keepdim=True) * r)
+        scale = stored_scale(w.abs().amax(-1, keepdim=True) * r, scheme)
         return scale, torch.zeros_like(scale)
     top = qmax(scheme)
     if scheme.symmetric:
-        scale = f16_scale(2.0 * (w.abs().amax(-1, keepdim=True) * r) / top)
+        scale = stored_scale(2.0 * (w.abs().amax(-1, keepdim=True) * r) / top, scheme)
         return scale, torch.full_like(scale, float(1 << (KINDS[scheme.kind].bits - 1)))
     lo = torch.clamp(w.amin(-1, keepdim=True), max=0.0) * r
     hi = torch.clamp(w.amax(-1, keepdim=True), min=0.0) * r
-    scale = f16_scale((hi - lo) / top)
+    scale = stored_scale((hi - lo) / top, scheme)
     zero = torch.clamp(torch.round(-lo / scale), 0, top)
     return scale, zero
 
@@ -101,14 +109,16 @@ def fake_quant(w: torch.Tensor, scheme: Scheme, ratio: torch.Tensor | float = 1.
 def to_tensor(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: Scheme,
               perm: np.ndarray | None = None) -> Tensor:
     """The stored Tensor from codes (rows, k) in stored column order and per-group (rows, n_groups)
-    scales (float16-exact float32) and zero-points; perm: stored column j is input channel perm[j]."""
+    scales (as `scheme` stores them: stored_scale) and zero-points; perm: stored column j is input
+    channel perm[j]."""
     rows, k = codes.shape
     group = scheme.group_for(k)
     kind = KINDS[scheme.kind]
-    arrays = {
-        "codes": pack_codes(codes.cpu().numpy().astype(np.uint8), group, kind.bits),
-        "scales": scales.cpu().numpy().astype(np.float16),
-    }
+    arrays = {"codes": pack_codes(codes.cpu().numpy().astype(np.uint8), group, kind.bits)}
+    if scheme.log_scales:
+        arrays["scales"], arrays["scale_exp"] = encode_log_scales(scales.cpu().numpy())
+    else:
+        arrays["scales"] = scales.cpu().numpy().astype(np.float16)
     if not scheme.symmetric and not kind.nf4:
         arrays["zeros"] = zeros.cpu().numpy().astype(np.uint8)
     if perm is not None:

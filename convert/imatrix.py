@@ -19,19 +19,20 @@ import torch
 
 from qformat.schemes import Scheme, Tensor
 
-from .groupquant import CLIP_GRID, codes_of, dequant, f16_scale, group_params, is_nf4, to_tensor
+from .groupquant import CLIP_GRID, codes_of, dequant, group_params, is_nf4, stored_scale, to_tensor
 from .outliers import KeepOptions
 
 # Rows per block of the search: bounds its working set (grid candidates of a block of groups).
 ROWS_PER_BLOCK = 4096
 
 
-def _refit(x: torch.Tensor, a: torch.Tensor, q: torch.Tensor, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The float16 scale minimizing Σ a (x − s (q − z))² for fixed codes; s where that is undefined."""
+def _refit(x: torch.Tensor, a: torch.Tensor, q: torch.Tensor, z: torch.Tensor, s: torch.Tensor,
+           scheme: Scheme) -> torch.Tensor:
+    """The stored scale minimizing Σ a (x − s (q − z))² for fixed codes; s where that is undefined."""
     d = q - z
     den = (a * d * d).sum(-1, keepdim=True)
     fit = (a * x * d).sum(-1, keepdim=True) / den.clamp_min(1e-30)
-    return torch.where((den > 0) & (fit > 0), f16_scale(fit), s)
+    return torch.where((den > 0) & (fit > 0), stored_scale(fit, scheme), s)
 
 
 def search_group(x: torch.Tensor, a: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +45,7 @@ def search_group(x: torch.Tensor, a: torch.Tensor, scheme: Scheme) -> tuple[torc
             if scale is None:  # the refit of this candidate
                 if is_nf4(scheme):
                     continue
-                scale = _refit(x, a, codes_of(x, s, z, scheme), z, s)
+                scale = _refit(x, a, codes_of(x, s, z, scheme), z, s, scheme)
             err = (a * (dequant(codes_of(x, scale, z, scheme), scale, z, scheme) - x) ** 2).sum(-1)
             if best is None:
                 best, best_s, best_z = err, scale, z

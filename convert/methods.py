@@ -36,7 +36,7 @@ class Method:
 
 def _gptq(o, clip: bool) -> GptqMethod:
     return GptqMethod(damp=o.damp, block=o.block, act_order=o.gptq_act_order, clip_search=clip, keep=o.keep,
-                      static_groups=o.static_groups)
+                      static_groups=o.gptq_static_groups)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -48,7 +48,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # GPTQ: one sweep prunes and quantizes, each compensating the other (SparseGPT)
     Method("gptq", calibrated=True, clip_search=True, prune_method="sparsegpt", prunes=True, smooths=True,
            describe=lambda o: (f"gptq(damp={o.damp}, block={o.block}, act_order={o.gptq_act_order}, "
-                               + ("static_groups=True, " if o.static_groups else "") +
+                               + ("static_groups=True, " if o.gptq_static_groups else "") +
                                f"calib={o.calib_name}, {o.calib_samples}x{o.calib_seqlen})"),
            names_calibration=True, layer=_gptq),
     # AWQ: its scales are searched on the dense weights and folded into the norms, so neither

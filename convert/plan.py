@@ -69,7 +69,10 @@ def planned_arrays(shape: tuple[int, ...], scheme: Scheme, sidecars: SidecarPlan
         index = [("sparse_index", "u8", (rows, -(-kept * (2 if m == 4 else 4) // 8)))]
     else:
         out, index = [("codes", "u8", (rows, row_nbytes(k, group, kind.bits)))], []
-    out.append(("scales", "f16", (rows, n_groups)))
+    if scheme.log_scales:  # spec §4.3: 8-bit codes and the tensor's exponent
+        out += [("scales", "u8", (rows, n_groups)), ("scale_exp", "i32", (1,))]
+    else:
+        out.append(("scales", "f16", (rows, n_groups)))
     if not scheme.symmetric and not kind.nf4:
         out.append(("zeros", "u8", (rows, n_groups)))
     out += index
@@ -113,7 +116,7 @@ def planned_sidecars(p: PlannedTensor, options: ConvertOptions, pruned: bool) ->
         return None  # float tensors store pruned zeros densely; embeddings and head get no sidecars
     pattern = parse_pattern(options.prune) if pruned else None
     nm = (pattern.n, pattern.m) if pattern is not None and pattern.structured else None
-    perm = options.method == "gptq" and options.gptq_act_order and not options.static_groups
+    perm = options.method == "gptq" and options.gptq_act_order and not options.gptq_static_groups
     return SidecarPlan(nm=nm, perm=perm, outliers=options.keep.fraction)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qformat.constants import NF4_LEVELS
-from qformat.schemes import KINDS, Scheme, Tensor, f16_scale
+from qformat.schemes import KINDS, Scheme, Tensor, code_log_scales, expand_log_scales, f16_scale, log_scale
 
 # 1.0 first: on ties the widest range (plain min/max) wins.
 CLIP_GRID = np.linspace(1.0, 0.5, 21, dtype=np.float32)
@@ -54,10 +54,11 @@ class QuantStats:
         return self.sq_err_minmax / self.sq_weight if self.sq_weight > 0 else 0.0
 
 
-def _f16(x: np.ndarray) -> np.ndarray:
-    """float32 scale -> the core's stored float16 scale, as float32. The core's own rounding rule
-    is used (not a copy) so that the search measures exactly what will be stored."""
-    return f16_scale(x).astype(np.float32)
+def _stored(x: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """float32 scale -> the scale `scheme` stores (float16, or the log grid of "-dq"), as float32.
+    The core's own rounding rule is used (not a copy) so that the search measures exactly what
+    will be stored."""
+    return (log_scale(x) if scheme.log_scales else f16_scale(x)).astype(np.float32)
 
 
 # Nearest NF4 level through a lookup table: x in [-1, 1] falls in one of _NF4_BINS equal bins;
@@ -91,18 +92,18 @@ def group_errors(g: np.ndarray, scheme: Scheme, ratio: float) -> np.ndarray:
     """Sum of squared dequantization errors per group, g (rows, groups, G) with no padding."""
     r = np.float32(ratio)
     if KINDS[scheme.kind].nf4:
-        scale = _f16(np.abs(g).max(axis=2) * r)[:, :, None]
+        scale = _stored(np.abs(g).max(axis=2) * r, scheme)[:, :, None]
         deq = NF4_LEVELS[nf4_codes(g / scale)] * scale
     else:
         bits = KINDS[scheme.kind].bits
         qmax = (1 << bits) - 1
         if scheme.symmetric:
-            scale = _f16(2.0 * (np.abs(g).max(axis=2) * r) / qmax)
+            scale = _stored(2.0 * (np.abs(g).max(axis=2) * r) / qmax, scheme)
             zero = np.float32(1 << (bits - 1))
         else:
             lo = np.minimum(g.min(axis=2), 0.0) * r
             hi = np.maximum(g.max(axis=2), 0.0) * r
-            scale = _f16((hi - lo) / qmax)
+            scale = _stored((hi - lo) / qmax, scheme)
             zero = np.clip(np.round(-lo / scale), 0, qmax)[:, :, None]
         scale = scale[:, :, None]
         q = np.round(g / scale)
@@ -161,7 +162,8 @@ def quantize_weight(name: str, w, scheme: Scheme, *, clip_search: bool = True) -
     w: a float array, or anything with `.shape` whose row slices `w[a:b]` are float arrays
     (checkpoint.LazyRows reads them from disk on demand). Rows are independent in every scheme,
     so the arrays of consecutive row blocks, written into preallocated outputs, are exactly the
-    tensor a single call would produce, at a fraction of the memory.
+    tensor a single call would produce, at a fraction of the memory (log-coded scales are joined
+    as their values and coded once, under the whole tensor's exponent).
     """
     rows, k = w.shape
     step = max(1, BLOCK_ELEMENTS // max(k, 1))
@@ -180,10 +182,13 @@ def quantize_weight(name: str, w, scheme: Scheme, *, clip_search: bool = True) -
         sq_err += sum_sq(err)
         sq_plain += float(plain.sum(dtype=np.float64))
         sq_w += sum_sq(block)
+        t = expand_log_scales(t)
         if first is None:
             first = t
             arrays = {role: np.empty((rows, *a.shape[1:]), a.dtype) for role, a in t.arrays.items()}
         for role, a in t.arrays.items():
             arrays[role][start : start + a.shape[0]] = a
     tensor = Tensor(name, first.kind, (rows, k), arrays, first.group_size, first.symmetric)
+    if scheme.log_scales:
+        tensor = code_log_scales(tensor)
     return tensor, QuantStats(rows * k, sq_w, sq_plain, sq_err)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qformat.schemes import Tensor
+from qformat.schemes import Tensor, group_scales
 
 from .layouts import A8, NM, form_of, q8act, w8a8_static
 
@@ -113,6 +113,7 @@ def gemv_q8act_reference(t: Tensor, x: np.ndarray, act_group: int | None = None)
     bits = KINDS[t.kind].bits
     x = np.asarray(x, np.float32)
     q, d = quantize_activations(dense_input(a, x), act_group)
+    scales = group_scales(t)
     codes = unpack_codes(np.asarray(a["codes"]), k, group, bits).astype(np.int64)  # (rows, k)
     n_groups = -(-k // group)
     z = (np.asarray(a["zeros"], np.int64) if "zeros" in a
@@ -124,7 +125,7 @@ def gemv_q8act_reference(t: Tensor, x: np.ndarray, act_group: int | None = None)
         sel = cols == ga
         g = ga * act_group // group
         dots = (codes[:, sel] - z[:, g:g + 1]) @ q[sel]  # exact integers
-        out += np.asarray(a["scales"][:, g], np.float64) * np.float64(d[ga]) * dots
+        out += np.asarray(scales[:, g], np.float64) * np.float64(d[ga]) * dots
         if "offsets" in a:  # spec §4.2: o times the sum of the same rounded activations
             out += np.asarray(a["offsets"][:, g], np.float64) * np.float64(d[ga]) * q[sel].sum()
     return _add_sidecars(a, x, out).astype(np.float32)
@@ -175,8 +176,8 @@ def linear_w8a8(t: Tensor, x: np.ndarray) -> np.ndarray:
     static = w8a8_static(t)
     q, d = quantize_tokens(xi, float(a["act_scale"][0]) if static else None)
     kind = KINDS[t.kind]
-    dense = kind.dequantize(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items()
-                                                            if r in ("codes", "scales", "zeros", "perm", "sparse_index")},
+    dense_roles = ("codes", "scales", "scale_exp", "zeros", "perm", "sparse_index")
+    dense = kind.dequantize(Tensor(t.name, t.kind, t.shape, {r: v for r, v in a.items() if r in dense_roles},
                                    t.group_size, t.symmetric, t.sparsity))
     out = (q.astype(np.float64) * d.astype(np.float64)[:, None]) @ dense.astype(np.float64).T
     if "outlier_rowptr" in a:
@@ -207,6 +208,7 @@ def gemv_nm_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
     bits = KINDS[t.kind].bits
     x = np.asarray(x, np.float32)
     q, d = quantize_activations(dense_input(a, x), group)
+    scales = group_scales(t)
     codes = unpack_codes(np.asarray(a["codes"]), kc, gc, bits).astype(np.int64)  # (rows, kc)
     cols = (np.arange(kc) // n) * m + unpack_nm_index(np.asarray(a["sparse_index"]), kc, m)  # (rows, kc)
     n_groups = d.size
@@ -217,5 +219,5 @@ def gemv_nm_q8act_reference(t: Tensor, x: np.ndarray) -> np.ndarray:
     for g in range(n_groups):
         sel = kept_group == g
         dots = ((codes[:, sel] - z[:, g:g + 1]) * q[cols[:, sel]]).sum(axis=1)  # exact integers
-        out += np.asarray(a["scales"][:, g], np.float64) * np.float64(d[g]) * dots
+        out += np.asarray(scales[:, g], np.float64) * np.float64(d[g]) * dots
     return _add_sidecars(a, x, out).astype(np.float32)

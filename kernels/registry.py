@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from qformat.schemes import Tensor
+from qformat.schemes import Tensor, expand_log_scales
 
 from .layouts import form_of
 
@@ -65,7 +65,9 @@ def backend(device: str) -> ModuleType:
 
 
 def linear_op(device: str, tensor: Tensor) -> LinearOp:
-    """The op for `tensor` on `device`; NotImplementedError naming the layout and device if none."""
+    """The op for `tensor` on `device`; NotImplementedError naming the layout and device if none.
+    Log-coded scales (spec §4.3) run as their float16 values (QbinReader has decoded them already)."""
+    tensor = expand_log_scales(tensor)
     ops = backend(device).LINEAR_OPS
     layout = (tensor.kind, form_of(tensor))
     factory = ops.get(layout)

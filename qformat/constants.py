@@ -56,6 +56,14 @@ KIND_LAYOUTS: dict[str, int] = {
 # Packed codes: every group's stored length is its length rounded up to this many elements.
 GROUP_PAD = 8
 
+# Log-coded scales (spec §4.3): s = 2^(e − c/16) for the code c (u8) and the tensor's exponent e,
+# computed as ldexp(LOG_SCALE_FRACTIONS[c mod 16], e − c div 16) in float32, then rounded to float16.
+LOG_SCALE_STEPS = 16
+LOG_SCALE_FRACTIONS = np.array([2.0 ** (-b / LOG_SCALE_STEPS) for b in range(LOG_SCALE_STEPS)], dtype=np.float32)
+# The smallest log-coded scale a quantizer picks: float16's smallest normal number, so that every
+# stored scale decodes to a distinct float16 (subnormals have too few digits for the grid).
+LOG_SCALE_MIN = 2.0 ** -14
+
 # QLoRA's NormalFloat4 levels (Dettmers et al. 2023, bitsandbytes' table), in code order 0..15.
 NF4_LEVELS = np.array(
     [

@@ -114,6 +114,8 @@ def _check_sidecars(name: str, t: Tensor, arrays: dict[str, tuple[str, tuple[int
         (c,) = arrays["fp_cols"][1] if len(arrays["fp_cols"][1]) == 1 else (None,)
         if c is None or tuple(arrays["fp_weight"][1]) != (rows, c):
             raise ValueError(f"tensor {name!r}: fp_cols must be (C,) and fp_weight (rows, C)")
+    if ("scale_exp" in arrays) != (arrays.get("scales", ("f16",))[0] == "u8"):
+        raise ValueError(f"tensor {name!r}: log-coded scales (u8) and scale_exp go together (spec §4.3)")
     if "offsets" in arrays:
         clash = [label for label, present in (("zeros", "zeros" in arrays), ("n:m sparsity", t.sparsity is not None),
                                               ("int8 activations", t.activation is not None), ("16-bit columns", bool(fp)))

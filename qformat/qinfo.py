@@ -63,6 +63,8 @@ def scheme_of(entry: dict) -> dict:
         out["activation"] = f"int8 {entry['activation']['mode']}"
     if "offsets" in entry.get("arrays", {}):
         out["offsets"] = True  # a float minimum per group (spec §4.2), not a zero-point
+    if "scale_exp" in entry.get("arrays", {}):
+        out["log_scales"] = True  # 8-bit log-coded scales (spec §4.3)
     return out
 
 
@@ -78,6 +80,8 @@ def scheme_label(scheme: dict) -> str:
         parts.append(scheme["sparsity"])
     if "activation" in scheme:
         parts.append(f"a8-{scheme['activation'].split()[1]}")
+    if scheme.get("log_scales"):
+        parts.append("dq")
     return " ".join(parts)
 
 

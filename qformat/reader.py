@@ -14,7 +14,7 @@ from .config import GenerationDefaults, ModelArgs, Provenance, TokenizerInfo, fr
 from .constants import ALIGNMENT, DTYPES, MAGIC, MAX_HEADER_BYTES, PREAMBLE, PREAMBLE_SIZE, VERSION_MAJOR
 from .errors import QbinError
 from .layout import check_array_entry, check_sidecar_values, check_tensor, tensor_stub
-from .schemes import KINDS, BytesKind, Tensor
+from .schemes import KINDS, BytesKind, Tensor, expand_log_scales
 
 
 class QbinReader:
@@ -167,6 +167,8 @@ class QbinReader:
                 check_sidecar_values(t)
             except ValueError as e:
                 self._fail(str(e))
+            # log-coded scales (spec §4.3) are decoded once, to the float16 every kernel reads
+            t = expand_log_scales(t)
             self._tensors[name] = t
         return t
 

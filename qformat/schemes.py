@@ -7,13 +7,14 @@ fast versions against the same names in qformat.kernels.
 """
 from __future__ import annotations
 
+import dataclasses
 import lzma
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .constants import NF4_LEVELS
+from .constants import LOG_SCALE_FRACTIONS, LOG_SCALE_MIN, LOG_SCALE_STEPS, NF4_LEVELS
 from .packing import pack_codes, row_nbytes, unpack_codes
 
 
@@ -215,7 +216,8 @@ class GroupQuantKind(Kind):
         g = self.n_groups(t)
         out = {
             "codes": (("u8",), (rows, row_nbytes(kc, gc, self.bits))),
-            "scales": (("f16",), (rows, g)),
+            "scales": (("f16", "u8"), (rows, g)),  # u8: log-coded (§4.3), with scale_exp
+            "scale_exp": (("i32",), (1,)),
             "zeros": (("u8",), (rows, g)),
             "offsets": (("f16",), (rows, g)),
             "perm": (("i32",), (k,)),
@@ -249,7 +251,7 @@ class GroupQuantKind(Kind):
         rows, _ = t.shape
         kc, gc = self.stored_columns(t)
         q = unpack_codes(t.arrays["codes"], kc, gc, self.bits)
-        s = np.repeat(t.arrays["scales"].astype(np.float32), gc, axis=1)[:, :kc]
+        s = np.repeat(group_scales(t).astype(np.float32), gc, axis=1)[:, :kc]
         if self.nf4:
             return NF4_LEVELS[q] * s
         if "offsets" in t.arrays:
@@ -357,7 +359,8 @@ FLOAT_KINDS = frozenset(k for k, v in KINDS.items() if isinstance(v, FloatKind))
 
 # ---------------------------------------------------------------------------- schemes
 
-_SCHEME_RE = re.compile(r"^(?:(?P<float>f16|bf16|f32)|(?P<q>int[2-68]|nf4)(?:-g(?P<g>\d+))?(?P<sym>-sym|-asym)?)$")
+_SCHEME_RE = re.compile(
+    r"^(?:(?P<float>f16|bf16|f32)|(?P<q>int[2-68]|nf4)(?:-g(?P<g>\d+))?(?P<sym>-sym|-asym)?(?P<dq>-dq)?)$")
 _INT_KIND = {"int8": "q8", "int6": "q6", "int5": "q5", "int4": "q4", "int3": "q3", "int2": "q2", "nf4": "nf4"}
 SCHEME_NAMES = (
     "f16", "bf16", "int8", "int8-g128", "int6-g64", "int5-g64", "int4-g128", "int4-g64", "int4-g32",
@@ -376,6 +379,7 @@ class Scheme:
     group_size: int = 0
     symmetric: bool = False
     act_bits: int = 0  # 8: the layer's inputs are quantized to int8 as well (W8A8); 0: weights only
+    log_scales: bool = False  # "-dq": scales stored as 8-bit codes on a log grid (spec §4.3)
 
     @property
     def bits(self) -> int:
@@ -400,7 +404,8 @@ class Scheme:
         w = np.asarray(w, dtype=np.float32)
         if not self.quantized:
             return float_tensor(name, w, self.kind)
-        return quantize_rtn(name, w, KINDS[self.kind], self.group_for(w.shape[1]), self.symmetric, clip)
+        return quantize_rtn(name, w, KINDS[self.kind], self.group_for(w.shape[1]), self.symmetric, clip,
+                            self.log_scales)
 
 
     def quantize_nm(self, name: str, w: np.ndarray, mask: np.ndarray, n: int, m: int,
@@ -414,20 +419,22 @@ class Scheme:
         if group % m:
             raise ValueError(f"{n}:{m} sparsity needs a group size divisible by {m}, got {group}")
         values, index = compress_nm(w, mask, n, m)
-        dense = quantize_rtn(name, values, KINDS[self.kind], group * n // m, self.symmetric, clip)
+        dense = quantize_rtn(name, values, KINDS[self.kind], group * n // m, self.symmetric, clip,
+                             self.log_scales)
         return Tensor(name, self.kind, (rows, k), dict(dense.arrays, sparse_index=index), group,
                       dense.symmetric, sparsity=(n, m))
 
 
 def parse_scheme(name: str) -> Scheme:
-    """Parse a scheme name such as "int4-g64", "int4-g64-sym", "nf4-g64", "int8", "f16", "w8a8"
-    (= int8 per channel, symmetric, with int8 activations)."""
+    """Parse a scheme name such as "int4-g64", "int4-g64-sym", "int4-g64-dq" (log-coded 8-bit
+    scales, spec §4.3), "nf4-g64", "int8", "f16", "w8a8" (= int8 per channel, symmetric, with
+    int8 activations)."""
     if name.strip().lower() == W8A8:
         return Scheme(W8A8, "q8", 0, True, act_bits=8)
     m = _SCHEME_RE.match(name.strip().lower())
     if m is None:
         raise ValueError(f"unknown scheme {name!r}; known: {', '.join(SCHEME_NAMES)} "
-                         "(any intN-gG with N in 2,3,4,5,6,8, optional -sym/-asym)")
+                         "(any intN-gG with N in 2,3,4,5,6,8, optional -sym/-asym, then optional -dq)")
     if m["float"]:
         return Scheme(m["float"], m["float"])
     base = m["q"]
@@ -437,10 +444,10 @@ def parse_scheme(name: str) -> Scheme:
     if base == "nf4":
         if m["sym"]:
             raise ValueError(f"{name!r}: nf4 is symmetric by construction; drop the suffix")
-        return Scheme(name, "nf4", group, True)
+        return Scheme(name, "nf4", group, True, log_scales=bool(m["dq"]))
     # int8 defaults to symmetric (per channel, as the CLI documents); narrower widths to affine.
     symmetric = m["sym"] == "-sym" if m["sym"] else base == "int8"
-    return Scheme(name, _INT_KIND[base], group, symmetric)
+    return Scheme(name, _INT_KIND[base], group, symmetric, log_scales=bool(m["dq"]))
 
 
 def float_tensor(name: str, w: np.ndarray, kind: str) -> Tensor:
@@ -462,15 +469,17 @@ def _grouped(w: np.ndarray, group: int) -> np.ndarray:
 
 
 def quantize_rtn(name: str, w: np.ndarray, kind: GroupQuantKind, group: int, symmetric: bool,
-                 clip: np.ndarray | float = 1.0) -> Tensor:
-    """Round-to-nearest quantization of w (rows, k) into `kind` with the given group size."""
+                 clip: np.ndarray | float = 1.0, log_scales: bool = False) -> Tensor:
+    """Round-to-nearest quantization of w (rows, k) into `kind` with the given group size;
+    log_scales: scales on the log grid of spec §4.3, stored as 8-bit codes."""
     rows, k = w.shape
     g = _grouped(w, group)
     clip = np.asarray(clip, dtype=np.float32)
     arrays: dict[str, np.ndarray] = {}
+    to_scale = log_scale if log_scales else f16_scale
     if kind.nf4:
         amax = np.nanmax(np.abs(g), axis=2) * clip
-        scale = f16_scale(amax)
+        scale = to_scale(amax)
         x = g / scale.astype(np.float32)[:, :, None]
         # nearest level: the levels are sorted, so compare against the midpoints between them
         codes = np.searchsorted(_NF4_MIDPOINTS, np.nan_to_num(x)).astype(np.uint8)
@@ -478,19 +487,22 @@ def quantize_rtn(name: str, w: np.ndarray, kind: GroupQuantKind, group: int, sym
         qmax = (1 << kind.bits) - 1
         if symmetric:
             amax = np.nanmax(np.abs(g), axis=2) * clip
-            scale = f16_scale(2.0 * amax / qmax)
+            scale = to_scale(2.0 * amax / qmax)
             zero = np.full(scale.shape, 1 << (kind.bits - 1), np.float32)
         else:
             lo = np.minimum(np.nanmin(g, axis=2), 0.0) * clip
             hi = np.maximum(np.nanmax(g, axis=2), 0.0) * clip
-            scale = f16_scale((hi - lo) / qmax)
+            scale = to_scale((hi - lo) / qmax)
             zero = np.clip(np.round(-lo / scale.astype(np.float32)), 0, qmax)
             arrays["zeros"] = zero.astype(np.uint8)
         x = np.round(g / scale.astype(np.float32)[:, :, None]) + zero[:, :, None]
         codes = np.clip(np.nan_to_num(x), 0, qmax).astype(np.uint8)
     codes = codes.reshape(rows, -1)[:, :k]
     arrays["codes"] = pack_codes(codes, group, kind.bits)
-    arrays["scales"] = scale.astype(np.float16)
+    if log_scales:
+        arrays["scales"], arrays["scale_exp"] = encode_log_scales(scale)
+    else:
+        arrays["scales"] = scale.astype(np.float16)
     return Tensor(name, kind.name, (rows, k), _ordered(arrays), group, symmetric or kind.nf4)
 
 
@@ -504,6 +516,69 @@ def f16_scale(scale: np.ndarray) -> np.ndarray:
     return np.clip(s, _F16_TINY, 65504.0).astype(np.float16)
 
 
+def log_grid(m: np.ndarray) -> np.ndarray:
+    """float16(2^(m/16)) for integer m, as spec §4.3 computes it (exact float32 ldexp, then one
+    rounding to float16)."""
+    m = np.asarray(m, np.int64)
+    up = -(-m // LOG_SCALE_STEPS)  # ceil(m / 16)
+    return np.ldexp(LOG_SCALE_FRACTIONS[up * LOG_SCALE_STEPS - m], up.astype(np.int32)).astype(np.float16)
+
+
+def log_scale(scale: np.ndarray) -> np.ndarray:
+    """Scales rounded to the nearest point of the log grid (spec §4.3) in the log domain, as
+    float16; never below LOG_SCALE_MIN (float16's smallest normal number)."""
+    s = np.clip(np.nan_to_num(np.asarray(scale, np.float64)), LOG_SCALE_MIN, 65504.0)
+    m = np.round(np.log2(s) * LOG_SCALE_STEPS).astype(np.int64)
+    return log_grid(np.minimum(m, 15 * LOG_SCALE_STEPS))  # 2^15 < float16's largest number
+
+
+def encode_log_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(u8 codes, i32 (1,) exponent e) of scales on the log grid: s = 2^(e − c/16), e the least
+    integer above every scale. A scale more than 2^(255/16) below the largest is raised to the
+    smallest code's (a group whose weights are below float16's resolution of the largest)."""
+    s = np.asarray(scales, np.float64)
+    m = np.round(np.log2(np.maximum(s, LOG_SCALE_MIN)) * LOG_SCALE_STEPS).astype(np.int64)
+    e = -(-int(m.max()) // LOG_SCALE_STEPS) if m.size else 0
+    codes = np.clip(e * LOG_SCALE_STEPS - m, 0, 255).astype(np.uint8)
+    return codes, np.array([e], np.int32)
+
+
+def decode_log_scales(codes: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """float16 scales of log-coded ones (spec §4.3): 2^(e − c/16)."""
+    e = int(np.asarray(exponent).reshape(-1)[0])
+    return log_grid(e * LOG_SCALE_STEPS - np.asarray(codes, np.int64))
+
+
+def group_scales(t: Tensor) -> np.ndarray:
+    """A grouped tensor's scales (rows, n_groups) as float16, log-coded ones decoded."""
+    a = t.arrays
+    if "scale_exp" in a:
+        return decode_log_scales(a["scales"], a["scale_exp"])
+    return np.asarray(a["scales"])
+
+
+def expand_log_scales(t: Tensor) -> Tensor:
+    """The same tensor with log-coded scales (spec §4.3) decoded to float16, the form every
+    kernel reads; other tensors are returned as they are."""
+    if "scale_exp" not in t.arrays:
+        return t
+    arrays = {role: a for role, a in t.arrays.items() if role != "scale_exp"}
+    arrays["scales"] = group_scales(t)
+    return dataclasses.replace(t, arrays=arrays)
+
+
+def code_log_scales(t: Tensor) -> Tensor:
+    """The inverse of expand_log_scales: a tensor whose float16 scales lie on the log grid, with
+    them stored as codes under one exponent (e.g. row blocks quantized apart, then joined)."""
+    codes, exponent = encode_log_scales(t.arrays["scales"])
+    arrays = {}
+    for role, a in t.arrays.items():
+        arrays[role] = codes if role == "scales" else a
+        if role == "scales":
+            arrays["scale_exp"] = exponent
+    return dataclasses.replace(t, arrays=arrays)
+
+
 def _ordered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    order = ("codes", "scales", "zeros")
+    order = ("codes", "scales", "scale_exp", "zeros")
     return {k: arrays[k] for k in order if k in arrays}

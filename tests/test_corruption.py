@@ -186,7 +186,7 @@ CASES = [
     Case("unknown_layout_version", header(set_in(["tensors", "output", "layout"], 2)), r"q8 layout version 2"),
     Case("unknown_dtype", header(set_in(["tensors", "norm", "arrays", "data", "dtype"], "f8")), r"unknown dtype 'f8'"),
     Case("wrong_dtype_for_role", header(lambda h: arrays(h, "output")["scales"].update(dtype="u16")),
-         r"output'\.scales: dtype u16 \(expected f16\)"),
+         r"output'\.scales: dtype u16 \(expected f16 or u8\)"),
     Case("negative_shape", header(set_in(["tensors", "norm", "arrays", "data", "shape"], [-48])),
          r"shape \[-48\] is not a list of non-negative integers"),
     Case("bool_shape", header(set_in(["tensors", "norm", "arrays", "data", "shape"], [True])), r"shape \[True\]"),

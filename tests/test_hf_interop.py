@@ -53,7 +53,7 @@ def qbins(ckpt, tmp_path_factory):
         "w8a8": ("w8a8", {}),
         "int3": ("int3-g32", {"head": "f16"}),
         "gptq-act-order": ("int4-g32", {"head": "f16", "method": "gptq", "calib": "pydoc", "calib_samples": 4,
-                                        "act_order": True}),
+                                        "act_order": True, "static_groups": False}),  # g_idx
         "gptq-static": ("int4-g32-sym", {"head": "f16", "method": "gptq", "calib": "pydoc", "calib_samples": 4,
                                          "act_order": True, "static_groups": True}),
         "outliers": ("int4-g32", {"head": "f16", "outliers": 0.01}),

@@ -30,13 +30,14 @@ def layouts() -> list[tuple[str, str]]:
     return sorted([(k, DENSE) for k in FLOAT_KINDS] + [(k, f) for k in QUANT_KINDS for f in FORMS])
 
 
-def make(kind: str, form: str, seed: int = 0) -> Tensor:
-    """A random weight of the layout, with the sidecars that form carries in real files."""
+def make(kind: str, form: str, seed: int = 0, log_scales: bool = False) -> Tensor:
+    """A random weight of the layout, with the sidecars that form carries in real files;
+    log_scales: its scales log-coded (spec §4.3, the "-dq" schemes)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((ROWS, K)).astype(np.float32)
     if kind in FLOAT_KINDS:
         return float_tensor("w", w, kind)
-    scheme = parse_scheme(SCHEMES[kind])
+    scheme = parse_scheme(SCHEMES[kind] + ("-dq" if log_scales else ""))
     if form == NM:
         mask = np.zeros((ROWS, K), bool)
         mask[:, 1::2] = True
@@ -80,10 +81,13 @@ def close(a, b, rtol):
     return float(np.abs(np.asarray(a) - b).max()) <= rtol * max(float(np.abs(b).max()), 1e-30)
 
 
-@pytest.mark.parametrize("kind,form", layouts())
-def test_layout_matches_its_reference(device, kind, form):
+@pytest.mark.parametrize("kind,form,log_scales", [(k, f, False) for k, f in layouts()]
+                         + [(k, f, True) for k, f in layouts() if k in QUANT_KINDS])
+def test_layout_matches_its_reference(device, kind, form, log_scales):
     name, xp = device
-    t = make(kind, form)
+    t = make(kind, form, log_scales=log_scales)
+    if kind in QUANT_KINDS:
+        assert (t.arrays["scales"].dtype == np.uint8) == log_scales
     op = linear_op(name, t)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((12, K)).astype(np.float32)
