@@ -105,8 +105,8 @@ def head_store(sens: sensitivity.Sensitivity, options, store):
         if options.method == "imatrix":
             t, _ = imatrix_tensor(name, wt, torch.diagonal(gram), scheme)
         else:
-            res = gptq_quantize(wt, gram, scheme, damp=options.damp, block=options.block, act_order=options.act_order,
-                                clip_search=clip_search, static_groups=True)
+            res = gptq_quantize(wt, gram, scheme, damp=options.damp, block=options.block,
+                                act_order=options.act_order, clip_search=clip_search, static_groups=True)
             t = res.tensor(name, scheme)
         return t, weight_stats(t, wt.numpy(), scheme, QuantStats)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qformat.constants import NF4_LEVELS
-from qformat.schemes import KINDS, Scheme, Tensor, code_log_scales, expand_log_scales, f16_scale, log_scale
+from qformat.schemes import KINDS, Scheme, Tensor, code_log_scales, expand_log_scales, round_scale
 
 # 1.0 first: on ties the widest range (plain min/max) wins.
 CLIP_GRID = np.linspace(1.0, 0.5, 21, dtype=np.float32)
@@ -58,7 +58,7 @@ def _stored(x: np.ndarray, scheme: Scheme) -> np.ndarray:
     """float32 scale -> the scale `scheme` stores (float16, or the log grid of "-dq"), as float32.
     The core's own rounding rule is used (not a copy) so that the search measures exactly what
     will be stored."""
-    return (log_scale(x) if scheme.log_scales else f16_scale(x)).astype(np.float32)
+    return round_scale(x, scheme.log_scales).astype(np.float32)
 
 
 # Nearest NF4 level through a lookup table: x in [-1, 1] falls in one of _NF4_BINS equal bins;

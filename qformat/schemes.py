@@ -476,10 +476,9 @@ def quantize_rtn(name: str, w: np.ndarray, kind: GroupQuantKind, group: int, sym
     g = _grouped(w, group)
     clip = np.asarray(clip, dtype=np.float32)
     arrays: dict[str, np.ndarray] = {}
-    to_scale = log_scale if log_scales else f16_scale
     if kind.nf4:
         amax = np.nanmax(np.abs(g), axis=2) * clip
-        scale = to_scale(amax)
+        scale = round_scale(amax, log_scales)
         x = g / scale.astype(np.float32)[:, :, None]
         # nearest level: the levels are sorted, so compare against the midpoints between them
         codes = np.searchsorted(_NF4_MIDPOINTS, np.nan_to_num(x)).astype(np.uint8)
@@ -487,12 +486,12 @@ def quantize_rtn(name: str, w: np.ndarray, kind: GroupQuantKind, group: int, sym
         qmax = (1 << kind.bits) - 1
         if symmetric:
             amax = np.nanmax(np.abs(g), axis=2) * clip
-            scale = to_scale(2.0 * amax / qmax)
+            scale = round_scale(2.0 * amax / qmax, log_scales)
             zero = np.full(scale.shape, 1 << (kind.bits - 1), np.float32)
         else:
             lo = np.minimum(np.nanmin(g, axis=2), 0.0) * clip
             hi = np.maximum(np.nanmax(g, axis=2), 0.0) * clip
-            scale = to_scale((hi - lo) / qmax)
+            scale = round_scale((hi - lo) / qmax, log_scales)
             zero = np.clip(np.round(-lo / scale.astype(np.float32)), 0, qmax)
             arrays["zeros"] = zero.astype(np.uint8)
         x = np.round(g / scale.astype(np.float32)[:, :, None]) + zero[:, :, None]
@@ -530,6 +529,11 @@ def log_scale(scale: np.ndarray) -> np.ndarray:
     s = np.clip(np.nan_to_num(np.asarray(scale, np.float64)), LOG_SCALE_MIN, 65504.0)
     m = np.round(np.log2(s) * LOG_SCALE_STEPS).astype(np.int64)
     return log_grid(np.minimum(m, 15 * LOG_SCALE_STEPS))  # 2^15 < float16's largest number
+
+
+def round_scale(scale: np.ndarray, log_scales: bool = False) -> np.ndarray:
+    """Scales as a quantizer stores them, as float16: f16_scale, or log_scale for "-dq" schemes."""
+    return log_scale(scale) if log_scales else f16_scale(scale)
 
 
 def encode_log_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
