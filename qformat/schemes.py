@@ -575,12 +575,7 @@ def code_log_scales(t: Tensor) -> Tensor:
     """The inverse of expand_log_scales: a tensor whose float16 scales lie on the log grid, with
     them stored as codes under one exponent (e.g. row blocks quantized apart, then joined)."""
     codes, exponent = encode_log_scales(t.arrays["scales"])
-    arrays = {}
-    for role, a in t.arrays.items():
-        arrays[role] = codes if role == "scales" else a
-        if role == "scales":
-            arrays["scale_exp"] = exponent
-    return dataclasses.replace(t, arrays=arrays)
+    return dataclasses.replace(t, arrays=dict(t.arrays, scales=codes, scale_exp=exponent))
 
 
 def _ordered(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
