@@ -10,6 +10,7 @@ from qformat.kernels import device_ops
 from qformat.reader import QbinReader
 
 from .chat import Conversation, render_chat
+from .engine import Engine, Request
 from .generate import GenerationStats, Session, generate
 from .model import Transformer
 from .sampling import SamplingParams
@@ -21,7 +22,8 @@ DEVICES = ("cpu", "cuda", "auto")
 class Model:
     """A qbin model ready to generate. Weights stay in the memory map; nothing is copied."""
 
-    def __init__(self, reader: QbinReader, device: str = "cpu", context: int | None = None):
+    def __init__(self, reader: QbinReader, device: str = "cpu", context: int | None = None,
+                 kv_blocks: int | None = None):
         self.reader = reader
         self.args = reader.model
         self.device = device
@@ -30,8 +32,8 @@ class Model:
             raise ValueError(f"{reader.path}: the file has no tokenizer; re-convert it with its tokenizer files")
         self.tokenizer = Tokenizer(info, reader.raw_bytes(info.tensor), bos_id=self.args.bos_token_id)
         self.tokenizer.selftest(reader.path)
-        self.transformer = Transformer(reader, device, context)
-        self.session = Session(self.transformer)
+        self.transformer = Transformer(reader, device, context, kv_blocks=kv_blocks)
+        self.engine = Engine(self.transformer, self.tokenizer, max_batch=1)
         self.stats = GenerationStats()  # of the last generate() call
         self.chat_template = reader.chat_template
         self.eos_ids = list(self.args.eos_token_ids)
@@ -56,21 +58,31 @@ class Model:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.context} "
                              "tokens (one position is needed for the answer); shorten it or raise --context")
         self.stats = GenerationStats()
-        return generate(self.session, self.tokenizer, ids, max_tokens, params, seed, stop, self.eos_ids, self.stats)
+        request = Request(ids, max_tokens, params, seed, tuple(stop), frozenset(self.eos_ids))
+        return generate(self.engine, request, self.stats)
 
     def logits(self, token_ids) -> np.ndarray:
         """float32 (len(token_ids), vocab): next-token logits at every position, from an empty cache."""
         ids = [int(i) for i in token_ids]
-        return self.session.feed(ids, all_logits=True).astype(np.float32, copy=False)
+        session = Session(self.transformer)
+        try:
+            return session.feed(ids, all_logits=True).astype(np.float32, copy=False)
+        finally:
+            session.kv.free()
 
     def chat_prompt(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
         """The conversation rendered with the file's chat template."""
+        return self.render_messages(conversation.all(), add_generation_prompt)
+
+    def render_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Messages ([{"role", "content"}]) rendered with the file's chat template; ValueError
+        without one, jinja2's TemplateError when it fails to render."""
         if not self.chat_template:
             raise ValueError(f"{self.reader.path}: the file has no chat template; use a plain prompt")
         tok = self.tokenizer
         bos = tok.decode([self.args.bos_token_id], skip_special=False) if self.args.bos_token_id is not None else ""
         eos = tok.decode([self.eos_ids[0]], skip_special=False) if self.eos_ids else ""
-        return render_chat(self.chat_template, conversation.all(), bos, eos, add_generation_prompt)
+        return render_chat(self.chat_template, messages, bos, eos, add_generation_prompt)
 
     def chat(self, conversation: Conversation, user: str, **kwargs) -> Iterator[str]:
         """Add a user turn, stream the assistant's answer, and append it to the conversation."""
@@ -101,10 +113,11 @@ def resolve_device(device: str) -> tuple[str, str]:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-         context: int | None = None, verify: bool = False) -> Model:
+         context: int | None = None, verify: bool = False, kv_blocks: int | None = None) -> Model:
     """Open a .qbin file and build its model on `device`: "cpu", "cuda" (an NVIDIA GPU through
     CuPy) or "auto" (the GPU when there is one; `Model.device` says which). threads: CPU kernel
-    threads (default: all cores). context: KV cache length (default: the model's max_seq_len)."""
+    threads (default: all cores). context: positions per sequence (default: the model's
+    max_seq_len). kv_blocks: blocks of the KV pool (default: one sequence of the whole context)."""
     device, _ = resolve_device(device)
     device_ops(device).set_threads(threads)
-    return Model(QbinReader(path, verify=verify), device, context)
+    return Model(QbinReader(path, verify=verify), device, context, kv_blocks)

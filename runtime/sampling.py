@@ -8,13 +8,16 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and repetition_penalty 1 disable those."""
+    """temperature 0 is greedy; top_k 0, top_p 1, min_p 0, repetition_penalty 1 and the presence
+    and frequency penalties 0 disable those."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -27,6 +30,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
 
 def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: float) -> np.ndarray:
@@ -37,6 +43,17 @@ def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: 
     seen = np.unique(previous)
     vals = out[seen]
     out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def apply_openai_penalties(logits: np.ndarray, generated: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """OpenAI's presence and frequency penalties over the tokens generated so far: subtract
+    presence_penalty once from every generated token's logit and frequency_penalty per occurrence."""
+    if (p.presence_penalty == 0 and p.frequency_penalty == 0) or len(generated) == 0:
+        return logits
+    ids, counts = np.unique(generated, return_counts=True)
+    out = logits.astype(np.float32, copy=True)
+    out[ids] -= p.presence_penalty + p.frequency_penalty * counts
     return out
 
 
@@ -65,10 +82,13 @@ def filtered_probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
 
 
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
-           previous: np.ndarray | None = None) -> int:
-    """One token id from a (vocab,) logits row."""
+           previous: np.ndarray | None = None, generated: np.ndarray | None = None) -> int:
+    """One token id from a (vocab,) logits row; previous: prompt and generated tokens (the
+    repetition penalty's), generated: the generated ones (presence and frequency penalties')."""
     if previous is not None and p.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, previous, p.repetition_penalty)
+    if generated is not None:
+        logits = apply_openai_penalties(logits, generated, p)
     if p.temperature == 0:
         return int(np.argmax(logits))
     probs = filtered_probs(logits, p)

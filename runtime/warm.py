@@ -23,7 +23,7 @@ from qformat.reader import QbinReader
 from qformat.schemes import float_tensor, parse_scheme
 from qformat.writer import QbinWriter
 
-from .model import FUSED_PROMPT_TOKENS, Transformer
+from .model import FUSED_BATCH_MAX, FUSED_PROMPT_TOKENS, Transformer
 
 # What the demo converts, and the other layouts of `qconvert --scheme` defaults (int8, f16).
 DEFAULT_SCHEMES = ("int4-g64", "int8", "f16")
@@ -57,9 +57,15 @@ def warm(schemes=DEFAULT_SCHEMES) -> list[tuple[str, float]]:
     with tempfile.TemporaryDirectory(prefix="qformat-warm-") as tmp:
         for scheme in schemes:
             started = time.perf_counter()
-            model = Transformer(QbinReader(write_model(Path(tmp) / f"{scheme}.qbin", scheme)))
+            batch = FUSED_BATCH_MAX + 1
+            model = Transformer(QbinReader(write_model(Path(tmp) / f"{scheme}.qbin", scheme)),
+                                kv_blocks=batch + 2)
             model.forward(list(range(2 * FUSED_PROMPT_TOKENS)), 0)  # prefill: the per-op path
             model.forward([1], 2 * FUSED_PROMPT_TOKENS)  # a decode step: the fused step
+            seqs = [model.new_sequence() for _ in range(batch)]
+            model.run([(s, [1]) for s in seqs])  # a batched decode step (a server's)
+            for s in seqs:
+                s.free()
             out.append((scheme, time.perf_counter() - started))
     return out
 

@@ -148,7 +148,8 @@ def test_host_rmsnorm_rope_silu_match_reference(host):
 
 
 def test_host_rope_store_matches_reference(host):
-    """One decode token: q rotated in place, k rotated into cache row pos and v beside it."""
+    """One decode token: q rotated in place, k rotated into its position's slot of the pool and
+    v beside it."""
     rng = np.random.default_rng(13)
     n_heads, n_kv, hd, pos, context = 6, 2, 64, 5, 9
     q, k, v = (rng.standard_normal((h, hd)).astype(np.float32) for h in (n_heads, n_kv, n_kv))
@@ -156,32 +157,42 @@ def test_host_rope_store_matches_reference(host):
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     kc = np.zeros((context, n_kv, hd), np.float16)
     vc = np.zeros((context, n_kv, hd), np.float16)
+    slots = rng.permutation(context).astype(np.int32)
     got = q.copy()
     pairs = (n_heads + n_kv) * hd // 2
     host_launch(host, "rope_store_at", ((pairs + 127) // 128,), (128,),
-                (got, k, v, cos, sin, kc, vc, n_heads, n_kv, hd, np.array([pos], np.int32)))
+                (got, k, v, cos, sin, kc, vc, n_heads, n_kv, hd, slots, np.array([pos], np.int32)))
     c, s = cos[pos:pos + 1], sin[pos:pos + 1]
     assert close(got, reference.rope(q[None], c, s)[0], 1e-6)
-    np.testing.assert_array_equal(kc[pos], reference.rope(k[None], c, s)[0].astype(np.float16))
-    np.testing.assert_array_equal(vc[pos], v.astype(np.float16))
-    assert not kc[:pos].any() and not vc[pos + 1:].any()
+    row = slots[pos]
+    np.testing.assert_array_equal(kc[row], reference.rope(k[None], c, s)[0].astype(np.float16))
+    np.testing.assert_array_equal(vc[row], v.astype(np.float16))
+    others = np.arange(context) != row
+    assert not kc[others].any() and not vc[others].any()
 
 
 @pytest.mark.parametrize("start,stop", [(0, 1), (0, 300), (140, 700)])
 def test_host_attention_decode_matches_reference(host, start, stop):
     """Flash-decoding over 1, 2 and 3 splits of 256 keys, GQA (6 heads on 2 KV heads), a
-    sliding window (start > 0), float16 cache."""
+    sliding window (start > 0), float16 pool; two sequences, each position in its own shuffled slot."""
     from qformat.kernels.cuda.device import CUDAOps
 
     rng = np.random.default_rng(11)
     n_heads, n_kv, hd = 6, 2, 64
-    k = rng.standard_normal((stop, n_kv, hd)).astype(np.float16)
-    v = rng.standard_normal((stop, n_kv, hd)).astype(np.float16)
-    q = rng.standard_normal((n_heads, hd)).astype(np.float32)
-    out = CUDAOps().attention_decode(q, k, v, start, stop, 0.125)
+    k = rng.standard_normal((2, stop, n_kv, hd)).astype(np.float16)
+    v = rng.standard_normal((2, stop, n_kv, hd)).astype(np.float16)
+    q = rng.standard_normal((2, n_heads, hd)).astype(np.float32)
+    slots = rng.permutation(2 * stop).astype(np.int32).reshape(2, stop)
+    pool_k = np.empty((2 * stop, n_kv, hd), np.float16)
+    pool_v = np.empty_like(pool_k)
+    for b in range(2):
+        pool_k[slots[b]], pool_v[slots[b]] = k[b], v[b]
+    out = CUDAOps().attention_decode(q, pool_k, pool_v, slots, [start, start], [stop, stop], 0.125)
     window = None if start == 0 else stop - start
-    want = reference.attention(q[None], k.astype(np.float32), v.astype(np.float32), stop - 1, window, 0.125)[0]
-    assert close(out, want, 1e-5)
+    for b in range(2):
+        want = reference.attention(q[b][None], k[b].astype(np.float32), v[b].astype(np.float32), stop - 1,
+                                   window, 0.125)[0]
+        assert close(out[b], want, 1e-5)
 
 
 @pytest.fixture(autouse=True)

@@ -73,6 +73,26 @@ def test_linear_matches_reference(scheme, rows, k):
     np.testing.assert_array_equal(op.rows(ids), t.dequantize()[ids])
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("rows,k", SHAPES)
+@pytest.mark.parametrize("sidecars", [False, True])
+def test_batched_decode_equals_gemv(scheme, rows, k, sidecars):
+    """The GEMVs of a few tokens at once (batched decode: gemv_many, one pass over the weights
+    where the kind has a kernel for it) give each token's GEMV bit for bit, so a sequence
+    decodes alike alone or in a batch."""
+    rng = np.random.default_rng(2)
+    t = make(scheme, rows, k)
+    if sidecars and t.kind not in ("f32", "f16", "bf16"):
+        t = with_sidecars(t, rng)
+    op = linear_op("cpu", t)
+    for n in (2, 5, 9):
+        xs = rng.standard_normal((n, k)).astype(np.float32)
+        alone = np.empty((n, rows), np.float32)
+        for i in range(n):
+            op.gemv(xs[i], alone[i])
+        np.testing.assert_array_equal(op.gemv_many(xs), alone)
+
+
 def with_sidecars(t: Tensor, rng) -> Tensor:
     """Add a permutation, CSR outliers and 16-bit columns to a quantized tensor."""
     rows, k = t.shape
@@ -256,11 +276,20 @@ def test_attention_matches_reference(window):
     v = rng.standard_normal((start + n, n_kv, hd)).astype(np.float32)
     expect = reference.attention(q, k, v, start, window, 0.25)
     assert close(ops.attention_prefill(q, k, v, start, window, 0.25), expect)
-    out = np.empty((n_heads, hd), np.float32)
-    pos = start + n - 1
+    # decode: the last queries of two sequences, their positions in shuffled slots of one pool
+    total = start + n
+    k2, v2 = rng.standard_normal((2, total, n_kv, hd)).astype(np.float32)
+    q2 = rng.standard_normal((n, n_heads, hd)).astype(np.float32)
+    slots = rng.permutation(2 * total).astype(np.int32).reshape(2, total)
+    pool_k, pool_v = np.empty((2 * total, n_kv, hd), np.float32), np.empty((2 * total, n_kv, hd), np.float32)
+    pool_k[slots[0]], pool_v[slots[0]], pool_k[slots[1]], pool_v[slots[1]] = k, v, k2, v2
+    pos = total - 1
     lo = 0 if window is None else max(0, pos + 1 - window)
-    ops.attention_decode(q[-1], k, v, lo, pos + 1, np.float32(0.25), out)
-    assert close(out, expect[-1])
+    out = np.empty((2, n_heads, hd), np.float32)
+    ops.attention_decode(np.stack([q[-1], q2[-1]]), pool_k, pool_v, slots, np.array([lo, lo]),
+                         np.array([total, total]), np.float32(0.25), out)
+    assert close(out[0], expect[-1])
+    assert close(out[1], reference.attention(q2, k2, v2, start, window, 0.25)[-1])
 
 
 def test_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypatch):

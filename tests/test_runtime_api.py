@@ -11,6 +11,7 @@ from tiny_models import make_tiny_checkpoint  # noqa: E402
 import qformat  # noqa: E402
 from qformat.convert import convert  # noqa: E402
 from qformat.runtime.chat import Conversation  # noqa: E402
+from qformat.runtime.generate import Session  # noqa: E402
 from qformat.runtime.sampling import SamplingParams, filtered_probs, sample  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def test_generate_streams_text_and_respects_max_tokens(model):
     pieces = list(model.generate("The capital of France is", max_tokens=10))
     assert all(isinstance(p, str) for p in pieces)
     assert model.stats.generated_tokens <= 10
-    assert model.stats.stop_reason in ("max_tokens", "eos")
+    assert model.stats.stop_reason in ("length", "eos")
     # greedy is deterministic, and the text equals decoding the generated ids at once
     again = "".join(model.generate("The capital of France is", max_tokens=10))
     assert again == "".join(pieces)
@@ -63,8 +64,10 @@ def test_logits_shape_and_prefix_cache_consistency(model):
     full = model.logits(ids)
     assert full.shape == (len(ids), model.args.vocab_size) and full.dtype == np.float32
     # feeding a prefix, then the rest through the cache, gives the same last logits
-    model.session.feed(ids[:4])
-    last = model.session.feed(ids)
+    session = Session(model.transformer)
+    session.feed(ids[:4])
+    last = session.feed(ids)
+    assert session.last_prefilled == len(ids) - 4
     np.testing.assert_allclose(last, full[-1], rtol=1e-4, atol=1e-4 * np.abs(full).max())
 
 

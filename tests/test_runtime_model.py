@@ -21,6 +21,7 @@ from tiny_models import make_tiny_checkpoint  # noqa: E402
 from qformat.convert import convert  # noqa: E402
 from qformat.reader import QbinReader  # noqa: E402
 from qformat.schemes import Tensor  # noqa: E402
+from qformat.runtime.generate import Session  # noqa: E402
 from qformat.runtime.model import Transformer  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -174,11 +175,12 @@ def test_greedy_golden_matches_transformers(built):
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
     expected = hf[0, len(prompt):].tolist()
     got = list(prompt)
-    logits = m.session.feed(got)
+    session = Session(m.transformer)
+    logits = session.feed(got)
     for _ in range(16):
         token = int(np.argmax(logits))
         got.append(token)
-        logits = m.session.step(token)
+        logits = session.step(token)
     assert got[len(prompt):] == expected
 
 

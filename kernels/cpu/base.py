@@ -235,6 +235,11 @@ class LinearBase:
             self.gemv(x[i], out[i])
         return out
 
+    def gemv_many(self, x: np.ndarray) -> np.ndarray:
+        """Every token's GEMV, bit for bit (batched decode: a sequence's numbers do not depend
+        on the others in its step); layouts with a batched kernel read the weights once."""
+        return self.gemv_rows(x)
+
     def weight_block(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows `ids` in the layout that `prepare_x` gives the activations."""
         raise NotImplementedError

@@ -55,11 +55,12 @@ class CPUOps:
         """gate <- silu(gate) * up, in place."""
         ops.silu_mul_rows(gate, up)
 
-    def attention_decode(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, stop: int,
-                         scale: float) -> np.ndarray:
-        """One query (heads, hd) over cached keys [start, stop) of one layer -> (heads, hd)."""
+    def attention_decode(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
+                         starts: np.ndarray, stops: np.ndarray, scale: float) -> np.ndarray:
+        """One query per sequence, q (B, heads, hd), over its own cached keys of one layer of the
+        paged pool (n_slots, kv, hd): positions [starts[b], stops[b]) at slots[b] (B, L) -> (B, heads, hd)."""
         out = np.empty(q.shape, np.float32)
-        ops.attention_decode(q, k_cache, v_cache, start, stop, np.float32(scale), out)
+        ops.attention_decode(q, k_cache, v_cache, slots, starts, stops, np.float32(scale), out)
         return out
 
     def attention_prefill(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,

@@ -79,12 +79,12 @@ def _view3(a, n, rows, cols):
 
 
 @njit(cache=True)
-def _store(cache, layer, pos, x):
-    """cache[layer, pos] = x (n_kv, head_dim), element by element: an array assignment's
+def _store(cache, layer, slot, x):
+    """cache[layer, slot] = x (n_kv, head_dim), element by element: an array assignment's
     shape-mismatch error costs as much compilation as the reshape's."""
     for h in range(x.shape[0]):
         for j in range(x.shape[1]):
-            cache[layer, pos, h, j] = x[h, j]
+            cache[layer, slot, h, j] = x[h, j]
 
 
 @njit(cache=True)
@@ -286,9 +286,9 @@ def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4,
         _add_sidecars(table, i, x, out)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # a server's HTTP thread runs while a step computes
 def decode_step(x, pos, programs, n_steps, scales, widths, table, norms, head_norms, biases, k_cache, v_cache,
-                cos, sin, n_heads, n_kv, head_dim, eps, h2f, logits, logits_buffer, routines):
+                slots, cos, sin, n_heads, n_kv, head_dim, eps, h2f, logits, logits_buffer, routines):
     """Run one token through every block's program (see the module docstring).
 
     x (dim,) embedding of the token (updated in place as the residual stream); pos its position;
@@ -297,13 +297,16 @@ def decode_step(x, pos, programs, n_steps, scales, widths, table, norms, head_no
     (n_blocks, max_steps) float32: the attention steps' scales; widths (n_buffers,): each
     buffer's width; table (n_linears, base.WIDTH) int64: the weights; norms (n, dim), head_norms
     (n, head_dim), biases (n, max width, zero-padded): the rows the programs name; k_cache,
-    v_cache (n_layers, max_seq, n_kv_heads, head_dim); cos, sin (max_seq, head_dim/2); logits
+    v_cache (n_layers, n_slots, n_kv_heads, head_dim): the paged pool, slots (1, L) int32 the
+    sequence's slot of each position (runtime/kvcache.py); cos, sin (max_seq, head_dim/2); logits
     (vocab,): written, it is buffer `logits_buffer`; routines: gemv_row's routine arguments.
     """
     bufs = [x if b == 0 else logits if b == logits_buffer else np.empty(widths[b], np.float32)
             for b in range(widths.size)]
     c1 = cos[pos:pos + 1]
     s1 = sin[pos:pos + 1]
+    slot = slots[0, pos]
+    stops = np.full(1, pos + 1, np.int64)
     for blk in range(programs.shape[0]):
         for s in range(n_steps[blk]):
             op = programs[blk, s]
@@ -330,12 +333,12 @@ def decode_step(x, pos, programs, n_steps, scales, widths, table, norms, head_no
                 k3 = _view3(bufs[op[B]], 1, n_kv, head_dim)
                 ops.rope(q3, c1, s1)
                 ops.rope(k3, c1, s1)
-                _store(k_cache, blk, pos, k3[0])
-                _store(v_cache, blk, pos, _view2(bufs[op[C]], n_kv, head_dim))
+                _store(k_cache, blk, slot, k3[0])
+                _store(v_cache, blk, slot, _view2(bufs[op[C]], n_kv, head_dim))
                 window = op[E]
-                start = 0 if window == 0 else max(0, pos + 1 - window)
-                ops.attention_decode(q3[0], k_cache[blk], v_cache[blk], start, pos + 1, scales[blk, s],
-                                     _view2(bufs[op[D]], n_heads, head_dim))
+                starts = np.full(1, 0 if window == 0 else max(0, pos + 1 - window), np.int64)
+                ops.attention_decode(q3, k_cache[blk], v_cache[blk], slots, starts, stops, scales[blk, s],
+                                     _view3(bufs[op[D]], 1, n_heads, head_dim))
             elif code == GLU:
                 gate, up = bufs[op[A]], bufs[op[B]]
                 ops.silu_mul(_view2(gate, 1, gate.size), _view2(up, 1, up.size))
@@ -419,11 +422,13 @@ class FusedDecoder:
         self.vocab = int(self.programs.widths[self.logits_buffer])
         self.eps = np.float32(args.norm_eps)
 
-    def __call__(self, x: np.ndarray, pos: int) -> np.ndarray:
+    def __call__(self, x: np.ndarray, pos: int, slots: np.ndarray) -> np.ndarray:
+        """Logits after the token of embedding x at position pos of the sequence whose slot map
+        is slots (L,) int32."""
         a, p = self.args, self.programs
         logits = np.empty(self.vocab, np.float32)
         decode_step(np.array(x, np.float32), pos, p.programs, p.n_steps, p.scales, p.widths, self.table, p.norms,
-                    p.head_norms, p.biases, self.cache.k, self.cache.v, self.cos, self.sin, a.n_heads,
+                    p.head_norms, p.biases, self.cache.k, self.cache.v, slots[None], self.cos, self.sin, a.n_heads,
                     a.n_kv_heads, a.head_dim, self.eps, H2F, logits, self.logits_buffer, self.routines)
         return logits
 

@@ -2,7 +2,8 @@
 
 Decode: q2 to q6 run quant.gemv_q8act on int8 activations (kernels.layouts.q8act; on
 AVX512-VNNI CPUs their groups of 64k columns take group_vnni.rows), q8 and nf4 quant.GEMV[kind]
-on float activations. Prefill: q4 (and q8 where its groups allow) through gemm_vnni's int8 GEMM on VNNI
+on float activations; a batched decode step of a few sequences runs the same GEMVs for all of
+them in one pass over the weights (gemv_many). Prefill: q4 (and q8 where its groups allow) through gemm_vnni's int8 GEMM on VNNI
 CPUs, else rows dequantized by quant.DEQUANT[kind] and multiplied by BLAS.
 """
 from __future__ import annotations
@@ -80,6 +81,25 @@ class GroupQuantOp(LinearBase):
         out = gemm_vnni.gemm_q8act(self.codes, self.scales, self.zeros, self.has_zeros, H2F, self.bits,
                                    self.in_features, self.group, self.act_group, xs)
         self.add_gemm(x, out)
+        return out
+
+    def gemv_many(self, x: np.ndarray) -> np.ndarray:
+        """The GEMV of every token of x (n, in_features), each token's row bit for bit its
+        gemv()'s. On int8 activations in one pass over the weights (quant.gemm_rows_q8act:
+        each block of rows meets all n tokens while it is in cache, their integer sums exact);
+        float-activation kinds (q8, nf4) one GEMV per token, since a float sum vectorized in
+        another context may round otherwise."""
+        if not self.q8act:
+            return self.gemv_rows(x)
+        x = np.ascontiguousarray(x, np.float32)
+        xs_in = self.side.stored_x(x) if self.side.any else x
+        out = np.empty((x.shape[0], self.out_features), np.float32)
+        xq, d, sums = quant.quantize_rows(xs_in, self.in_features, self.group, self.padded)
+        quant.gemm_rows_q8act(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xq, d, sums,
+                              self.in_features, self.group, self.bits, out)
+        if self.side.any:
+            for i in range(x.shape[0]):
+                self.side.add_gemv(x[i], out[i], (d[i], sums[i]))
         return out
 
     def prepare_x(self, x: np.ndarray) -> np.ndarray:

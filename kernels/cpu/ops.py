@@ -58,23 +58,29 @@ def silu_mul_rows(gate: np.ndarray, up: np.ndarray) -> None:
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
-def attention_decode(q, k_cache, v_cache, start, stop, scale, out):
-    """One query token against cached keys [start, stop).
+def attention_decode(q, k_cache, v_cache, slots, starts, stops, scale, out):
+    """One query token of each of B sequences against its own cached keys.
 
-    q (n_heads, head_dim); k_cache, v_cache (max_seq, n_kv_heads, head_dim) of one layer;
-    out (n_heads, head_dim). Query head h reads KV head h // (n_heads // n_kv_heads) (GQA).
+    q (B, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, head_dim): one layer of the
+    paged pool; slots (B, L) int32: sequence b's position p lives in slot slots[b, p]; sequence b
+    attends to positions [starts[b], stops[b]); out (B, n_heads, head_dim). Query head h reads
+    KV head h // (n_heads // n_kv_heads) (GQA). One task per (sequence, head).
     """
-    n_heads, hd = q.shape
+    n_seq, n_heads, hd = q.shape
     group = n_heads // k_cache.shape[1]
-    n = stop - start
-    for h in prange(n_heads):
+    for task in prange(n_seq * n_heads):
+        b = task // n_heads
+        h = task % n_heads
         kvh = h // group
+        start = starts[b]
+        n = stops[b] - start
         scores = np.empty(n, np.float32)
         best = -np.inf
         for t in range(n):
+            row = slots[b, start + t]
             s = np.float32(0.0)
             for j in range(hd):
-                s += q[h, j] * k_cache[start + t, kvh, j]
+                s += q[b, h, j] * k_cache[row, kvh, j]
             s *= scale
             scores[t] = s
             best = max(best, s)
@@ -84,11 +90,12 @@ def attention_decode(q, k_cache, v_cache, start, stop, scale, out):
             scores[t] = e
             total += e
         for j in range(hd):
-            out[h, j] = 0.0
+            out[b, h, j] = 0.0
         for t in range(n):
             p = scores[t] / total
+            row = slots[b, start + t]
             for j in range(hd):
-                out[h, j] += p * v_cache[start + t, kvh, j]
+                out[b, h, j] += p * v_cache[row, kvh, j]
 
 
 def attention_prefill(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,

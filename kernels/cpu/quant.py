@@ -328,6 +328,19 @@ def quantize_x(x, k, group, padded):
 
 
 @njit(cache=True)
+def quantize_rows(x, k, group, padded):
+    """quantize_x of every row of x (n, k): xq (n, n_groups, padded), d and sums (n, n_groups)."""
+    n = x.shape[0]
+    n_groups = (k + group - 1) // group
+    xq = np.empty((n, n_groups, padded), np.int8)
+    d = np.empty((n, n_groups), np.float32)
+    sums = np.empty((n, n_groups), np.int32)
+    for t in range(n):
+        xq[t], d[t], sums[t] = quantize_x(x[t], k, group, padded)
+    return xq, d, sums
+
+
+@njit(cache=True)
 def split_slices(xq, k, group):
     """xq (n_groups, P) -> (lo, hi): the activations meeting each byte's low and high nibble.
 
@@ -347,7 +360,7 @@ def split_slices(xq, k, group):
     return lo, hi
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True)  # no fastmath: the float sums in program order, as gemm_rows_q8act repeats them
 def _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out):
     """out[r0:r1] = the full groups' part of W @ x (group % 8 == 0, so S = group / 2)."""
     # Kept apart from the parallel loop and from the tail group, with S = group // 2 and the byte
@@ -379,7 +392,7 @@ def _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, gro
 ROW_BLOCK = 32
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True)  # no fastmath: see _rows_q4_q8act
 def _groups_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, g0, r0, r1, out):
     """out[r0:r1] += groups g0.. of W @ x for 2- to 6-bit codes and quantize_x's activations, plane
     by plane (packing.planes), each plane's fields slice by slice, in int32 (the portable kernel
@@ -416,32 +429,194 @@ def _groups_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, b
         out[r] += acc
 
 
+@njit(cache=True)
+def _block_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, lo, hi, vnni, k, group, bits, r0, r1, out):
+    """out[r0:r1] = rows r0..r1-1 of W @ x (one task of gemv_q8act and gemm_rows_q8act)."""
+    n_groups = scales.shape[1]
+    if vnni:
+        g0 = ROWS_64(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, r0, r1, out)
+    elif bits == 4:
+        _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out)
+        g0 = k // group
+    else:
+        out[r0:r1] = 0.0
+        g0 = 0
+    if g0 < n_groups:
+        _groups_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, g0, r0, r1, out)
+
+
+@njit(cache=True)
+def _nibble_inputs(xq, k, group, bits, vnni):
+    """What _rows_q4_q8act reads (split_slices), or placeholders where it is not run."""
+    if bits == 4 and not vnni:
+        return split_slices(xq, k, group)
+    return np.zeros(1, np.int8), np.zeros(1, np.int8)
+
+
 @njit(cache=True, parallel=True)
 def gemv_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, out):
     """out = W @ x for `bits`-bit codes (2 to 6) and x quantized by `quantize_x` (xq, d, sums);
     group % 8 == 0. Groups of a multiple of 64 columns on group_vnni.rows (AVX512-VNNI CPUs);
     elsewhere q4 takes the int16 kernel above, other widths (and every partial group left)
     _groups_q8act."""
-    rows, n_groups = scales.shape
+    rows = scales.shape[0]
     vnni = VNNI_ROWS and group % 64 == 0
-    if bits == 4 and not vnni:
-        lo, hi = split_slices(xq, k, group)
-    else:
-        lo, hi = np.zeros(1, np.int8), np.zeros(1, np.int8)
+    lo, hi = _nibble_inputs(xq, k, group, bits, vnni)
     n_blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
     for b in prange(n_blocks):
         r0 = b * ROW_BLOCK
-        r1 = min(rows, r0 + ROW_BLOCK)
-        if vnni:
-            g0 = ROWS_64(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, r0, r1, out)
-        elif bits == 4:
-            _rows_q4_q8act(codes, scales, zeros, has_zeros, h2f, lo, hi, d, sums, k, group, r0, r1, out)
-            g0 = k // group
-        else:
-            out[r0:r1] = 0.0
-            g0 = 0
-        if g0 < n_groups:
-            _groups_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, g0, r0, r1, out)
+        _block_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, lo, hi, vnni, k, group, bits, r0,
+                     min(rows, r0 + ROW_BLOCK), out)
+
+
+@njit(cache=True, fastmath=FAST)
+def unpack_codes(crow, bits, k, group, padded, w):
+    """w (n_groups · P,) float32 = the codes (0 .. 2**bits - 1) of one row, group by group, in
+    quantize_x's column layout (packing.planes: plane by plane, slice by slice); zeros past a
+    partial last group's own padded length."""
+    n_groups = w.size // padded
+    n_full = k // group
+    gbytes = padded * bits // 8
+    if bits == 4 and n_full == n_groups:  # the common case, in loops that vectorize
+        # (over slices indexed from 0: a computed index g·S + i has a sign LLVM cannot prove,
+        # and numba's negative-index wraparound then keeps the loop scalar, ~8x slower)
+        s = padded // 2
+        for g in range(n_groups):
+            cg = crow[g * s:(g + 1) * s]
+            lo = w[g * padded:g * padded + s]
+            hi = w[g * padded + s:(g + 1) * padded]
+            for i in range(cg.size):
+                c = cg[i]
+                # through int32: LLVM converts int32 lanes to float, not int64 ones (AVX2)
+                lo[i] = np.float32(np.int32(c & np.uint8(15)))
+                hi[i] = np.float32(np.int32(c >> np.uint8(4)))
+        return
+    tail_padded = ((k - n_full * group) + 7) // 8 * 8
+    for g in range(n_groups):
+        plen = padded if g < n_full else tail_padded
+        w[g * padded:(g + 1) * padded] = 0.0
+        base = g * gbytes
+        shift = 0
+        for width in (4, 2, 1):
+            if (bits & width) == 0:
+                continue
+            s = plen * width // 8
+            mask = (1 << width) - 1
+            for i in range(8 // width):
+                for j in range(s):
+                    code = (np.int32(crow[base + j]) >> np.int32(width * i)) & np.int32(mask)
+                    w[g * padded + i * s + j] += np.float32(code << np.int32(shift))
+            base += s
+            shift += width
+
+
+# gemm_rows_q8act sums integer products in float32: exact while every partial sum stays below
+# 2**24, i.e. for groups of at most this many columns at 6 bits (63 · 127 per product).
+EXACT_FLOAT_GROUP = (1 << 24) // (63 * 127)
+
+
+@njit(cache=True, fastmath=FAST)
+def group_dots(w, xf, padded, dots):
+    """dots[g, t] = Σ_e w[g·P + e] · xf[t, g·P + e]: integer codes times integer activations, in
+    float32 (exact: EXACT_FLOAT_GROUP), four tokens at a time so that each weight vector loaded
+    meets four activation rows (slices indexed from 0: see unpack_codes)."""
+    n = xf.shape[0]
+    n_groups = w.size // padded
+    t = 0
+    while t + 4 <= n:
+        for g in range(n_groups):
+            lo = g * padded
+            wg = w[lo:lo + padded]
+            x0, x1, x2, x3 = xf[t, lo:lo + padded], xf[t + 1, lo:lo + padded], xf[t + 2, lo:lo + padded], \
+                xf[t + 3, lo:lo + padded]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for i in range(wg.size):
+                v = wg[i]
+                a0 += v * x0[i]
+                a1 += v * x1[i]
+                a2 += v * x2[i]
+                a3 += v * x3[i]
+            dots[g, t] = np.int32(a0)
+            dots[g, t + 1] = np.int32(a1)
+            dots[g, t + 2] = np.int32(a2)
+            dots[g, t + 3] = np.int32(a3)
+        t += 4
+    for u in range(t, n):
+        for g in range(n_groups):
+            lo = g * padded
+            wg = w[lo:lo + padded]
+            xu = xf[u, lo:lo + padded]
+            a = np.float32(0.0)
+            for i in range(wg.size):
+                a += wg[i] * xu[i]
+            dots[g, u] = np.int32(a)
+
+
+@njit(cache=True)  # no fastmath: the GEMV's float order exactly
+def _scale_dots(dots, scales, zeros, has_zeros, h2f, d, sums, r, split, mid, acc, rest, out):
+    """out[t, r] for every token t from row r's integer group dots (n_groups, n), d and sums
+    (n_groups, n): per token the float sums of gemv_q8act in its order (groups below `split`,
+    the q4 kernel's full groups, then the rest, _groups_q8act's); the tokens side by side in
+    vector lanes. acc, rest: (n,) scratch."""
+    n_groups = scales.shape[1]
+    n = dots.shape[1]
+    acc[:] = 0.0
+    rest[:] = 0.0
+    for g in range(split):
+        sg = h2f[scales[r, g]]
+        z = np.int32(zeros[r, g]) if has_zeros else mid
+        for t in range(n):
+            acc[t] += sg * d[g, t] * np.float32(np.int32(dots[g, t] - np.int32(z * sums[g, t])))
+    for g in range(split, n_groups):
+        sg = h2f[scales[r, g]]
+        z = np.int32(zeros[r, g]) if has_zeros else mid
+        for t in range(n):
+            rest[t] += sg * d[g, t] * np.float32(dots[g, t] - z * sums[g, t])
+    for t in range(n):
+        out[t, r] = acc[t] + rest[t]
+
+
+@njit(cache=True, parallel=True)
+def gemm_rows_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, out):
+    """out (n, rows) = W @ x_t for n tokens quantized by `quantize_x` (xq (n, n_groups, P), d and
+    sums (n, n_groups)): a few tokens at once (batched decode), the weights read from memory once
+    for all of them, each token's result bit for bit its gemv_q8act's. On VNNI CPUs each task
+    runs gemv_q8act's rows for every token while their codes stay in cache; elsewhere it unpacks
+    each row's codes once and takes every token's integer group sums from them (group_dots),
+    then scales them in the GEMV's float order."""
+    n, rows = out.shape
+    n_groups = scales.shape[1]
+    vnni = VNNI_ROWS and group % 64 == 0
+    n_blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
+    if vnni or group > EXACT_FLOAT_GROUP:
+        for b in prange(n_blocks):
+            r0 = b * ROW_BLOCK
+            for t in range(n):
+                _block_q8act(codes, scales, zeros, has_zeros, h2f, xq[t], d[t], sums[t], xq[t, 0], xq[t, 0], vnni,
+                             k, group, bits, r0, min(rows, r0 + ROW_BLOCK), out[t])
+        return
+    split = k // group if bits == 4 else 0
+    mid = np.int32(1 << (bits - 1))
+    padded = xq.shape[2]
+    xf = np.empty((n, n_groups * padded), np.float32)  # C-contiguous (a reshape would type as 'A')
+    for t in range(n):
+        for g in range(n_groups):
+            for e in range(padded):
+                xf[t, g * padded + e] = xq[t, g, e]
+    d_t = np.ascontiguousarray(d.T)  # (n_groups, n): the tokens of a group side by side
+    sums_t = np.ascontiguousarray(sums.T)
+    for b in prange(n_blocks):
+        w = np.empty(n_groups * padded, np.float32)
+        dots = np.empty((n_groups, n), np.int32)
+        acc = np.empty(n, np.float32)
+        rest = np.empty(n, np.float32)
+        for r in range(b * ROW_BLOCK, min(rows, (b + 1) * ROW_BLOCK)):
+            unpack_codes(codes[r], bits, k, group, padded, w)
+            group_dots(w, xf, padded, dots)
+            _scale_dots(dots, scales, zeros, has_zeros, h2f, d_t, sums_t, r, split, mid, acc, rest, out)
 
 
 @njit(cache=True)

@@ -50,6 +50,8 @@ class CudaDecodeStep:
         widths = {name: w for b in blocks for name, w in b.widths.items()}
         self.bufs = {name: cp.zeros(w, cp.float32) for name, w in widths.items()}  # (width,) each
         self.pos = cp.zeros(1, cp.int32)
+        self.slots = cp.zeros(cache.context, cp.int32)  # the sequence's slot map (kvcache.py)
+        self.host_slots = np.full(cache.context, -1, np.int32)  # what self.slots holds
         self.n_splits = (cache.context + CHUNK - 1) // CHUNK
         self.part = cp.zeros((args.n_heads, self.n_splits, args.head_dim + 2), cp.float32)
         self.graph = None
@@ -81,10 +83,10 @@ class CudaDecodeStep:
         pairs = (a.n_heads + a.n_kv_heads) * hd // 2
         module.kernel("ops", "rope_store_at")(((pairs + THREADS - 1) // THREADS,), (THREADS,),
                                               (q, k, v, self.cos, self.sin, kc, vc, np.int32(a.n_heads),
-                                               np.int32(a.n_kv_heads), np.int32(hd), self.pos))
+                                               np.int32(a.n_kv_heads), np.int32(hd), self.slots, self.pos))
         module.kernel("ops", "attn_decode_split_at")(
             (a.n_heads * self.n_splits,), (THREADS,),
-            (q, kc, vc, self.part, np.int32(a.n_heads), np.int32(a.n_kv_heads), np.int32(hd), self.pos,
+            (q, kc, vc, self.slots, self.part, np.int32(a.n_heads), np.int32(a.n_kv_heads), np.int32(hd), self.pos,
              np.int32(s.window or 0), np.float32(s.scale), np.int32(self.n_splits)))
         module.kernel("ops", "attn_decode_combine")((a.n_heads,), (THREADS,),
                                                     (self.part, dst, np.int32(hd), np.int32(self.n_splits)))
@@ -123,8 +125,16 @@ class CudaDecodeStep:
                 self.graph = None
                 self.stream = None
 
-    def __call__(self, x, pos: int) -> np.ndarray:
+    def __call__(self, x, pos: int, slots: np.ndarray) -> np.ndarray:
+        """Logits after the token of embedding x at position pos of the sequence whose slot map
+        is slots (L,) int32 (copied up only where it changed)."""
         cp = module.cupy()
+        n = pos + 1  # the positions this step reads
+        changed = np.flatnonzero(self.host_slots[:n] != slots[:n])
+        if changed.size:
+            lo, hi = int(changed[0]), int(changed[-1]) + 1
+            self.slots[lo:hi] = cp.asarray(slots[lo:hi])
+            self.host_slots[lo:hi] = slots[lo:hi]
         if CUDA_GRAPHS and self.graph is None and self.stream is None:
             self._capture()
         if self.graph is not None:

@@ -72,21 +72,27 @@ class CUDAOps:
         n = gate.size
         module.kernel("ops", "silu_mul_f32")(((n + THREADS - 1) // THREADS,), (THREADS,), (gate, up, np.int64(n)))
 
-    def attention_decode(self, q, k_cache, v_cache, start: int, stop: int, scale: float):
+    def attention_decode(self, q, k_cache, v_cache, slots, starts, stops, scale: float):
+        """One query per sequence, q (B, heads, hd), over its own positions [starts[b], stops[b])
+        at slots[b] (B, L) int32 of one layer's pool (n_slots, kv, hd) -> (B, heads, hd). One
+        flash-decoding pass pair per sequence (launched eagerly)."""
         cp = module.cupy()
         q = cp.ascontiguousarray(q)
+        slots = cp.ascontiguousarray(cp.asarray(slots, cp.int32))
         _in_place(k_cache, v_cache)
-        n_heads, hd = q.shape
+        n_seq, n_heads, hd = q.shape
         n_kv = k_cache.shape[1]
-        n_splits = (stop - start + CHUNK - 1) // CHUNK
-        part = cp.empty((n_heads, n_splits, hd + 2), cp.float32)
-        out = cp.empty((n_heads, hd), cp.float32)
-        module.kernel("ops", "attn_decode_split")((n_heads * n_splits,), (THREADS,),
-                                           (q, k_cache, v_cache, part, np.int32(n_heads), np.int32(n_kv),
-                                            np.int32(hd), np.int32(start), np.int32(stop), np.float32(scale),
-                                            np.int32(n_splits)))
-        module.kernel("ops", "attn_decode_combine")((n_heads,), (THREADS,),
-                                                    (part, out, np.int32(hd), np.int32(n_splits)))
+        out = cp.empty((n_seq, n_heads, hd), cp.float32)
+        for b in range(n_seq):
+            start, stop = int(starts[b]), int(stops[b])
+            n_splits = (stop - start + CHUNK - 1) // CHUNK
+            part = cp.empty((n_heads, n_splits, hd + 2), cp.float32)
+            module.kernel("ops", "attn_decode_split")((n_heads * n_splits,), (THREADS,),
+                                                      (q[b], k_cache, v_cache, slots[b], part, np.int32(n_heads),
+                                                       np.int32(n_kv), np.int32(hd), np.int32(start), np.int32(stop),
+                                                       np.float32(scale), np.int32(n_splits)))
+            module.kernel("ops", "attn_decode_combine")((n_heads,), (THREADS,),
+                                                        (part, out[b], np.int32(hd), np.int32(n_splits)))
         return out
 
     def attention_prefill(self, q, k, v, start_pos: int, window: int | None, scale: float):

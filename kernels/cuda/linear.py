@@ -66,6 +66,13 @@ class _CudaOp:
         rows = self._tensor.take_rows(ids).dequantize()
         return module.cupy().asarray(np.ascontiguousarray(rows, np.float32))
 
+    def gemv_many(self, x):
+        """Every token's GEMV of x (n, in_features), one launch each (batched decode, eager)."""
+        out = module.cupy().empty((x.shape[0], self.out_features), np.float32)
+        for i in range(x.shape[0]):
+            self.gemv(x[i], out[i])
+        return out
+
 
 class CudaSidecars:
     """A grouped tensor's perm, CSR outliers, 16-bit columns and offsets on the device (each optional).

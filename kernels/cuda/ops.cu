@@ -1,6 +1,7 @@
 // The per-token operations of a decoder layer on the GPU: RMSNorm, RoPE, the SiLU gate, and
 // decode attention over the KV cache split across the sequence (flash-decoding). Activations are
-// float32; the KV cache is float16, (max_seq, n_kv_heads, head_dim) per layer. References:
+// float32; the KV cache is a float16 pool of slots, (n_slots, n_kv_heads, head_dim) per layer, and a
+// sequence's position p lives in slot slots[p] (its slot map, runtime/kvcache.py). References:
 // qformat.kernels.reference (rmsnorm, rope, silu_mul, attention).
 #include "common.cuh"
 
@@ -57,7 +58,7 @@ extern "C" __global__ void silu_mul_f32(float* __restrict__ gate, const float* _
 
 // One decode token at the position *pos (device memory: a captured decode step reads the
 // position of each replay): RoPE on q (n_heads, hd) in place, and on k (n_kv, hd) on its way
-// into row *pos of the layer's float16 cache, with v beside it. One thread per rotated pair.
+// into slot slots[*pos] of the layer's float16 cache, with v beside it. One thread per rotated pair.
 __device__ __forceinline__ void rotate(float a, float b, float c, float s, float& ra, float& rb) {
     ra = a * c - b * s;
     rb = b * c + a * s;
@@ -67,7 +68,7 @@ extern "C" __global__ void rope_store_at(float* __restrict__ q, const float* __r
                                          const float* __restrict__ v, const float* __restrict__ cos_t,
                                          const float* __restrict__ sin_t, __half* __restrict__ k_cache,
                                          __half* __restrict__ v_cache, int n_heads, int n_kv, int hd,
-                                         const int* __restrict__ pos) {
+                                         const int* __restrict__ slots, const int* __restrict__ pos) {
     const int half = hd / 2;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (n_heads + n_kv) * half) return;
@@ -80,7 +81,7 @@ extern "C" __global__ void rope_store_at(float* __restrict__ q, const float* __r
     }
     i -= n_heads * half;
     const size_t e = (size_t)(i / half) * hd + j;  // this pair's first element in the token's (n_kv, hd)
-    const size_t row = (size_t)(*pos) * n_kv * hd;
+    const size_t row = (size_t)slots[*pos] * n_kv * hd;
     float ra, rb;
     rotate(k[e], k[e + half], c, s, ra, rb);
     k_cache[row + e] = __float2half(ra);
@@ -89,12 +90,14 @@ extern "C" __global__ void rope_store_at(float* __restrict__ q, const float* __r
     v_cache[row + e + half] = __float2half(v[e + half]);
 }
 
-// Decode attention, pass 1: block (head h, split s) over keys [start + s*CHUNK, ...) < stop.
+// Decode attention, pass 1: block (head h, split s) over positions [start + s*CHUNK, ...) < stop,
+// position t's key and value in slot slots[t].
 // Writes part[(h * n_splits + s) * (hd + 2) + ...] = (max score m, Σ exp(score - m), then the
 // hd unnormalized outputs Σ exp(score - m) v). GQA: head h reads KV head h / (n_heads / n_kv).
 // A split past stop is empty: m = NEG_BIG, l = 0, o = 0, which the combine pass weighs 0.
 __device__ void attn_split(const float* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
-                           float* __restrict__ part, int n_heads, int n_kv, int hd, int start, int stop, float scale,
+                           const int* __restrict__ slots, float* __restrict__ part, int n_heads, int n_kv, int hd,
+                           int start, int stop, float scale,
                            int n_splits) {
     __shared__ float score[CHUNK];
     __shared__ float qs[256];  // hd <= 256
@@ -106,7 +109,7 @@ __device__ void attn_split(const float* __restrict__ q, const __half* __restrict
     __syncthreads();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
     for (int t = t0 + warp; t < t1; t += n_warps) {  // one warp per key, lanes over the head dim
-        const __half* kr = k + ((size_t)t * n_kv + kvh) * hd;
+        const __half* kr = k + ((size_t)slots[t] * n_kv + kvh) * hd;
         float acc = 0.0f;
         for (int d = lane; d < hd; d += 32) acc += qs[d] * __half2float(kr[d]);
         acc = warp_sum(acc);
@@ -126,7 +129,7 @@ __device__ void attn_split(const float* __restrict__ q, const __half* __restrict
     float* out = part + (size_t)blockIdx.x * (hd + 2);
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {  // threads over the head dim: rows of V coalesced
         float o = 0.0f;
-        for (int t = t0; t < t1; ++t) o += score[t - t0] * __half2float(v[((size_t)t * n_kv + kvh) * hd + d]);
+        for (int t = t0; t < t1; ++t) o += score[t - t0] * __half2float(v[((size_t)slots[t] * n_kv + kvh) * hd + d]);
         out[2 + d] = o;
     }
     if (threadIdx.x == 0) {
@@ -135,20 +138,20 @@ __device__ void attn_split(const float* __restrict__ q, const __half* __restrict
     }
 }
 
-extern "C" __global__ void attn_decode_split(const float* q, const __half* k, const __half* v, float* part,
-                                             int n_heads, int n_kv, int hd, int start, int stop, float scale,
-                                             int n_splits) {
-    attn_split(q, k, v, part, n_heads, n_kv, hd, start, stop, scale, n_splits);
+extern "C" __global__ void attn_decode_split(const float* q, const __half* k, const __half* v, const int* slots,
+                                             float* part, int n_heads, int n_kv, int hd, int start, int stop,
+                                             float scale, int n_splits) {
+    attn_split(q, k, v, slots, part, n_heads, n_kv, hd, start, stop, scale, n_splits);
 }
 
 // The same for the query at position *pos (device memory), over keys [max(0, pos + 1 - window),
 // pos + 1) (window <= 0: no window); n_splits covers the whole context, later splits are empty.
-extern "C" __global__ void attn_decode_split_at(const float* q, const __half* k, const __half* v, float* part,
-                                                int n_heads, int n_kv, int hd, const int* pos, int window,
-                                                float scale, int n_splits) {
+extern "C" __global__ void attn_decode_split_at(const float* q, const __half* k, const __half* v, const int* slots,
+                                                float* part, int n_heads, int n_kv, int hd, const int* pos,
+                                                int window, float scale, int n_splits) {
     const int stop = *pos + 1;
     const int start = window > 0 ? max(0, stop - window) : 0;
-    attn_split(q, k, v, part, n_heads, n_kv, hd, start, stop, scale, n_splits);
+    attn_split(q, k, v, slots, part, n_heads, n_kv, hd, start, stop, scale, n_splits);
 }
 
 // Decode attention, pass 2: one block per head merges its splits: out (n_heads, hd).

@@ -61,9 +61,9 @@ extern "C" void host_silu_mul_f32(int grid, int bx, int by, float* gate, const f
 }
 
 extern "C" void host_attn_decode_split(int grid, int bx, int by, const float* q, const __half* k, const __half* v,
-                                       float* part, int n_heads, int n_kv, int hd, int start, int stop, float scale,
-                                       int n_splits) {
-    launch(grid, bx, by, [&] { attn_decode_split(q, k, v, part, n_heads, n_kv, hd, start, stop, scale, n_splits); });
+                                       const int* slots, float* part, int n_heads, int n_kv, int hd, int start,
+                                       int stop, float scale, int n_splits) {
+    launch(grid, bx, by, [&] { attn_decode_split(q, k, v, slots, part, n_heads, n_kv, hd, start, stop, scale, n_splits); });
 }
 
 extern "C" void host_attn_decode_combine(int grid, int bx, int by, const float* part, float* out, int hd,
@@ -73,14 +73,14 @@ extern "C" void host_attn_decode_combine(int grid, int bx, int by, const float* 
 
 extern "C" void host_rope_store_at(int grid, int bx, int by, float* q, const float* k, const float* v, const float* cos_t,
                                    const float* sin_t, __half* k_cache, __half* v_cache, int n_heads, int n_kv, int hd,
-                                   const int* pos) {
-    launch(grid, bx, by, [&] { rope_store_at(q, k, v, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv, hd, pos); });
+                                   const int* slots, const int* pos) {
+    launch(grid, bx, by, [&] { rope_store_at(q, k, v, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv, hd, slots, pos); });
 }
 
 extern "C" void host_attn_decode_split_at(int grid, int bx, int by, const float* q, const __half* k, const __half* v,
-                                          float* part, int n_heads, int n_kv, int hd, const int* pos, int window,
-                                          float scale, int n_splits) {
-    launch(grid, bx, by, [&] { attn_decode_split_at(q, k, v, part, n_heads, n_kv, hd, pos, window, scale, n_splits); });
+                                          const int* slots, float* part, int n_heads, int n_kv, int hd, const int* pos,
+                                          int window, float scale, int n_splits) {
+    launch(grid, bx, by, [&] { attn_decode_split_at(q, k, v, slots, part, n_heads, n_kv, hd, pos, window, scale, n_splits); });
 }
 
 extern "C" void host_gemv_generic(int grid, int bx, int by, GROUPED_PARAMS, const u8* index, int index_bytes,
