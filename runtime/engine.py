@@ -157,8 +157,6 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
         self.ids = count()
-        self.steps = 0
-        self.tokens_in = 0  # prompt tokens run
         self.tokens_out = 0  # tokens generated
 
     def submit(self, request: Request) -> Sequence:
@@ -260,7 +258,6 @@ class Engine:
         if not work:
             return []
         logits = self.model.run([(s.kv, ids) for s, ids in work])
-        self.steps += 1
         touched = []
         for (seq, ids), row in zip(work, logits):
             if seq.next_token is not None:
@@ -268,7 +265,6 @@ class Engine:
                 seq.next_token = None
             else:
                 seq.prefill_tokens += len(ids)
-                self.tokens_in += len(ids)
             if seq.kv.length < len(seq.tokens):
                 continue  # prompt not complete yet: no token to sample
             touched.append(seq)
