@@ -12,6 +12,7 @@ from qformat.reader import QbinReader
 from .chat import Conversation, render_chat
 from .engine import Engine, Request
 from .generate import GenerationStats, Session, generate
+from .grammar import json_schema_grammar
 from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -44,10 +45,13 @@ class Model:
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: Iterable[str] = (), add_bos: bool | None = None) -> Iterator[str]:
+                 seed: int | None = None, stop: Iterable[str] = (), add_bos: bool | None = None,
+                 json_schema: dict | None = None) -> Iterator[str]:
         """Yield text pieces as they are decoded. prompt: text (encoded with the file's tokenizer,
         BOS per the file unless add_bos says otherwise) or token ids. temperature 0 is greedy.
-        Timings of the call are in `self.stats` once the iterator is exhausted."""
+        json_schema: the text is JSON valid under this schema ({} for any JSON value; needs
+        llguidance, in the serve extra). Timings of the call are in `self.stats` once the iterator
+        is exhausted."""
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -58,7 +62,8 @@ class Model:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.context} "
                              "tokens (one position is needed for the answer); shorten it or raise --context")
         self.stats = GenerationStats()
-        request = Request(ids, max_tokens, params, seed, tuple(stop), frozenset(self.eos_ids))
+        grammar = json_schema_grammar(json_schema) if json_schema is not None else None
+        request = Request(ids, max_tokens, params, seed, tuple(stop), frozenset(self.eos_ids), grammar=grammar)
         return generate(self.engine, request, self.stats)
 
     def logits(self, token_ids) -> np.ndarray:

@@ -10,6 +10,7 @@ reported on one line and exits with status 2.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ class BadInput(click.ClickException):
               help="Repetition penalty (1: off).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
+@click.option("--json-schema", "schema_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Answer in JSON valid under this JSON schema file (constrained decoding).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [all cores].")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where to run: the CPU, an NVIDIA GPU (CuPy), or the GPU when there is one.")
@@ -59,7 +62,7 @@ class BadInput(click.ClickException):
 @click.option("--window", type=click.IntRange(min=2), default=512, show_default=True,
               help="With --ppl: tokens per window.")
 def cli(file, prompt, prompt_file, chat, system, max_tokens, temperature, top_k, top_p, min_p,
-        repeat_penalty, seed, stop, threads, device, context, quiet, ppl_file, ppl_default, reference, windows,
+        repeat_penalty, seed, stop, schema_file, threads, device, context, quiet, ppl_file, ppl_default, reference, windows,
         window):
     """Run the .qbin model FILE."""
     if reference is not None and not (ppl_file or ppl_default):
@@ -82,6 +85,7 @@ def cli(file, prompt, prompt_file, chat, system, max_tokens, temperature, top_k,
         temperature=_pick(temperature, gen.temperature, 0.0), top_k=_pick(top_k, gen.top_k, 0),
         top_p=_pick(top_p, gen.top_p, 1.0), min_p=_pick(min_p, gen.min_p, 0.0),
         repetition_penalty=_pick(repeat_penalty, gen.repetition_penalty, 1.0), seed=seed, stop=list(stop),
+        json_schema=_read_schema(schema_file),
     )
     if chat:
         _chat(model, prompt, prompt_file, system, kwargs, quiet)
@@ -97,6 +101,18 @@ def _pick(given, from_file, default):
     if given is not None:
         return given
     return from_file if from_file is not None else default
+
+
+def _read_schema(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"--json-schema {path}: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise BadInput(f"--json-schema {path}: a JSON schema is an object")
+    return schema
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:

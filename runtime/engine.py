@@ -22,6 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .grammar import Constraint, TokenGrammar
 from .kvcache import PoolExhausted, SequenceKV
 from .model import Transformer
 from .sampling import SamplingParams, sample
@@ -35,7 +36,8 @@ PREFILL_CHUNK = 512
 @dataclass
 class Request:
     """What to generate: prompt token ids, at most max_tokens new ones, sampled with params from
-    a generator seeded with seed, until an EOS id, a stop string or the context."""
+    a generator seeded with seed, until an EOS id, a stop string, the end of its grammar or the
+    context."""
 
     prompt_ids: list[int]
     max_tokens: int = 256
@@ -44,6 +46,7 @@ class Request:
     stop: tuple[str, ...] = ()
     eos_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: none; k: each token's log-probability and the top k
+    grammar: str | None = None  # llguidance grammar the text must follow (grammar.json_schema_grammar)
 
 
 def held_suffix(text: str, stops: Iterable[str]) -> int:
@@ -105,7 +108,8 @@ def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
 class Sequence:
     """One request in the engine: its KV blocks, sampler, text so far and timings. `pieces`
     collects the text produced since the caller last took it; finish_reason is set at the end
-    ("eos", "stop": a stop string, "length": max_tokens, "context", "cancelled")."""
+    ("eos", "stop": a stop string, "grammar": its grammar is complete, "length": max_tokens,
+    "context", "cancelled")."""
 
     def __init__(self, request: Request, kv: SequenceKV, tokenizer: Tokenizer, sid: int):
         self.id = sid
@@ -118,6 +122,7 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []  # when the request asks for them, one per token
         self.finish_reason: str | None = None
         self.next_token: int | None = None  # sampled, not yet run through the model
+        self.constraint: Constraint | None = None
         self.prefill_tokens = 0  # prompt tokens this sequence actually ran (not found cached)
         self.cached_tokens = 0
         self.submitted = time.perf_counter()
@@ -158,6 +163,14 @@ class Engine:
         self.running: list[Sequence] = []  # admission order
         self.ids = count()
         self.tokens_out = 0  # tokens generated
+        self.grammar: TokenGrammar | None = None  # built at the first constrained request
+
+    def token_grammar(self) -> TokenGrammar:
+        """The vocabulary compiled for constrained decoding (once, on first use)."""
+        if self.grammar is None:
+            args = self.model.args
+            self.grammar = TokenGrammar(self.tokenizer, args.vocab_size, list(args.eos_token_ids))
+        return self.grammar
 
     def submit(self, request: Request) -> Sequence:
         """Queue a request; it joins the running ones at a coming step."""
@@ -172,7 +185,9 @@ class Engine:
         pool = self.model.pool
         if -(-len(ids) // pool.block_size) + 1 > pool.n_blocks:
             raise ValueError(f"prompt of {len(ids)} tokens needs more KV blocks than the pool's {pool.n_blocks}")
+        constraint = self.token_grammar().constraint(request.grammar) if request.grammar else None
         seq = Sequence(request, self.model.new_sequence(), self.tokenizer, next(self.ids))
+        seq.constraint = constraint
         if request.max_tokens == 0:
             self._finish(seq, "length")
         else:
@@ -277,7 +292,8 @@ class Engine:
         p = req.params
         previous = np.asarray(seq.tokens, np.int64) if p.repetition_penalty != 1.0 else None
         penalized = p.presence_penalty != 0 or p.frequency_penalty != 0
-        token = sample(logits, p, seq.rng, previous, np.asarray(seq.generated, np.int64) if penalized else None)
+        allowed = seq.constraint.mask(logits) if seq.constraint is not None else logits
+        token = sample(allowed, p, seq.rng, previous, np.asarray(seq.generated, np.int64) if penalized else None)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         if token in req.eos_ids:
@@ -286,12 +302,13 @@ class Engine:
         if req.logprobs is not None:
             seq.logprobs.append(token_logprob(logits, token, req.logprobs))
         self.tokens_out += 1
+        complete = seq.constraint is not None and seq.constraint.advance(token)
         piece, stopped = seq.text.push(token)
         if piece:
             seq.pieces.append(piece)
-        if stopped:
+        if stopped or complete:
             seq.generated.append(token)
-            self._finish(seq, "stop")
+            self._finish(seq, "stop" if stopped else "grammar")
         elif len(seq.generated) + 1 >= req.max_tokens:
             seq.generated.append(token)
             self._finish(seq, "length")

@@ -1,7 +1,7 @@
 """The OpenAI API's request bodies as pydantic models (what qserve accepts), and its error object.
 
-Fields are OpenAI's names and ranges; a field this server does not implement (n > 1, tools,
-response_format) is rejected with a 400 naming it, never silently ignored.
+Fields are OpenAI's names and ranges; a field this server does not implement (n > 1, tools) is
+rejected with a 400 naming it, never silently ignored.
 """
 from __future__ import annotations
 
@@ -39,6 +39,31 @@ class Sampling(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
     user: str | None = None
+    response_format: dict | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        if v is None:
+            return v
+        kind = v.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("type must be 'text', 'json_object' or 'json_schema'")
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ValueError("json_schema must be an object with a 'schema' object")
+        return v
+
+    @property
+    def json_schema(self) -> tuple[bool, dict | None]:
+        """(whether the answer must be JSON, its schema: None for any JSON object)."""
+        v = self.response_format or {"type": "text"}
+        if v["type"] == "text":
+            return False, None
+        if v["type"] == "json_object":
+            return True, None
+        return True, v["json_schema"].get("schema", {})
 
     @field_validator("stop")
     @classmethod
@@ -79,15 +104,7 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict | None = None
     tools: list | None = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, v):
-        if v is not None and v.get("type") != "text":
-            raise ValueError("only {'type': 'text'} is supported (no constrained decoding in this server yet)")
-        return v
 
     @field_validator("tools")
     @classmethod

@@ -39,6 +39,7 @@ from qformat.reader import QbinReader
 
 from .api import Model, load
 from .engine import Engine, Request, Sequence, TokenLogprob
+from .grammar import json_schema_grammar
 from .kvcache import BLOCK_SIZE
 from .protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, Sampling, validation_error
 from .sampling import SamplingParams
@@ -46,7 +47,8 @@ from .sampling import SamplingParams
 log = logging.getLogger("qformat.serve")
 
 # OpenAI's finish reasons for the engine's.
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "grammar": "stop", "length": "length", "context": "length",
+          "cancelled": "length"}
 
 
 @dataclass
@@ -292,7 +294,20 @@ class Server:
         max_tokens = room if limit is None else min(limit, room)  # capped by the context
         params = SamplingParams(temperature=body.temperature, top_p=body.top_p,
                                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
-        return Request(ids, max_tokens, params, body.seed, body.stops, frozenset(self.model.eos_ids), logprobs)
+        return Request(ids, max_tokens, params, body.seed, body.stops, frozenset(self.model.eos_ids), logprobs,
+                       self._grammar(body))
+
+    def _grammar(self, body: Sampling) -> str | None:
+        """The llguidance grammar response_format asks for, checked against the vocabulary."""
+        wanted, schema = body.json_schema
+        if not wanted:
+            return None
+        try:
+            grammar = json_schema_grammar(schema)
+            self.engine.token_grammar().check(grammar)
+        except ValueError as e:
+            raise APIError(400, f"response_format: {e}", "response_format") from None
+        return grammar
 
     def _admit(self) -> None:
         if self.loop.pending >= self.limits.parallel + self.limits.max_queue:

@@ -17,6 +17,7 @@ class Tokenizer:
         self.info = info
         self.bos_id = bos_id
         self.kind = info.kind
+        self.data = bytes(data)  # the file's tokenizer, as stored
         if info.kind == "hf-json":
             from tokenizers import Tokenizer as HfTokenizer
 
@@ -57,6 +58,50 @@ class Tokenizer:
             return self._hf.token_to_id(token)
         i = self._sp.piece_to_id(token)
         return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else int(i)
+
+    def special_ids(self) -> list[int]:
+        """Ids of the control and unknown tokens (SentencePiece vocabularies)."""
+        sp = self._require_sp()
+        return [i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in decoded text (SentencePiece vocabularies; what a grammar engine
+        matches against): '▁' is a space, <0xNN> pieces are that byte."""
+        sp = self._require_sp()
+        out = []
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                out.append(bytes([int(piece[3:5], 16)]))
+            else:
+                out.append(piece.replace("▁", " ").encode("utf-8"))
+        return out
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids whose decoded bytes are exactly `text`, as it would continue a sequence: without
+        the space SentencePiece puts before a text's first word."""
+        ids = self.encode(text, add_bos=False)
+        if self._sp is None or not ids or text.startswith(" "):
+            return ids
+        first = self._sp.id_to_piece(ids[0])
+        if not first.startswith("\u2581"):
+            return ids
+        rest = first[1:]
+        if not rest:
+            return ids[1:]
+        whole = self._sp.piece_to_id(rest)
+        if self._sp.id_to_piece(whole) == rest:
+            return [whole] + ids[1:]
+        head = []
+        for ch in rest:  # each character's own piece, or its bytes (byte-fallback pieces)
+            i = self._sp.piece_to_id(ch)
+            head += [i] if self._sp.id_to_piece(i) == ch else [self._sp.piece_to_id(f"<0x{b:02X}>") for b in ch.encode()]
+        return head + ids[1:]
+
+    def _require_sp(self):
+        if self._sp is None:
+            raise ValueError(f"a {self.kind} tokenizer has no SentencePiece pieces")
+        return self._sp
 
     def stream(self) -> "StreamDecoder":
         """A decoder that turns ids, pushed one at a time, into complete UTF-8 text pieces."""

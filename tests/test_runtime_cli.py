@@ -1,6 +1,7 @@
 """qrun: output, timings on stderr, perplexity mode, and one-line exit-2 errors for bad input."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,21 @@ def test_console_script_subprocess(qbin):
     r = subprocess.run([sys.executable, "-m", "qformat.runtime.cli", str(qbin), "--nope"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_json_schema_option(qbin, tmp_path, capsys):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    f = tmp_path / "schema.json"
+    f.write_text(json.dumps(schema))
+    code, out, _ = run([qbin, "-p", "Count:", "-n", "30", "-t", "1", "--seed", "1", "--json-schema", f, "-q"], capsys)
+    assert code == 0
+    value = json.loads(out)
+    assert set(value) == {"n"} and 0 <= value["n"] <= 99
+    f.write_text('{"type": "nonsense"}')
+    code, _, err = run([qbin, "-p", "x", "--json-schema", f], capsys)
+    assert code == 2 and "JSON schema" in err and "nonsense" in err
+    f.write_text("[1,")
+    code, _, err = run([qbin, "-p", "x", "--json-schema", f], capsys)
+    assert code == 2 and "--json-schema" in err and "not JSON" in err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -107,6 +108,31 @@ def test_seed_stop_logprobs(client):
         assert entry.logprob <= 0
 
 
+def test_json_schema_and_json_object(client):
+    """Sampled answers in response_format's JSON: they parse and validate against the schema,
+    streamed or not; the stream's text is the whole answer's."""
+    llguidance = pytest.importorskip("llguidance")  # noqa: F841
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "population": {"type": "integer", "minimum": 0}},
+              "required": ["city", "population"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "Name a city as JSON."}]
+    for seed in range(3):
+        kw = dict(model="tiny", messages=messages, max_tokens=60, temperature=1.0, seed=seed, response_format=fmt)
+        full = client.chat.completions.create(**kw)
+        assert full.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(full.choices[0].message.content), schema)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True))
+        assert streamed == full.choices[0].message.content
+    any_object = client.completions.create(model="tiny", prompt="{", max_tokens=40, temperature=0,
+                                           extra_body={"response_format": {"type": "json_object"}})
+    if any_object.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(any_object.choices[0].text), dict)
+    else:
+        assert any_object.choices[0].text.startswith("{")
+
+
 def test_embeddings_and_models(client):
     out = client.embeddings.create(model="tiny", input=["first text", "another, longer text"])
     vecs = np.array([d.embedding for d in out.data])
@@ -134,6 +160,13 @@ def test_bad_requests(served):
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         r = h.post("/v1/chat/completions", json={"model": "tiny", "messages": []}, headers=auth)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "response_format": bad}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        assert "nonsense" in r.json()["error"]["message"]
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "response_format": {"type": "yaml"}},
+                   headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
         assert h.get("/health").json()["status"] == "ok"
         assert "qserve_kv_blocks_in_use 0" in h.get("/metrics").text
 
