@@ -1,9 +1,10 @@
 """Supported Hugging Face architectures, as data.
 
-A new architecture of the Llama family adds a row to ARCHITECTURES (and, if it brings a new kind
-of tensor, an entry to qformat.tensors with the flag that enables it and its HF name here); no
-code changes elsewhere. The flags of Architecture are ModelArgs' (qkv_bias, qk_norm), so a
-tensor's flag names both.
+A new architecture adds a row to ARCHITECTURES (and, if it brings a new kind of tensor, an entry
+to qformat.tensors with the flag that enables it and its HF name here); what its blocks compute
+differently comes from ModelArgs fields that hf_config.py reads from config.json. The flags of
+Architecture are ModelArgs' (qkv_bias, qk_norm, pre_norms, post_norms), so a tensor's flag names
+both.
 """
 from __future__ import annotations
 
@@ -20,12 +21,37 @@ class Architecture:
     hf_name: str  # config.json "architectures"[0]
     arch: str  # ModelArgs.arch
     qkv_bias: bool = False  # q/k/v projections carry biases (Qwen2)
-    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm on q and k before RoPE (Qwen3, Gemma 3, OLMo 2)
+    qk_norm_per_head: bool = True  # ... of each head, or of the whole projection (OLMo 2)
+    pre_norms: bool = True  # input_layernorm / post_attention_layernorm before the sublayers
+    post_norms: bool = False  # norms of the sublayers' outputs (Gemma 2/3 with pre-norms, OLMo 2 without)
     # config key holding the sliding-window size, honoured only when `sliding_window_switch`
     # is absent or true in config.json (Qwen2/3 keep the key but switch the window off).
     sliding_window_key: str | None = None
     sliding_window_switch: str | None = None
+    # without config.json "layer_types": every `layer_pattern`-th layer is full, the others
+    # sliding (Gemma 2: 2; Gemma 3: config key sliding_window_pattern, default 6)
+    layer_pattern: int | None = None
+    layer_pattern_key: str | None = None
+    norm_offset: float = 0.0  # added to every norm weight at conversion: Gemma's norms multiply by (1 + w)
+    embed_scale: bool = False  # the embeddings' rows are multiplied by sqrt(hidden_size) (Gemma)
+    renames: tuple[tuple[T.TensorName, str], ...] = ()  # HF names that differ from _HF_NAMES'
+    # fused HF tensors split at conversion into the tensors listed, stacked along the rows in
+    # that order, each with the ModelArgs field giving its rows (Phi-3's qkv_proj, gate_up_proj)
+    splits: tuple[tuple[str, tuple[tuple[T.TensorName, str], ...]], ...] = ()
 
+    def split_parts(self, args, layer: int) -> list[tuple[str, list[tuple[str, int]]]]:
+        """(fused HF name, [(HF name of a part, its rows), ...]) of each split tensor of a layer."""
+        names = {**_HF_NAMES, **dict(self.renames)}
+        return [(fused.format(i=layer), [(names[t].format(i=layer), int(getattr(args, rows))) for t, rows in parts])
+                for fused, parts in self.splits]
+
+
+# Gemma 2/3 and OLMo 2 name their norms by place: post_attention_layernorm is attention's
+# post-norm there, not the MLP's pre-norm as in Llama.
+_POST_NORMS = ((T.ATTN_POST_NORM, "model.layers.{i}.post_attention_layernorm.weight"),
+               (T.FFN_POST_NORM, "model.layers.{i}.post_feedforward_layernorm.weight"))
+_GEMMA_NORMS = _POST_NORMS + ((T.FFN_NORM, "model.layers.{i}.pre_feedforward_layernorm.weight"),)
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_name: a
@@ -36,6 +62,19 @@ ARCHITECTURES: dict[str, Architecture] = {
                      sliding_window_key="sliding_window", sliding_window_switch="use_sliding_window"),
         Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True,
                      sliding_window_key="sliding_window", sliding_window_switch="use_sliding_window"),
+        Architecture("Gemma2ForCausalLM", "gemma2", post_norms=True, sliding_window_key="sliding_window",
+                     layer_pattern=2, norm_offset=1.0, embed_scale=True, renames=_GEMMA_NORMS),
+        Architecture("Gemma3ForCausalLM", "gemma3", qk_norm=True, post_norms=True, sliding_window_key="sliding_window",
+                     layer_pattern=6, layer_pattern_key="sliding_window_pattern", norm_offset=1.0, embed_scale=True,
+                     renames=_GEMMA_NORMS),
+        Architecture("Olmo2ForCausalLM", "olmo2", qk_norm=True, qk_norm_per_head=False, pre_norms=False,
+                     post_norms=True, renames=_POST_NORMS),
+        Architecture("SmolLM3ForCausalLM", "smollm3", sliding_window_key="sliding_window",
+                     sliding_window_switch="use_sliding_window"),
+        Architecture("Phi3ForCausalLM", "phi3", sliding_window_key="sliding_window", splits=(
+            ("model.layers.{i}.self_attn.qkv_proj.weight", ((T.ATTN_Q, "q_dim"), (T.ATTN_K, "kv_dim"),
+                                                            (T.ATTN_V, "kv_dim"))),
+            ("model.layers.{i}.mlp.gate_up_proj.weight", ((T.FFN_GATE, "ffn_dim"), (T.FFN_UP, "ffn_dim"))))),
     )
 }
 
@@ -77,10 +116,12 @@ _HF_NAMES = {
     T.ATTN_OUT: "model.layers.{i}.self_attn.o_proj.weight",
     T.ATTN_Q_NORM: "model.layers.{i}.self_attn.q_norm.weight",
     T.ATTN_K_NORM: "model.layers.{i}.self_attn.k_norm.weight",
+    T.ATTN_POST_NORM: "",  # only under an architecture's renames
     T.FFN_NORM: "model.layers.{i}.post_attention_layernorm.weight",
     T.FFN_GATE: "model.layers.{i}.mlp.gate_proj.weight",
     T.FFN_UP: "model.layers.{i}.mlp.up_proj.weight",
     T.FFN_DOWN: "model.layers.{i}.mlp.down_proj.weight",
+    T.FFN_POST_NORM: "",
     T.OUTPUT_NORM: "model.norm.weight",
     T.OUTPUT: "lm_head.weight",
 }
@@ -112,4 +153,5 @@ def tensor_rules(arch: Architecture, n_layers: int) -> list[tuple[str, str, str]
     def exists(t: T.TensorName) -> bool:
         return t.flag is None or bool(getattr(arch, t.flag))
 
-    return [(_HF_NAMES[t].format(i=layer), t.name(layer), t.role) for t, layer in T.file_order(n_layers, exists)]
+    names = {**_HF_NAMES, **dict(arch.renames)}
+    return [(names[t].format(i=layer), t.name(layer), t.role) for t, layer in T.file_order(n_layers, exists)]

@@ -65,6 +65,8 @@ class Checkpoint:
                                   "pytorch_model.bin found; is this a Hugging Face model folder?")
         self._handles: dict[Path, object] = {}
         self._names: dict[str, Path] = self._list_names()
+        self._offsets: dict[str, float] = {}
+        self._parts: dict[str, tuple[str, int, int]] = {}  # a split tensor's part -> (fused name, row range)
 
     # -- discovery ---------------------------------------------------------
     def _single_file(self) -> Path:
@@ -87,10 +89,30 @@ class Checkpoint:
         return [self.folder / index] + sorted(set(self._files.values()))
 
     def names(self) -> list[str]:
-        return sorted(self._names)
+        fused = {f for f, _, _ in self._parts.values()}
+        return sorted([n for n in self._names if n not in fused] + list(self._parts))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._names
+        return name in self._parts or (name in self._names and name not in {f for f, _, _ in self._parts.values()})
+
+    def split(self, fused: str, parts: list[tuple[str, int]]) -> None:
+        """Show the tensor `fused` as the tensors `parts` (name, rows) stacked along its rows, in
+        that order (Phi-3's qkv_proj and gate_up_proj); `fused` itself is then no longer listed."""
+        if fused not in self._names:
+            raise CheckpointError(f"{self.folder}: tensor {fused} is missing from the checkpoint")
+        total = self.shape(fused)[0]
+        if sum(n for _, n in parts) != total:
+            raise CheckpointError(f"{self.folder}: tensor {fused} has {total} rows; config.json implies "
+                                  f"{' + '.join(str(n) for _, n in parts)}")
+        start = 0
+        for name, n in parts:
+            self._parts[name] = (fused, start, start + n)
+            start += n
+
+    def add_offset(self, names, value: float) -> None:
+        """Read the tensors `names` with `value` added to every element (Gemma's norms store
+        w for a multiplication by 1 + w: qbin stores the factor itself)."""
+        self._offsets.update({n: float(value) for n in names})
 
     # -- access ------------------------------------------------------------
     def _open(self, path: Path):
@@ -117,6 +139,9 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape, read from the file header only."""
+        if name in self._parts:
+            fused, start, stop = self._parts[name]
+            return (stop - start,) + self.shape(fused)[1:]
         path = self._names[name]
         if self.format == "safetensors":
             return tuple(self._open(path).get_slice(name).get_shape())
@@ -144,16 +169,20 @@ class Checkpoint:
         Quantization reads a large tensor block by block through this, so neither the whole
         float32 copy nor the whole stored tensor is ever resident. The file is unmapped on exit.
         """
-        path = self._names[name]
+        stored, row0 = name, None
+        if name in self._parts:
+            stored, row0, _ = self._parts[name]
+        path = self._names[stored]
+        offset = self._offsets.get(name, 0.0)
         if self.format == "safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
-                source = handle.get_slice(name)
-                yield LazyRows(source, tuple(source.get_shape()), path, name)
+                source = handle.get_slice(stored)
+                yield LazyRows(source, self.shape(name), path, name, offset, row0)
         else:
-            t = self._torch(path)[name]
-            yield LazyRows(t, tuple(t.shape), path, name)
+            t = self._torch(path)[stored]
+            yield LazyRows(t, self.shape(name), path, name, offset, row0)
 
     def close(self) -> None:
         self._handles.clear()
@@ -163,18 +192,25 @@ class Checkpoint:
 class LazyRows:
     """A 2-D (or 1-D) checkpoint tensor read on demand: `shape`, and row slices as float32 numpy."""
 
-    def __init__(self, source, shape: tuple[int, ...], path: Path, name: str):
+    def __init__(self, source, shape: tuple[int, ...], path: Path, name: str, offset: float = 0.0,
+                 row0: int | None = None):
         self._source = source  # a safetensors slice or a (memory-mapped) torch tensor
         self.shape = shape
         self._where = f"{path}: tensor {name}"
+        self._offset = offset
+        self._row0 = row0  # where the rows begin in `source` when the tensor is a part of a split one
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         import torch
 
+        if self._row0 is not None:  # rows of a part: its own range of the fused tensor's
+            start, stop, _ = rows.indices(self.shape[0])
+            rows = slice(self._row0 + start, self._row0 + max(start, stop))
         t = self._source[rows]
         if not t.is_floating_point():
             raise CheckpointError(f"{self._where} has dtype {t.dtype}; expected a float weight")
-        return t.to(torch.float32).numpy()
+        t = t.to(torch.float32)
+        return (t + self._offset if self._offset else t).numpy()
 
     def read(self) -> np.ndarray:
         """The whole tensor as float32."""

@@ -24,7 +24,8 @@ from qformat.schemes import Scheme, Tensor, float_tensor
 from qformat.writer import QbinWriter
 
 from . import budgeted, calibrated
-from .checkpoint import Checkpoint, LazyRows
+from .architectures import tensor_rules
+from .checkpoint import Checkpoint, CheckpointError, LazyRows
 from .gguf_import import import_gguf, is_gguf
 from .hf_config import architecture_of, generation_defaults, model_args
 from .hf_import import FORMATS as HF_FORMATS
@@ -121,6 +122,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
                            f"(it reads {', '.join(HF_FORMATS)}); convert its unquantized (bf16/fp16/fp32) release")
     ckpt = Checkpoint(src, allow_pickle=options.allow_pickle)
     args = model_args(config, gen, has_lm_head="lm_head.weight" in ckpt)
+    if arch.norm_offset:
+        ckpt.add_offset([hf for hf, _, role in tensor_rules(arch, args.n_layers) if role == "norm"], arch.norm_offset)
+    try:
+        for layer in range(args.n_layers):
+            for fused, parts in arch.split_parts(args, layer):
+                ckpt.split(fused, parts)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
     tok = read_tokenizer(src)
     # an allocation chooses the embeddings' and head's schemes itself: a tied head stays tied
     planned, args = plan(ckpt, args, arch, dataclasses.replace(options, head="scheme", embed="scheme")

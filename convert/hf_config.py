@@ -5,6 +5,7 @@ are accepted. Every refusal is a ValueError with one line naming the key and the
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from qformat.config import GenerationDefaults, ModelArgs, RopeScaling
@@ -46,12 +47,34 @@ def _either(config: dict[str, Any], generation: dict[str, Any], key: str) -> Any
     return generation.get(key) if value is None else value
 
 
-def rope_settings(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, rope_scaling) from either config style."""
+# config.json "layer_types" entries -> ModelArgs.layer_types
+_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
+# config.json hidden_act / hidden_activation -> ModelArgs.activation
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def rope_settings(config: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
+    """(rope_theta, rope_scaling, the local theta of sliding layers or None) from either config
+    style; transformers 5 gives the two of Gemma 3 as rope_parameters per layer type."""
     params = config.get("rope_parameters")
+    local = config.get("rope_local_base_freq")  # transformers 4, Gemma 3
     if isinstance(params, dict) and "rope_type" not in params and "rope_theta" not in params:
-        raise ValueError("config.json rope_parameters are per layer type "
-                         f"({', '.join(params)}); these architectures use one RoPE for all layers")
+        if set(params) - set(_LAYER_TYPES):
+            raise ValueError(f"config.json rope_parameters has unknown layer types ({', '.join(params)})")
+        sliding = params.get("sliding_attention") or {}
+        if sliding.get("rope_type", "default") != "default":
+            raise ValueError("config.json rope_parameters of sliding_attention layers are scaled; only unscaled "
+                             "local RoPE is supported")
+        local = sliding.get("rope_theta")
+        params = params.get("full_attention") or sliding
+    theta, scaling = _rope_of(config, params)
+    local = float(local) if local is not None else None
+    if local == theta and scaling is None:
+        local = None  # one table serves both kinds of layer
+    return theta, scaling, local
+
+
+def _rope_of(config: dict[str, Any], params: Any) -> tuple[float, RopeScaling | None]:
     if isinstance(params, dict):  # transformers 5: everything in one dict
         theta = params.get("rope_theta", config.get("rope_theta", _DEFAULT_ROPE_THETA))
         scaling = params
@@ -60,8 +83,25 @@ def rope_settings(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         scaling = config.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
     max_pos = int(config.get("max_position_embeddings", 2048))
+    partial = scaling.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        raise ValueError(f"config.json partial_rotary_factor {partial} (RoPE on part of each head, e.g. "
+                         "Phi-4-mini) is not supported yet; only full rotary embeddings are")
     if kind == "default":
         return float(theta), None
+    if kind == "longrope":  # transformers' _compute_longrope_parameters
+        if "short_factor" not in scaling or "long_factor" not in scaling:
+            raise ValueError("config.json RoPE scaling longrope needs short_factor and long_factor")
+        original = int(scaling.get("original_max_position_embeddings")
+                       or config.get("original_max_position_embeddings") or max_pos)
+        factor = float(scaling.get("factor") or max_pos / original)
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return float(theta), RopeScaling("longrope", factor, original_max_position=original,
+                                         short_factor=[float(f) for f in scaling["short_factor"]],
+                                         long_factor=[float(f) for f in scaling["long_factor"]],
+                                         attention_factor=float(attention))
     if kind == "linear":
         return float(theta), RopeScaling("linear", float(scaling["factor"]))
     if kind == "llama3":
@@ -72,20 +112,50 @@ def rope_settings(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
             original_max_position=int(scaling.get("original_max_position_embeddings", max_pos)),
         )
-    raise ValueError(f"RoPE scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+    raise ValueError(f"RoPE scaling type {kind!r} is not supported (supported: default, linear, llama3, longrope)")
 
 
-def _sliding_window(arch: Architecture, config: dict[str, Any]) -> int | None:
+def _sliding_window(arch: Architecture, config: dict[str, Any], n_layers: int) -> tuple[int | None, list[str]]:
+    """(sliding_window, layer_types): the window and which layers keep to it ([]: all)."""
     if arch.sliding_window_key is None:
-        return None
+        return None, []
     if arch.sliding_window_switch is not None and not config.get(arch.sliding_window_switch, False):
-        return None
-    if arch.sliding_window_switch is not None:
-        # Qwen2/3 apply the window only to some layers (max_window_layers): not representable.
-        raise ValueError(f"config.json sets {arch.sliding_window_switch}=true; per-layer sliding "
-                         f"windows of {arch.hf_name} are not supported")
+        return None, []
     window = config.get(arch.sliding_window_key)
-    return int(window) if window is not None else None
+    if window is None:
+        return None, []
+    types = config.get("layer_types")
+    if types is None and arch.layer_pattern is not None:
+        pattern = int(config.get(arch.layer_pattern_key, arch.layer_pattern) if arch.layer_pattern_key
+                      else arch.layer_pattern)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+    if types is None and arch.sliding_window_switch is not None:
+        # Qwen2/3 apply the window only to some layers (max_window_layers): without layer_types
+        # the converter cannot tell which
+        raise ValueError(f"config.json sets {arch.sliding_window_switch}=true without layer_types; add the "
+                         f"per-layer list (transformers 5 writes it) to convert {arch.hf_name}")
+    if types is None:
+        return int(window), []
+    if len(types) != n_layers or any(t not in _LAYER_TYPES for t in types):
+        raise ValueError(f"config.json layer_types must list {n_layers} of {', '.join(_LAYER_TYPES)}")
+    kinds = [_LAYER_TYPES[t] for t in types]
+    if all(k == "full" for k in kinds):
+        return None, []
+    return int(window), [] if all(k == "sliding" for k in kinds) else kinds
+
+
+def _nope_layers(config: dict[str, Any], n_layers: int) -> list[int]:
+    """SmolLM3's layers without RoPE: no_rope_layers has 1 where a layer uses RoPE (or, without
+    it, every no_rope_layer_interval-th layer has none)."""
+    uses = config.get("no_rope_layers")
+    if uses is None and config.get("no_rope_layer_interval"):
+        interval = int(config["no_rope_layer_interval"])
+        uses = [int((i + 1) % interval != 0) for i in range(n_layers)]
+    if uses is None:
+        return []
+    if len(uses) < n_layers:
+        raise ValueError(f"config.json no_rope_layers has {len(uses)} entries for {n_layers} layers")
+    return [i for i in range(n_layers) if not uses[i]]
 
 
 def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None, *,
@@ -104,11 +174,15 @@ def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None,
         vocab = int(config["vocab_size"])
     except KeyError as e:
         raise ValueError(f"config.json lacks required key {e.args[0]!r}") from None
-    act = config.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"config.json hidden_act {act!r} is not supported (only silu)")
+    act_key = "hidden_activation" if config.get("hidden_activation") else "hidden_act"
+    act = config.get(act_key, "silu")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"config.json {act_key} {act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
     head_dim = config.get("head_dim") or dim // n_heads
-    theta, scaling = rope_settings(config)
+    theta, scaling, local_theta = rope_settings(config)
+    window, layer_types = _sliding_window(arch, config, n_layers)
+    if not any(t == "sliding" for t in layer_types):
+        local_theta = None  # no layer would rotate by it
     eos = _as_id_list(config.get("eos_token_id"))
     eos += [i for i in _as_id_list(generation.get("eos_token_id")) if i not in eos]
     tie = config.get("tie_word_embeddings", _DEFAULT_TIE) or not has_lm_head
@@ -128,11 +202,27 @@ def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None,
         rope_scaling=scaling,
         qkv_bias=arch.qkv_bias,
         qk_norm=arch.qk_norm,
-        sliding_window=_sliding_window(arch, config),
+        sliding_window=window,
+        layer_types=layer_types,
+        rope_local_theta=local_theta,
+        nope_layers=_nope_layers(config, n_layers),
+        activation=_ACTIVATIONS[act],
+        embed_scale=math.sqrt(dim) if arch.embed_scale else None,
+        pre_norms=arch.pre_norms,
+        post_norms=arch.post_norms,
+        qk_norm_per_head=arch.qk_norm_per_head,
+        attn_scale=(float(config["query_pre_attn_scalar"]) ** -0.5 if config.get("query_pre_attn_scalar")
+                    else None),
+        attn_softcap=_optional_float(config.get("attn_logit_softcapping")),
+        final_softcap=_optional_float(config.get("final_logit_softcapping")),
         bos_token_id=_first_id(_either(config, generation, "bos_token_id")),
         eos_token_ids=eos,
         pad_token_id=_first_id(_either(config, generation, "pad_token_id")),
     )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def generation_defaults(generation: dict[str, Any] | None) -> GenerationDefaults:
@@ -156,10 +246,11 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3
 
 def hf_config_of(args: ModelArgs, dtype: str = "float16") -> dict[str, Any]:
     """The config.json transformers and vLLM read for ModelArgs: the inverse of model_args
-    (model_args(hf_config_of(a)) == a for every supported architecture)."""
+    (model_args(hf_config_of(a)) == a for every architecture of the Llama family it exports)."""
     arch = next((a for a in ARCHITECTURES.values() if a.arch == args.arch), None)
-    if arch is None:
-        raise ValueError(f"architecture {args.arch!r} has no Hugging Face class")
+    if arch is None or args.arch not in _MODEL_TYPES:
+        raise ValueError(f"architecture {args.arch!r} has no Hugging Face export (supported: "
+                         f"{', '.join(_MODEL_TYPES)})")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
     s = args.rope_scaling
     if s is not None:

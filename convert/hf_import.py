@@ -28,7 +28,7 @@ from qformat.writer import QbinWriter
 
 from .architectures import TENSOR_MAP
 from .checkpoint import Checkpoint, CheckpointError
-from .hf_config import generation_defaults, model_args
+from .hf_config import architecture_of, generation_defaults, model_args
 from .hf_packing import awq_deinterleave, unpack_int32
 from .hf_tokenizer import read_tokenizer
 from .plan import ConvertError
@@ -330,6 +330,10 @@ def import_hf_quantized(src: str | Path, dst: str | Path, *, force: bool = False
         tok = read_tokenizer(src)
     except (ValueError, CheckpointError) as e:
         raise ConvertError(f"{src}: {e}") from None
+    arch = architecture_of(config)
+    if arch.renames or arch.norm_offset or arch.splits:  # its tensors are not where, or what, _RULES reads
+        raise ConvertError(f"{src}: importing {method} checkpoints of {arch.hf_name} is not supported; convert its "
+                           "unquantized release (qconvert --method gptq or awq quantizes it the same way)")
     reader = FORMATS[method](qconfig, ckpt, src)
     report = ConvertReport(src, dst, "", args, [], tok.stored.nbytes, 0, 0.0, False, head="", embed="",
                            clip_search=False)

@@ -24,13 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from qformat import tensors as T
-from qformat.config import ModelArgs
+from qformat.config import ROPE_LOCAL, ROPE_NONE, ModelArgs
+from qformat.rope import rope_variants
 from qformat.schemes import Scheme, Tensor
 
 # A layer's tensors by the part of their name after "layers.{i}." (qformat.tensors): w's keys.
-(ATTN_NORM, WQ, WK, WV, WO, BQ, BK, BV, Q_NORM, K_NORM, FFN_NORM, W1, W3, W2) = (t.key for t in (
-    T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_Q_BIAS, T.ATTN_K_BIAS, T.ATTN_V_BIAS,
-    T.ATTN_Q_NORM, T.ATTN_K_NORM, T.FFN_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN))
+(ATTN_NORM, WQ, WK, WV, WO, BQ, BK, BV, Q_NORM, K_NORM, ATTN_POST_NORM, FFN_NORM, W1, W3, W2, FFN_POST_NORM) = (
+    t.key for t in (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_Q_BIAS, T.ATTN_K_BIAS,
+                    T.ATTN_V_BIAS, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM, T.FFN_NORM, T.FFN_GATE,
+                    T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM))
 QKV, GATE_UP = [WQ, WK, WV], [W1, W3]  # the projections that read one input
 # Sequences per forward chunk: bounds the attention scores' memory (heads x T x T per sequence).
 CHUNK = 8
@@ -44,11 +46,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def rope_tables(args: ModelArgs, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (seqlen, head_dim) of HF's rotate-half RoPE, with linear or llama3 scaling."""
+def rope_tables(args: ModelArgs, seqlen: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """cos, sin (seqlen, head_dim) of HF's rotate-half RoPE for each of qformat.rope.rope_variants:
+    the model's (linear, llama3 or longrope scaling), the sliding layers' local one, none
+    (identity)."""
+    return [_rope_table(args, seqlen, device, v) for v in rope_variants(args)]
+
+
+def _rope_table(args: ModelArgs, seqlen: int, device, variant: int) -> tuple[torch.Tensor, torch.Tensor]:
     hd = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    sc = args.rope_scaling
+    if variant == ROPE_NONE:
+        return torch.ones(seqlen, hd, device=device), torch.zeros(seqlen, hd, device=device)
+    local = variant == ROPE_LOCAL
+    theta = args.rope_local_theta if local else args.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    sc = None if local else args.rope_scaling
     if sc is not None and sc.kind == "linear":
         inv = inv / sc.factor
     elif sc is not None and sc.kind == "llama3":
@@ -59,9 +71,13 @@ def rope_tables(args: ModelArgs, seqlen: int, device) -> tuple[torch.Tensor, tor
         scaled = torch.where(wl > low_wl, inv / sc.factor, inv)
         mid = (wl <= low_wl) & (wl >= high_wl)
         inv = torch.where(mid, (1 - smooth) * inv / sc.factor + smooth * inv, scaled)
+    elif sc is not None and sc.kind == "longrope":  # the factors the runtime's default context uses
+        long = args.max_seq_len > sc.original_max_position
+        inv = inv / torch.tensor(sc.long_factor if long else sc.short_factor, dtype=torch.float64)
     freqs = torch.outer(torch.arange(seqlen, dtype=torch.float64), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(torch.float32).to(device), emb.sin().to(torch.float32).to(device)
+    gain = sc.attention_factor if sc is not None and sc.kind == "longrope" else 1.0
+    return (emb.cos() * gain).to(torch.float32).to(device), (emb.sin() * gain).to(torch.float32).to(device)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,50 +95,84 @@ def tap(taps: dict | None, name: str, x: torch.Tensor, y: torch.Tensor) -> torch
     return y
 
 
-def attention(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope, taps: dict | None = None
-              ) -> torch.Tensor:
-    """Causal GQA self-attention of normed inputs xn (B, T, dim) -> o_proj's input (B, T, H*hd);
-    taps: see `tap`."""
+def attention(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope, layer: int,
+              taps: dict | None = None) -> torch.Tensor:
+    """Causal GQA self-attention of decoder layer `layer` on its inputs xn (B, T, dim) (normed,
+    with pre-norms) -> o_proj's input (B, T, H*hd); rope: rope_tables'; taps: see `tap`."""
     b, t, _ = xn.shape
     hd = args.head_dim
 
-    def proj(name: str, bias: str, heads: int) -> torch.Tensor:
+    def proj(name: str, bias: str, norm: str, heads: int) -> torch.Tensor:
         y = tap(taps, name, xn, xn @ w[name].T)
         if bias in w:
             y = y + w[bias]
-        return y.view(b, t, heads, hd).transpose(1, 2)  # (B, heads, T, hd)
+        if norm in w and not args.qk_norm_per_head:  # OLMo 2: over the whole projection
+            y = rms_norm(y, w[norm], args.norm_eps)
+        y = y.view(b, t, heads, hd).transpose(1, 2)  # (B, heads, T, hd)
+        return rms_norm(y, w[norm], args.norm_eps) if norm in w and args.qk_norm_per_head else y
 
-    q = proj(WQ, BQ, args.n_heads)
-    k = proj(WK, BK, args.n_kv_heads)
-    v = proj(WV, BV, args.n_kv_heads)
-    if Q_NORM in w:
-        q = rms_norm(q, w[Q_NORM], args.norm_eps)
-        k = rms_norm(k, w[K_NORM], args.norm_eps)
-    cos, sin = rope[0][:t], rope[1][:t]
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    q = proj(WQ, BQ, Q_NORM, args.n_heads)
+    k = proj(WK, BK, K_NORM, args.n_kv_heads)
+    v = proj(WV, BV, "", args.n_kv_heads)
+    cos, sin = rope[rope_variants(args).index(args.rope_of(layer))]
+    q, k = _rotate(q, cos[:t], sin[:t]), _rotate(k, cos[:t], sin[:t])
     rep = args.n_heads // args.n_kv_heads
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if args.sliding_window and t > args.sliding_window:
-        i = torch.arange(t, device=xn.device)
-        allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < args.sliding_window)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    i = torch.arange(t, device=xn.device)
+    allowed = i[None, :] <= i[:, None]
+    window = args.window_of(layer)
+    if window is not None:
+        allowed &= i[:, None] - i[None, :] < window
+    scale = args.attn_scale if args.attn_scale is not None else hd ** -0.5
+    if args.attn_softcap is None:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    else:  # Gemma 2: scores soft-capped before the mask and softmax
+        s = (q @ k.transpose(-1, -2)) * scale
+        s = args.attn_softcap * torch.tanh(s / args.attn_softcap)
+        o = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v
     return o.transpose(1, 2).reshape(b, t, args.n_heads * hd)
 
 
-def ffn_act(xn: torch.Tensor, w: dict[str, torch.Tensor], taps: dict | None = None) -> torch.Tensor:
-    """SiLU-gated hidden activations: down_proj's input."""
-    return F.silu(tap(taps, W1, xn, xn @ w[W1].T)) * tap(taps, W3, xn, xn @ w[W3].T)
+# The gated MLP's activation of each config.ACTIVATIONS entry.
+ACTIVATION = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
 
 
-def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope, taps: dict | None = None
-                  ) -> torch.Tensor:
-    """One decoder layer: h = x + attn(norm1(x)); out = h + ffn(norm2(h)); taps: see `tap`."""
-    o_in = attention(rms_norm(x, w[ATTN_NORM], args.norm_eps), w, args, rope, taps)
-    h = x + tap(taps, WO, o_in, o_in @ w[WO].T)
-    act = ffn_act(rms_norm(h, w[FFN_NORM], args.norm_eps), w, taps)
-    return h + tap(taps, W2, act, act @ w[W2].T)
+def ffn_act(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, taps: dict | None = None) -> torch.Tensor:
+    """Gated hidden activations (SwiGLU or GeGLU): down_proj's input."""
+    return ACTIVATION[args.activation](tap(taps, W1, xn, xn @ w[W1].T)) * tap(taps, W3, xn, xn @ w[W3].T)
+
+
+def pre_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, args: ModelArgs) -> torch.Tensor:
+    """A sublayer's input: the residual stream normed by `name`, or itself without pre-norms."""
+    return rms_norm(x, w[name], args.norm_eps) if args.pre_norms else x
+
+
+def residual_add(x: torch.Tensor, y: torch.Tensor, w: dict[str, torch.Tensor], post: str, args: ModelArgs
+                 ) -> torch.Tensor:
+    """x + y, through the sublayer's post-norm `post` when the model has them."""
+    return x + (rms_norm(y, w[post], args.norm_eps) if args.post_norms else y)
+
+
+def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rope, layer: int,
+                  taps: dict | None = None) -> torch.Tensor:
+    """Decoder layer `layer`: h = x + attn(norm1(x)); out = h + ffn(norm2(h)) (pre- and
+    post-norms as the model has them); taps: see `tap`."""
+    o_in = attention(pre_norm(x, w, ATTN_NORM, args), w, args, rope, layer, taps)
+    h = residual_add(x, tap(taps, WO, o_in, o_in @ w[WO].T), w, ATTN_POST_NORM, args)
+    act = ffn_act(pre_norm(h, w, FFN_NORM, args), w, args, taps)
+    return residual_add(h, tap(taps, W2, act, act @ w[W2].T), w, FFN_POST_NORM, args)
+
+
+def embed(emb: torch.Tensor, tokens, args: ModelArgs) -> torch.Tensor:
+    """The residual stream's first rows: embedding rows of `tokens`, times embed_scale (Gemma)."""
+    x = emb[torch.as_tensor(tokens, dtype=torch.long, device=emb.device)]
+    return x if args.embed_scale is None else x * torch.tensor(args.embed_scale, dtype=x.dtype)
+
+
+def head_logits(hn: torch.Tensor, head: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """The logits of the final normed states, soft-capped with final_softcap (Gemma 2)."""
+    logits = hn @ head.T
+    return logits if args.final_softcap is None else args.final_softcap * torch.tanh(logits / args.final_softcap)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -240,35 +290,39 @@ def quantize_layer(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs,
         names = [n for n in names if n in schemes]
         return seen(names, inputs) if seen is not None and names else inputs
 
-    # q, k, v read the normed residual stream: their scales fold into attn_norm.
-    fold(QKV, lambda: _chunks(x, lambda c: rms_norm(c, w[ATTN_NORM], eps)), ATTN_NORM)
-    xn = _chunks(x, lambda c: rms_norm(c, w[ATTN_NORM], eps))
+    layer = report.index
+    # q, k, v read the normed residual stream: their scales fold into attn_norm (without
+    # pre-norms, OLMo 2, there is nothing to fold them into)
+    if args.pre_norms:
+        fold(QKV, lambda: _chunks(x, lambda c: rms_norm(c, w[ATTN_NORM], eps)), ATTN_NORM)
+    xn = _chunks(x, lambda c: pre_norm(c, w, ATTN_NORM, args))
     # o's scales fold into v's rows only for methods that ask (SmoothQuant, GQA-aware, before v
     # is quantized); AWQ does not scale o (under GQA one v row feeds several o columns).
     if getattr(method, "folds_v_o", False):
-        fold([WO], lambda: [attention(c, w, args, rope) for c in xn], WV)
+        fold([WO], lambda: [attention(c, w, args, rope, layer) for c in xn], WV)
     xq = runtime_inputs(QKV, xn)
     quant(QKV, xn)
     # o reads the attention output of the quantized q/k/v.
-    o_in = [attention(c, w, args, rope) for c in xq]
+    o_in = [attention(c, w, args, rope, layer) for c in xq]
     del xn, xq
     oq = runtime_inputs([WO], o_in)
     quant([WO], o_in)
-    h = torch.cat([xc + oc @ w[WO].T for xc, oc in zip(x.split(CHUNK), oq)])
+    h = torch.cat([residual_add(xc, oc @ w[WO].T, w, ATTN_POST_NORM, args) for xc, oc in zip(x.split(CHUNK), oq)])
     del o_in, oq
     # gate/up read the normed residual after attention: their scales fold into ffn_norm.
-    fold(GATE_UP, lambda: _chunks(h, lambda c: rms_norm(c, w[FFN_NORM], eps)), FFN_NORM)
-    hn = _chunks(h, lambda c: rms_norm(c, w[FFN_NORM], eps))
+    if args.pre_norms:
+        fold(GATE_UP, lambda: _chunks(h, lambda c: rms_norm(c, w[FFN_NORM], eps)), FFN_NORM)
+    hn = _chunks(h, lambda c: pre_norm(c, w, FFN_NORM, args))
     # down's scales fold into up's rows (the gated product is linear in up); they are searched on
     # the float gate/up outputs, before those projections are quantized.
-    fold([W2], lambda: [ffn_act(c, w) for c in hn[:FOLD_CHUNKS]], W3)
+    fold([W2], lambda: [ffn_act(c, w, args) for c in hn[:FOLD_CHUNKS]], W3)
     hq = runtime_inputs(GATE_UP, hn)
     quant(GATE_UP, hn)
-    act = [ffn_act(c, w) for c in hq]
+    act = [ffn_act(c, w, args) for c in hq]
     del hn, hq
     aq = runtime_inputs([W2], act)
     quant([W2], act)
-    y = torch.cat([hc + ac @ w[W2].T for hc, ac in zip(h.split(CHUNK), aq)])
+    y = torch.cat([residual_add(hc, ac @ w[W2].T, w, FFN_POST_NORM, args) for hc, ac in zip(h.split(CHUNK), aq)])
     return y, out, refs
 
 
@@ -303,9 +357,7 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
             if layer is None:
                 w = ckpt.read(p.hf_name)
                 if p.role == "embed" and x is None:
-                    emb = torch.from_numpy(w)
-                    x = emb[torch.as_tensor(tokens, dtype=torch.long)].to(device)  # (B, T, dim)
-                    del emb
+                    x = embed(torch.from_numpy(w), tokens, args).to(device)  # (B, T, dim)
                 t, stats = store(p.name, w, p.scheme)
                 yield p, t, stats
                 continue

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from qformat import tensors as T
 from qformat.config import ModelArgs
 
-from .layerwise import CHUNK, best_device, layer_forward, rms_norm, rope_tables
+from .layerwise import CHUNK, best_device, embed, head_logits, layer_forward, rms_norm, rope_tables
 
 SCORES = ("fisher", "output")
 
@@ -117,11 +117,11 @@ def measure(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, *, device:
     store_dtype = torch.float32 if 4 * n_tokens * args.dim * (args.n_layers + 1) <= 2 << 30 else torch.bfloat16
     inputs = []
     with torch.no_grad():
-        x = emb[tok.to(device)]
+        x = embed(emb, tok.to(device), args)
         for i in range(args.n_layers):
             inputs.append(x.to(store_dtype))
             w = layer_weights(i)
-            x = torch.cat([layer_forward(x[c:c + CHUNK], w, args, rope) for c in range(0, n_seq, CHUNK)])
+            x = torch.cat([layer_forward(x[c:c + CHUNK], w, args, rope, i) for c in range(0, n_seq, CHUNK)])
             if bar is not None:
                 bar.update(1)
     out = Sensitivity(n_tokens=n_tokens)
@@ -138,7 +138,7 @@ def measure(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, *, device:
     for c in range(0, n_seq):
         xc = x[c:c + 1].detach().requires_grad_(True)
         hn = rms_norm(xc, norm_w, args.norm_eps)
-        logits = hn @ head_w.T
+        logits = head_logits(hn, head_w, args)
         logits.retain_grad()
         # the last position has no next token in its window: it carries no loss
         loss = F.cross_entropy(logits[0, :-1], targets[c, :-1], reduction="sum")
@@ -162,7 +162,7 @@ def measure(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, *, device:
         for c in range(0, n_seq, CHUNK):
             xc = inputs[i][c:c + CHUNK].to(torch.float32).requires_grad_(True)
             taps: dict = {}
-            y = layer_forward(xc, w, args, rope, taps)
+            y = layer_forward(xc, w, args, rope, i, taps)
             y.backward(grad_x[c:c + CHUNK])
             with torch.no_grad():
                 shared: dict[int, str] = {}
@@ -184,7 +184,8 @@ def measure(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, *, device:
             bar.update(1)
     # the embedding lookup: squared gradients at the stack's input, summed per token id
     lookup = torch.zeros(emb.shape, device=device, dtype=torch.float32)
-    lookup.index_add_(0, tok.reshape(-1).to(device), grad_x.reshape(-1, k) ** 2)
+    row_grad = grad_x if args.embed_scale is None else grad_x * args.embed_scale  # d x / d row = embed_scale
+    lookup.index_add_(0, tok.reshape(-1).to(device), row_grad.reshape(-1, k) ** 2)
     if head_name == emb_name:
         out.stats[emb_name].lookup = lookup
     else:

@@ -42,9 +42,24 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return gate / (1.0 + np.exp(-gate)) * up
 
 
+def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation of gate, times up (GeGLU)."""
+    g = np.asarray(gate, np.float64)
+    return (0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3))) * up).astype(np.float32)
+
+
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    return (cap * np.tanh(np.asarray(x, np.float64) / cap)).astype(np.float32)
+
+
+# Each gated activation of qformat.config.ACTIVATIONS.
+GLU = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, window: int | None,
-              scale: float) -> np.ndarray:
-    """Causal GQA attention, one head at a time. q (n, H, hd); k, v (start_pos + n, KV, hd)."""
+              scale: float, cap: float | None = None) -> np.ndarray:
+    """Causal GQA attention, one head at a time, scores soft-capped with cap when given.
+    q (n, H, hd); k, v (start_pos + n, KV, hd)."""
     n, n_heads, hd = q.shape
     group = n_heads // k.shape[1]
     out = np.zeros_like(q)
@@ -53,6 +68,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, windo
         lo = 0 if window is None else max(0, pos - window + 1)
         for h in range(n_heads):
             s = k[lo:pos + 1, h // group] @ q[i, h] * scale
+            if cap is not None:
+                s = softcap(s, cap)
             p = np.exp(s - s.max())
             out[i, h] = (p / p.sum()) @ v[lo:pos + 1, h // group]
     return out

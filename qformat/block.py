@@ -9,8 +9,11 @@ block's input and output); the others live for one block. Architecture differenc
 of ModelArgs that choose steps or fill their fields here, never branches in a backend:
 
     xn = attn_norm(x);  q, k, v = wq·xn (+bq), wk·xn (+bk), wv·xn (+bv);  [q, k = q_norm(q), k_norm(k)]
-    att = attention(rope(q), rope(k), v);  x += wo·att
-    xn = ffn_norm(x);  gate, up = w1·xn, w3·xn;  x += w2·(silu(gate)·up)
+    att = attention(rope(q), rope(k), v);  x += wo·att          [post_norms: x += attn_post_norm(wo·att)]
+    xn = ffn_norm(x);  gate, up = w1·xn, w3·xn;  x += w2·(act(gate)·up)   [post_norms: likewise]
+
+without pre_norms (OLMo 2) the projections read x itself; the output block is the final norm,
+the head, and with final_softcap the logits' soft cap (Gemma 2).
 """
 from __future__ import annotations
 
@@ -19,26 +22,32 @@ from dataclasses import dataclass
 
 from . import tensors as T
 from .config import ModelArgs
+from .rope import rope_variants
 
-# Buffer names. X carries the residual stream from block to block.
-X, XN, Q, K, V, ATT, GATE, UP, LOGITS = "x", "xn", "q", "k", "v", "att", "gate", "up", "logits"
+# Buffer names. X carries the residual stream from block to block; O is a sublayer's output
+# on its way through a post-norm.
+X, XN, Q, K, V, ATT, GATE, UP, O, LOGITS = "x", "xn", "q", "k", "v", "att", "gate", "up", "o", "logits"
 
 
 @dataclass(frozen=True)
 class Norm:
-    """dst = src / sqrt(mean(src²) + eps) · weight, per token (RMSNorm)."""
+    """dst = src / sqrt(mean(src²) + eps) · weight, per token (RMSNorm); with residual,
+    dst += that."""
 
     weight: str
     src: str
     dst: str
+    residual: bool = False
 
 
 @dataclass(frozen=True)
 class HeadNorm:
-    """buf ← RMSNorm of every head_dim slice of buf, times weight (head_dim,): q/k norm."""
+    """buf ← RMSNorm of every `width` slice of buf, times weight (width,): q/k norm per head
+    (width head_dim) or over the whole projection."""
 
     weight: str
     buf: str
+    width: int
 
 
 @dataclass(frozen=True)
@@ -54,10 +63,11 @@ class Linear:
 
 @dataclass(frozen=True)
 class Attention:
-    """Rotate q and k at the tokens' positions (RoPE, the model's table), append k and v to this
-    layer's KV cache, then dst = softmax(q·Kᵀ·scale)·V over the cached positions: causal, only
-    the last `window` positions when it is set; query head h reads KV head h // (n_heads /
-    n_kv_heads) (GQA)."""
+    """Rotate q and k at the tokens' positions by RoPE table `rope` (an index into
+    qformat.rope.rope_variants), append k and v to this layer's KV cache, then
+    dst = softmax(s)·V over the cached positions with scores s = q·Kᵀ·scale, soft-capped to
+    softcap·tanh(s / softcap) when softcap is set: causal, only the last `window` positions when
+    it is set; query head h reads KV head h // (n_heads / n_kv_heads) (GQA)."""
 
     q: str
     k: str
@@ -65,19 +75,31 @@ class Attention:
     dst: str
     window: int | None
     scale: float
+    rope: int = 0
+    softcap: float | None = None
 
 
 @dataclass(frozen=True)
 class Glu:
-    """gate ← silu(gate) · up (the gated MLP's activation)."""
+    """gate ← act(gate) · up, the gated MLP's activation: silu (SwiGLU) or the tanh
+    approximation of GELU (GeGLU), config.ACTIVATIONS."""
 
     gate: str
     up: str
+    activation: str = "silu"
+
+
+@dataclass(frozen=True)
+class Softcap:
+    """buf ← cap · tanh(buf / cap) (Gemma 2's final logits)."""
+
+    buf: str
+    cap: float
 
 
 # Every kind of step, in a fixed order (a backend that encodes steps as integers uses this index).
-STEP_TYPES = (Norm, HeadNorm, Linear, Attention, Glu)
-Step = Norm | HeadNorm | Linear | Attention | Glu
+STEP_TYPES = (Norm, HeadNorm, Linear, Attention, Glu, Softcap)
+Step = Norm | HeadNorm | Linear | Attention | Glu | Softcap
 
 
 @dataclass(frozen=True)
@@ -103,30 +125,46 @@ def decoder_block(args: ModelArgs, layer: int) -> Block:
     def name(t: T.TensorName) -> str:
         return t.name(layer)
 
+    src = XN if args.pre_norms else X  # what the projections after a (pre-)norm read
+
+    def pre_norm(t: T.TensorName) -> tuple[Norm, ...]:
+        return (Norm(name(t), X, XN),) if args.pre_norms else ()
+
+    def residual(weight: T.TensorName, inp: str, post_norm: T.TensorName) -> tuple[Step, ...]:
+        """x += weight·inp, through the post-norm when the model has them."""
+        if not args.post_norms:
+            return (Linear(name(weight), inp, X, residual=True),)
+        return Linear(name(weight), inp, O), Norm(name(post_norm), O, X, residual=True)
+
     def projection(t: T.TensorName, dst: str) -> Linear:
         bias = T.BIAS_OF.get(t)
-        return Linear(name(t), XN, dst, bias=name(bias) if bias is not None and bias.present(args) else None)
+        return Linear(name(t), src, dst, bias=name(bias) if bias is not None and bias.present(args) else None)
 
-    head_norms = (HeadNorm(name(T.ATTN_Q_NORM), Q), HeadNorm(name(T.ATTN_K_NORM), K)) if args.qk_norm else ()
+    head_norms = (HeadNorm(name(T.ATTN_Q_NORM), Q, args.q_norm_dim),
+                  HeadNorm(name(T.ATTN_K_NORM), K, args.k_norm_dim)) if args.qk_norm else ()
+    scale = args.attn_scale if args.attn_scale is not None else 1.0 / math.sqrt(args.head_dim)
     steps = (
-        Norm(name(T.ATTN_NORM), X, XN),
+        *pre_norm(T.ATTN_NORM),
         projection(T.ATTN_Q, Q), projection(T.ATTN_K, K), projection(T.ATTN_V, V),
         *head_norms,
-        Attention(Q, K, V, ATT, window=args.sliding_window, scale=1.0 / math.sqrt(args.head_dim)),
-        Linear(name(T.ATTN_OUT), ATT, X, residual=True),
-        Norm(name(T.FFN_NORM), X, XN),
-        Linear(name(T.FFN_GATE), XN, GATE), Linear(name(T.FFN_UP), XN, UP),
-        Glu(GATE, UP),
-        Linear(name(T.FFN_DOWN), GATE, X, residual=True),
+        Attention(Q, K, V, ATT, window=args.window_of(layer), scale=scale,
+                  rope=rope_variants(args).index(args.rope_of(layer)), softcap=args.attn_softcap),
+        *residual(T.ATTN_OUT, ATT, T.ATTN_POST_NORM),
+        *pre_norm(T.FFN_NORM),
+        Linear(name(T.FFN_GATE), src, GATE), Linear(name(T.FFN_UP), src, UP),
+        Glu(GATE, UP, args.activation),
+        *residual(T.FFN_DOWN, GATE, T.FFN_POST_NORM),
     )
     widths = {X: args.dim, XN: args.dim, Q: args.q_dim, K: args.kv_dim, V: args.kv_dim, ATT: args.q_dim,
-              GATE: args.ffn_dim, UP: args.ffn_dim}
-    return Block(steps, widths)
+              GATE: args.ffn_dim, UP: args.ffn_dim, O: args.dim}
+    used = {b for s in steps for b in (getattr(s, f, None) for f in ("src", "dst", "buf", "q", "k", "v", "gate", "up"))}
+    return Block(steps, {b: w for b, w in widths.items() if b in used})
 
 
 def output_block(args: ModelArgs) -> Block:
-    """After the last layer: the final norm, then the head's logits."""
-    return Block((Norm(T.OUTPUT_NORM.name(), X, XN), Linear(T.head_name(args), XN, LOGITS)),
+    """After the last layer: the final norm, the head's logits, their soft cap if any."""
+    cap = (Softcap(LOGITS, args.final_softcap),) if args.final_softcap is not None else ()
+    return Block((Norm(T.OUTPUT_NORM.name(), X, XN), Linear(T.head_name(args), XN, LOGITS), *cap),
                  {X: args.dim, XN: args.dim, LOGITS: args.vocab_size})
 
 

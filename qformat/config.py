@@ -23,20 +23,32 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. kind: "linear" (positions / factor) or "llama3" (Llama 3.1 rule)."""
+    """RoPE frequency scaling. kind: "linear" (positions / factor), "llama3" (Llama 3.1 rule) or
+    "longrope" (Phi-3: per-frequency divisors, short_factor up to original_max_position
+    positions of context and long_factor past it, cos and sin times attention_factor)."""
 
     kind: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    short_factor: list[float] = field(default_factory=list)
+    long_factor: list[float] = field(default_factory=list)
+    attention_factor: float = 1.0
+
+
+# The RoPE tables a layer may rotate by (qformat.rope.rope_variants): the model's (rope_theta,
+# rope_scaling), the local one of sliding layers (rope_local_theta), and none (the identity).
+ROPE_GLOBAL, ROPE_LOCAL, ROPE_NONE = 0, 1, 2
+LAYER_TYPES = ("full", "sliding")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
 class ModelArgs:
     """Hyper-parameters of a decoder-only transformer of the Llama family."""
 
-    arch: str  # "llama", "mistral", "qwen2", "qwen3"
+    arch: str  # "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "smollm3", "phi3"
     vocab_size: int
     dim: int
     n_layers: int
@@ -52,9 +64,37 @@ class ModelArgs:
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    # per layer "full" or "sliding" (only "sliding" layers keep to sliding_window); empty: every
+    # layer is "sliding" when sliding_window is set (Mistral), else "full"
+    layer_types: list[str] = field(default_factory=list)
+    rope_local_theta: float | None = None  # the RoPE base of "sliding" layers, unscaled (Gemma 3)
+    nope_layers: list[int] = field(default_factory=list)  # layers without RoPE (SmolLM3)
+    activation: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh" (GeGLU, Gemma)
+    embed_scale: float | None = None  # the embeddings' rows are multiplied by it (Gemma: sqrt(dim))
+    pre_norms: bool = True  # RMSNorm before attention and before the MLP (all but OLMo 2)
+    post_norms: bool = False  # RMSNorm of attention's and the MLP's outputs before the residual add
+    qk_norm_per_head: bool = True  # q/k norm over each head (Qwen3, Gemma 3) or the whole projection (OLMo 2)
+    attn_scale: float | None = None  # attention's score scale; None: 1 / sqrt(head_dim)
+    attn_softcap: float | None = None  # scores ← cap · tanh(scores / cap) before the softmax (Gemma 2)
+    final_softcap: float | None = None  # the same on the logits (Gemma 2)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        # a header is untrusted input: per-layer tables must fit the layers the steps index
+        if self.layer_types and (len(self.layer_types) != self.n_layers
+                                 or any(t not in LAYER_TYPES for t in self.layer_types)):
+            raise ValueError(f"layer_types must list {self.n_layers} of {', '.join(LAYER_TYPES)}")
+        if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.nope_layers):
+            raise ValueError(f"nope_layers must be layer indices below {self.n_layers}")
+        sc = self.rope_scaling
+        if sc is not None and sc.kind == "longrope" and not (
+                len(sc.short_factor) == len(sc.long_factor) == self.head_dim // 2):
+            raise ValueError(f"longrope short_factor and long_factor must each hold head_dim / 2 = "
+                             f"{self.head_dim // 2} values")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 
     @property
     def q_dim(self) -> int:
@@ -65,6 +105,29 @@ class ModelArgs:
     def kv_dim(self) -> int:
         """Width of the keys and of the values: n_kv_heads x head_dim."""
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def q_norm_dim(self) -> int:
+        """Width of the q norm's weight: one head, or all of q (qk_norm_per_head false)."""
+        return self.head_dim if self.qk_norm_per_head else self.q_dim
+
+    @property
+    def k_norm_dim(self) -> int:
+        """Width of the k norm's weight: one head, or all of k."""
+        return self.head_dim if self.qk_norm_per_head else self.kv_dim
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer` (None: it attends to every position)."""
+        if self.sliding_window is None:
+            return None
+        return self.sliding_window if not self.layer_types or self.layer_types[layer] == "sliding" else None
+
+    def rope_of(self, layer: int) -> int:
+        """Which of qformat.rope.rope_variants' tables layer `layer` rotates by."""
+        if layer in self.nope_layers:
+            return ROPE_NONE
+        local = self.rope_local_theta is not None and self.layer_types and self.layer_types[layer] == "sliding"
+        return ROPE_LOCAL if local else ROPE_GLOBAL
 
 
 @dataclass(frozen=True)

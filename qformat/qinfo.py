@@ -170,8 +170,23 @@ def render(info: dict) -> str:
     rope = m.get("rope_scaling")
     rope_text = "no scaling" if not rope else f"{rope['kind']} scaling x{rope['factor']}"
     flags = [f for f, on in (("qkv bias", m.get("qkv_bias")), ("qk norm", m.get("qk_norm"))) if on]
+    flags = [f + (" over whole projections" if f == "qk norm" and m.get("qk_norm_per_head") is False else "")
+             for f in flags]
     if m.get("sliding_window"):
-        flags.append(f"sliding window {m['sliding_window']}")
+        types = m.get("layer_types") or []
+        where = f" on {types.count('sliding')} of {len(types)} layers" if types else ""
+        flags.append(f"sliding window {m['sliding_window']}{where}")
+    flags += [text for text, on in (
+        (f"local rope theta {m.get('rope_local_theta')}", m.get("rope_local_theta") is not None),
+        (f"no RoPE in layers {m.get('nope_layers')}", bool(m.get("nope_layers"))),
+        (f"{m.get('activation')} gate", m.get("activation", "silu") != "silu"),
+        (f"embeddings x{m.get('embed_scale') or 0:.4g}", m.get("embed_scale") is not None),
+        ("no pre-norms", m.get("pre_norms") is False),
+        ("post-norms", bool(m.get("post_norms"))),
+        (f"attention scale {m.get('attn_scale') or 0:.4g}", m.get("attn_scale") is not None),
+        (f"attention soft cap {m.get('attn_softcap')}", m.get("attn_softcap") is not None),
+        (f"logit soft cap {m.get('final_softcap')}", m.get("final_softcap") is not None),
+    ) if on]
     bpw = info["bits_per_weight"]
     lines = [
         f"file          {info['file']} ({_size(info['file_size'])}, qbin {info['format_version']}, "

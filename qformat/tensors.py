@@ -45,7 +45,7 @@ class TensorName:
 
 
 TOK_EMBEDDINGS = TensorName("tok_embeddings", ("vocab_size", "dim"), "embed", "embeddings", per_layer=False)
-ATTN_NORM = TensorName("attn_norm", ("dim",), "norm", "norms")
+ATTN_NORM = TensorName("attn_norm", ("dim",), "norm", "norms", flag="pre_norms")
 ATTN_Q = TensorName("attn.wq", ("q_dim", "dim"), "linear", "attention")
 ATTN_Q_BIAS = TensorName("attn.bq", ("q_dim",), "bias", "biases", flag="qkv_bias")
 ATTN_K = TensorName("attn.wk", ("kv_dim", "dim"), "linear", "attention")
@@ -53,19 +53,22 @@ ATTN_K_BIAS = TensorName("attn.bk", ("kv_dim",), "bias", "biases", flag="qkv_bia
 ATTN_V = TensorName("attn.wv", ("kv_dim", "dim"), "linear", "attention")
 ATTN_V_BIAS = TensorName("attn.bv", ("kv_dim",), "bias", "biases", flag="qkv_bias")
 ATTN_OUT = TensorName("attn.wo", ("dim", "q_dim"), "linear", "attention")
-ATTN_Q_NORM = TensorName("attn.q_norm", ("head_dim",), "norm", "norms", flag="qk_norm")
-ATTN_K_NORM = TensorName("attn.k_norm", ("head_dim",), "norm", "norms", flag="qk_norm")
-FFN_NORM = TensorName("ffn_norm", ("dim",), "norm", "norms")
+ATTN_Q_NORM = TensorName("attn.q_norm", ("q_norm_dim",), "norm", "norms", flag="qk_norm")
+ATTN_K_NORM = TensorName("attn.k_norm", ("k_norm_dim",), "norm", "norms", flag="qk_norm")
+ATTN_POST_NORM = TensorName("attn_post_norm", ("dim",), "norm", "norms", flag="post_norms")
+FFN_NORM = TensorName("ffn_norm", ("dim",), "norm", "norms", flag="pre_norms")
 FFN_GATE = TensorName("ffn.w1", ("ffn_dim", "dim"), "linear", "mlp")
 FFN_UP = TensorName("ffn.w3", ("ffn_dim", "dim"), "linear", "mlp")
 FFN_DOWN = TensorName("ffn.w2", ("dim", "ffn_dim"), "linear", "mlp")
+FFN_POST_NORM = TensorName("ffn_post_norm", ("dim",), "norm", "norms", flag="post_norms")
 OUTPUT_NORM = TensorName("norm", ("dim",), "norm", "norms", per_layer=False)
 OUTPUT = TensorName("output", ("vocab_size", "dim"), "head", "head", per_layer=False)
 
 # Every entry, in the order a converter writes them (embeddings, each layer's, then the rest).
 TENSORS: tuple[TensorName, ...] = (
     TOK_EMBEDDINGS, ATTN_NORM, ATTN_Q, ATTN_Q_BIAS, ATTN_K, ATTN_K_BIAS, ATTN_V, ATTN_V_BIAS, ATTN_OUT,
-    ATTN_Q_NORM, ATTN_K_NORM, FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN, OUTPUT_NORM, OUTPUT,
+    ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN, FFN_POST_NORM, OUTPUT_NORM,
+    OUTPUT,
 )
 # The bias of each projection that has one (qkv_bias).
 BIAS_OF = {ATTN_Q: ATTN_Q_BIAS, ATTN_K: ATTN_K_BIAS, ATTN_V: ATTN_V_BIAS}

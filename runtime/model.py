@@ -19,7 +19,7 @@ import numpy as np
 from qformat import block as B
 from qformat.kernels import device_ops, fused_decoder, linear_op
 from qformat.reader import QbinReader
-from qformat.rope import rope_inv_freq, rope_tables
+from qformat.rope import model_rope_tables
 from qformat.tensors import TOK_EMBEDDINGS
 
 from .kvcache import BLOCK_SIZE, BlockPool, SequenceKV
@@ -36,7 +36,7 @@ FUSED_BATCH_MAX = 3
 class Model:
     """What a step needs from the model being built: the file, the device's ops, the weights'
     ops by tensor name (each built once, so a tied head shares the embeddings' op), the RoPE
-    tables and the KV pool."""
+    tables (one per qformat.rope.rope_variants entry) and the KV pool."""
 
     def __init__(self, reader: QbinReader, device: str, context: int, pool: BlockPool):
         self.reader = reader
@@ -44,8 +44,7 @@ class Model:
         self.device = device
         self.ops = device_ops(device)
         self.linears: dict[str, object] = {}
-        self.cos, self.sin = rope_tables(rope_inv_freq(self.args), context)  # (context, head_dim/2)
-        self.cos_dev, self.sin_dev = self.ops.asarray(self.cos), self.ops.asarray(self.sin)
+        self.cos, self.sin = model_rope_tables(self.args, context)  # (variants, context, head_dim/2)
         self.cache = pool
 
     def linear(self, name: str):
@@ -62,12 +61,12 @@ class Model:
 class Batch:
     """The rows of one step: sequence i's new tokens are rows offsets[i]..offsets[i+1]-1, at its
     positions starts[i].., their keys and values going to pool slots row_slots; cos and sin are
-    the RoPE tables' rows of every row's position."""
+    the RoPE tables' rows of every row's position, (variants, N, head_dim/2)."""
 
     seqs: list[SequenceKV]
     starts: np.ndarray  # (B,) int64
     offsets: np.ndarray  # (B + 1,) int64
-    cos: object  # (N, head_dim/2) on the device
+    cos: object  # (variants, N, head_dim/2) on the device
     sin: object
     row_slots: object  # (N,) int64 on the device
     decode: np.ndarray  # indices of the sequences with one new row
@@ -94,8 +93,8 @@ def make_batch(work: list[tuple[SequenceKV, np.ndarray]], cos: np.ndarray, sin: 
     decode_slots = np.stack([seqs[i].slots[:longest] for i in decode]) if decode.size else np.zeros((0, 0), np.int32)
     spans = [(i, ops.asarray(seqs[i].slots[:starts[i] + counts[i]].astype(np.int64)))
              for i in np.flatnonzero(counts != 1)]
-    return Batch(seqs, starts, np.concatenate([[0], np.cumsum(counts)]), ops.asarray(cos[positions]),
-                 ops.asarray(sin[positions]), ops.asarray(row_slots), decode, ops.asarray(decode_slots), spans)
+    return Batch(seqs, starts, np.concatenate([[0], np.cumsum(counts)]), ops.asarray(cos[:, positions]),
+                 ops.asarray(sin[:, positions]), ops.asarray(row_slots), decode, ops.asarray(decode_slots), spans)
 
 
 # ---------------------------------------------------------------------------- the steps
@@ -103,21 +102,24 @@ def make_batch(work: list[tuple[SequenceKV, np.ndarray]], cos: np.ndarray, sin: 
 # of a Batch.
 
 class RMSNorm:
-    """Norm: dst = RMSNorm(src) · weight; HeadNorm: the same over every head_dim slice, in place."""
+    """Norm: dst = RMSNorm(src) · weight (dst += that, with residual); HeadNorm: the same over
+    every `width` slice, in place."""
 
     def __init__(self, step: B.Norm | B.HeadNorm, model: Model, layer: int):
         self.weight = model.vector(step.weight)  # (d,)
         self.src = step.src if isinstance(step, B.Norm) else step.buf
         self.dst = step.dst if isinstance(step, B.Norm) else step.buf
-        self.per_head = model.args.head_dim if isinstance(step, B.HeadNorm) else None
+        self.width = step.width if isinstance(step, B.HeadNorm) else None
+        self.residual = isinstance(step, B.Norm) and step.residual
         self.eps = model.args.norm_eps
         self.ops = model.ops
 
     def __call__(self, bufs: dict, batch: Batch) -> None:
         x = bufs[self.src]
-        if self.per_head is not None:
-            x = x.reshape(x.shape[0], -1, self.per_head)
-        bufs[self.dst] = self.ops.rmsnorm(x, self.weight, self.eps).reshape(x.shape[0], -1)
+        if self.width is not None:
+            x = x.reshape(x.shape[0], -1, self.width)
+        y = self.ops.rmsnorm(x, self.weight, self.eps).reshape(x.shape[0], -1)
+        bufs[self.dst] = bufs[self.dst] + y if self.residual else y
 
 
 class Linear:
@@ -169,8 +171,9 @@ class Attention:
         q = bufs[s.q].reshape(n, self.n_heads, self.hd)
         k = bufs[s.k].reshape(n, self.n_kv, self.hd)
         v = bufs[s.v].reshape(n, self.n_kv, self.hd)
-        self.ops.rope(q, batch.cos, batch.sin)
-        self.ops.rope(k, batch.cos, batch.sin)
+        cos, sin = batch.cos[s.rope], batch.sin[s.rope]
+        self.ops.rope(q, cos, sin)
+        self.ops.rope(k, cos, sin)
         kc, vc = self.cache.k[self.layer], self.cache.v[self.layer]  # (n_slots, n_kv_heads, head_dim)
         kc[batch.row_slots] = k
         vc[batch.row_slots] = v
@@ -183,28 +186,45 @@ class Attention:
             for i, slots in batch.spans:
                 rows = slice(int(batch.offsets[i]), int(batch.offsets[i + 1]))
                 out[rows] = self.ops.attention_prefill(q[rows], kc[slots], vc[slots], int(batch.starts[i]),
-                                                       s.window, s.scale)
+                                                       s.window, s.scale, s.softcap)
         bufs[s.dst] = out.reshape(n, self.n_heads * self.hd)
 
     def _decode(self, q, kc, vc, batch: Batch):
         stops = batch.starts[batch.decode] + 1
         starts = np.zeros_like(stops) if self.step.window is None else np.maximum(0, stops - self.step.window)
-        return self.ops.attention_decode(q, kc, vc, batch.decode_slots, starts, stops, self.step.scale)
+        return self.ops.attention_decode(q, kc, vc, batch.decode_slots, starts, stops, self.step.scale,
+                                         self.step.softcap)
+
+
+# The device op of each gated activation (qformat.config.ACTIVATIONS).
+GLU_OPS = {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}
 
 
 class Glu:
-    """gate = silu(gate) · up, in place."""
+    """gate = act(gate) · up, in place."""
 
     def __init__(self, step: B.Glu, model: Model, layer: int):
+        self.step = step
+        self.op = getattr(model.ops, GLU_OPS[step.activation])
+
+    def __call__(self, bufs: dict, batch: Batch) -> None:
+        self.op(bufs[self.step.gate], bufs[self.step.up])
+
+
+class Softcap:
+    """buf = cap · tanh(buf / cap), in place."""
+
+    def __init__(self, step: B.Softcap, model: Model, layer: int):
         self.step = step
         self.ops = model.ops
 
     def __call__(self, bufs: dict, batch: Batch) -> None:
-        self.ops.silu_mul(bufs[self.step.gate], bufs[self.step.up])
+        self.ops.softcap(bufs[self.step.buf], self.step.cap)
 
 
 # Which class runs which kind of step.
-STEPS = {B.Norm: RMSNorm, B.HeadNorm: RMSNorm, B.Linear: Linear, B.Attention: Attention, B.Glu: Glu}
+STEPS = {B.Norm: RMSNorm, B.HeadNorm: RMSNorm, B.Linear: Linear, B.Attention: Attention, B.Glu: Glu,
+         B.Softcap: Softcap}
 
 
 class Block:
@@ -245,6 +265,12 @@ class Transformer:
         self.fused = (fused_decoder(device, self.description, reader, args, self.pool, model.cos, model.sin,
                                     model.linears) if fused else None)
         self.sequence = SequenceKV(self.pool)  # forward()'s
+        self.embed_scale = None if args.embed_scale is None else np.float32(args.embed_scale)
+
+    def embed(self, ids: np.ndarray):
+        """The residual stream's first rows: the tokens' embeddings (times embed_scale, Gemma)."""
+        x = self.tok_embeddings.rows(ids)
+        return x if self.embed_scale is None else x * self.embed_scale
 
     def new_sequence(self) -> SequenceKV:
         """An empty sequence in this model's pool (free() it when done)."""
@@ -267,7 +293,7 @@ class Transformer:
         elif self.fused is not None and len(work) == 1 and work[0][1].size == 1:
             return [self._run_fused(*work[0])[None]]
         batch = make_batch(work, self.cos, self.sin, self.ops)
-        bufs = {B.X: self.tok_embeddings.rows(np.concatenate([ids for _, ids in work]))}  # (N, dim)
+        bufs = {B.X: self.embed(np.concatenate([ids for _, ids in work]))}  # (N, dim)
         for layer in self.layers:
             layer(bufs, batch)
         if not all_logits:
@@ -288,7 +314,7 @@ class Transformer:
         try:
             work = [(seq, np.asarray(ids, np.int64))]
             batch = make_batch(work, self.cos, self.sin, self.ops)
-            bufs = {B.X: self.tok_embeddings.rows(work[0][1])}
+            bufs = {B.X: self.embed(work[0][1])}
             for layer in self.layers:
                 layer(bufs, batch)
             for step in self.output.steps:
@@ -303,7 +329,7 @@ class Transformer:
         """ids through the one-call decode step token by token (a short prompt goes so too: as
         fast as the per-op path there, and a cold start loads one compiled function, not ten)."""
         seq.reserve(seq.length + ids.size)
-        x = self.tok_embeddings.rows(ids)
+        x = self.embed(ids)
         for i, token in enumerate(ids.tolist()):
             logits = self.fused(x[i], seq.length, seq.slots)
             seq.written([token])

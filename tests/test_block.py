@@ -19,7 +19,7 @@ from qformat.config import ModelArgs  # noqa: E402
 from qformat.convert import convert  # noqa: E402
 from qformat.convert.architectures import ARCHITECTURES, lookup, tensor_rules  # noqa: E402
 from qformat.convert.checkpoint import Checkpoint  # noqa: E402
-from qformat.convert.layerwise import layer_forward, rms_norm, rope_tables  # noqa: E402
+from qformat.convert.layerwise import embed, head_logits, layer_forward, rms_norm, rope_tables  # noqa: E402
 from qformat.reader import QbinReader  # noqa: E402
 from qformat.runtime.model import Transformer  # noqa: E402
 
@@ -34,6 +34,11 @@ CASES = {
     "mistral-window": dict(arch="mistral", tied=False, config_overrides={"sliding_window": 8}),
     "qwen2-bias": dict(arch="qwen2", tied=True),
     "qwen3-qknorm": dict(arch="qwen3", tied=False),
+    "gemma2-softcaps-window": dict(arch="gemma2", tied=True),
+    "gemma3-local-rope": dict(arch="gemma3", tied=True),
+    "olmo2-post-norms": dict(arch="olmo2", tied=False),
+    "smollm3-nope": dict(arch="smollm3", tied=True),
+    "phi3-fused-longrope": dict(arch="phi3", tied=False),
 }
 # ModelArgs fields that do not shape a block: sizes (every case varies none of them on purpose,
 # the tiny models have their own) and token ids.
@@ -69,17 +74,22 @@ def test_every_architecture_and_flag_has_a_case(built):
 def torch_logits(folder, args: ModelArgs, ids: list[int]) -> np.ndarray:
     """The model through convert/layerwise.py's layer, float32 weights from the checkpoint."""
     ckpt = Checkpoint(folder)
-    rules = tensor_rules(lookup(ckpt_arch(folder)), args.n_layers)
+    arch = lookup(ckpt_arch(folder))
+    rules = tensor_rules(arch, args.n_layers)
+    ckpt.add_offset([hf for hf, _, role in rules if role == "norm"], arch.norm_offset)  # as the converter reads them
+    for i in range(args.n_layers):
+        for fused, parts in arch.split_parts(args, i):
+            ckpt.split(fused, parts)
     rope = rope_tables(args, len(ids), "cpu")
     with torch.no_grad():
-        x = torch.from_numpy(ckpt.read("model.embed_tokens.weight"))[torch.tensor([ids])]
+        x = embed(torch.from_numpy(ckpt.read("model.embed_tokens.weight")), [ids], args)
         for i in range(args.n_layers):
             w = {T.parse_name(q)[0].key: torch.from_numpy(ckpt.read(hf)) for hf, q, _ in rules
                  if T.parse_name(q)[1] == i and hf in ckpt}
-            x = layer_forward(x, w, args, rope)
+            x = layer_forward(x, w, args, rope, i)
         x = rms_norm(x, torch.from_numpy(ckpt.read("model.norm.weight")), args.norm_eps)
         head = "model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"
-        return (x @ torch.from_numpy(ckpt.read(head)).T)[0].numpy()
+        return head_logits(x, torch.from_numpy(ckpt.read(head)), args)[0].numpy()
 
 
 def ckpt_arch(folder) -> str:

@@ -47,10 +47,15 @@ def test_transformers5_rope_parameters():
     assert m.rope_scaling.kind == "llama3" and m.rope_scaling.factor == 32.0
 
 
-@pytest.mark.parametrize("kind", ["yarn", "dynamic", "longrope"])
+@pytest.mark.parametrize("kind", ["yarn", "dynamic"])
 def test_unsupported_rope_refused(kind):
     with pytest.raises(ValueError, match=f"'{kind}' is not supported"):
         model_args(config(rope_scaling={"rope_type": kind, "factor": 4.0}))
+
+
+def test_longrope_without_its_factors_is_refused():
+    with pytest.raises(ValueError, match="longrope needs short_factor and long_factor"):
+        model_args(config(rope_scaling={"rope_type": "longrope", "factor": 4.0}))
 
 
 def test_eos_lists_merge_config_and_generation():

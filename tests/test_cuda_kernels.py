@@ -141,10 +141,26 @@ def test_host_rmsnorm_rope_silu_match_reference(host):
     ops.rope(got, cos, sin)
     assert close(got, reference.rope(q, cos, sin), 1e-6)
 
-    g, u = rng.standard_normal((2, 1000)).astype(np.float32) * 3
-    want = reference.silu_mul(g, u)
-    ops.silu_mul(g, u)
-    assert close(g, want, 1e-5)
+    from qformat.kernels.cuda.decoder import GLU_KERNELS
+    from qformat.runtime.model import GLU_OPS
+
+    assert set(GLU_OPS) == set(GLU_KERNELS) == set(reference.GLU)
+    for activation, op in GLU_OPS.items():
+        g, u = rng.standard_normal((2, 1000)).astype(np.float32) * 3
+        want = reference.GLU[activation](g, u)
+        getattr(ops, op)(g, u)
+        assert close(g, want, 1e-5), activation
+    y = rng.standard_normal((2, 1000)).astype(np.float32) * 20
+    want = reference.softcap(y, 7.0)
+    ops.softcap(y, 7.0)
+    assert close(y, want, 1e-5)
+    # rmsnorm's residual form: out += the norm (a post-norm's add)
+    base = rng.standard_normal((3, 576)).astype(np.float32)
+    out = base.copy()
+    from qformat.kernels.cuda import module
+
+    module.kernel("ops", "rmsnorm_f32")((3,), (128,), (x, w, out, np.int32(576), np.float32(1e-5), np.int32(1)))
+    assert close(out, base + reference.rmsnorm(x, w, 1e-5), 1e-5)
 
 
 def test_host_rope_store_matches_reference(host):
@@ -171,10 +187,11 @@ def test_host_rope_store_matches_reference(host):
     assert not kc[others].any() and not vc[others].any()
 
 
-@pytest.mark.parametrize("start,stop", [(0, 1), (0, 300), (140, 700)])
-def test_host_attention_decode_matches_reference(host, start, stop):
+@pytest.mark.parametrize("start,stop,cap", [(0, 1, None), (0, 300, None), (140, 700, None), (140, 700, 2.0)])
+def test_host_attention_decode_matches_reference(host, start, stop, cap):
     """Flash-decoding over 1, 2 and 3 splits of 256 keys, GQA (6 heads on 2 KV heads), a
-    sliding window (start > 0), float16 pool; two sequences, each position in its own shuffled slot."""
+    sliding window (start > 0), soft-capped scores, float16 pool; two sequences, each position
+    in its own shuffled slot."""
     from qformat.kernels.cuda.device import CUDAOps
 
     rng = np.random.default_rng(11)
@@ -187,11 +204,11 @@ def test_host_attention_decode_matches_reference(host, start, stop):
     pool_v = np.empty_like(pool_k)
     for b in range(2):
         pool_k[slots[b]], pool_v[slots[b]] = k[b], v[b]
-    out = CUDAOps().attention_decode(q, pool_k, pool_v, slots, [start, start], [stop, stop], 0.125)
+    out = CUDAOps().attention_decode(q, pool_k, pool_v, slots, [start, start], [stop, stop], 0.125, cap)
     window = None if start == 0 else stop - start
     for b in range(2):
         want = reference.attention(q[b][None], k[b].astype(np.float32), v[b].astype(np.float32), stop - 1,
-                                   window, 0.125)[0]
+                                   window, 0.125, cap)[0]
         assert close(out[b], want, 1e-5)
 
 

@@ -141,7 +141,7 @@ def test_torch_layer_matches_transformers(tiny_checkpoint, arch):
         for i in range(args.n_layers):
             w = {q.split(".", 2)[2]: torch.from_numpy(ckpt.read(hf))
                  for hf, q, _ in rules if q.startswith(f"layers.{i}.") and hf in ckpt}
-            x = layer_forward(x, w, args, rope)
+            x = layer_forward(x, w, args, rope, i)
         x = rms_norm(x, torch.from_numpy(ckpt.read("model.norm.weight")), args.norm_eps)
     torch.testing.assert_close(x, hidden[-1], atol=1e-5, rtol=1e-5)
 

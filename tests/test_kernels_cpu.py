@@ -268,21 +268,31 @@ def test_rmsnorm_rope_silu():
     expect = reference.rope(q, cos, sin)
     ops.rope(q, cos, sin)
     assert close(q, expect)
-    g, u = x.copy(), rng.standard_normal((5, 48)).astype(np.float32)
-    expect = reference.silu_mul(g, u)
-    ops.silu_mul(g, u)
-    assert close(g, expect)
+    # every gated activation the model may name (runtime.model.GLU_OPS), and the soft cap
+    from qformat.kernels.cpu.device import CPUOps
+    from qformat.runtime.model import GLU_OPS
+
+    assert set(GLU_OPS) == set(reference.GLU)
+    for activation, op in GLU_OPS.items():
+        g, u = x.copy() * 3, rng.standard_normal((5, 48)).astype(np.float32)
+        expect = reference.GLU[activation](g, u)
+        getattr(CPUOps(), op)(g, u)
+        assert close(g, expect), activation
+    y = x * 20
+    expect = reference.softcap(y, 7.0)
+    CPUOps().softcap(y, 7.0)
+    assert close(y, expect)
 
 
-@pytest.mark.parametrize("window", [None, 4])
-def test_attention_matches_reference(window):
+@pytest.mark.parametrize("window,cap", [(None, None), (4, None), (None, 1.5), (4, 1.5)])
+def test_attention_matches_reference(window, cap):
     rng = np.random.default_rng(4)
     n_heads, n_kv, hd, start, n = 6, 2, 16, 7, 5
     q = rng.standard_normal((n, n_heads, hd)).astype(np.float32)
     k = rng.standard_normal((start + n, n_kv, hd)).astype(np.float32)
     v = rng.standard_normal((start + n, n_kv, hd)).astype(np.float32)
-    expect = reference.attention(q, k, v, start, window, 0.25)
-    assert close(ops.attention_prefill(q, k, v, start, window, 0.25), expect)
+    expect = reference.attention(q, k, v, start, window, 0.25, cap)
+    assert close(ops.attention_prefill(q, k, v, start, window, 0.25, cap), expect)
     # decode: the last queries of two sequences, their positions in shuffled slots of one pool
     total = start + n
     k2, v2 = rng.standard_normal((2, total, n_kv, hd)).astype(np.float32)
@@ -294,9 +304,9 @@ def test_attention_matches_reference(window):
     lo = 0 if window is None else max(0, pos + 1 - window)
     out = np.empty((2, n_heads, hd), np.float32)
     ops.attention_decode(np.stack([q[-1], q2[-1]]), pool_k, pool_v, slots, np.array([lo, lo]),
-                         np.array([total, total]), np.float32(0.25), out)
+                         np.array([total, total]), np.float32(0.25), np.float32(cap or 0), out)
     assert close(out[0], expect[-1])
-    assert close(out[1], reference.attention(q2, k2, v2, start, window, 0.25)[-1])
+    assert close(out[1], reference.attention(q2, k2, v2, start, window, 0.25, cap)[-1])
 
 
 def test_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypatch):

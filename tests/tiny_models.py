@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "smollm3", "phi3")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -98,6 +98,24 @@ def _config(arch: str, vocab: int, tied: bool, ids: dict[str, int], overrides: d
         "mistral": (transformers.MistralConfig, {"sliding_window": 64, "head_dim": 20}),
         "qwen2": (transformers.Qwen2Config, {}),
         "qwen3": (transformers.Qwen3Config, {"head_dim": 24}),  # head_dim != hidden / heads
+        # soft caps small enough that tanh bends the tiny model's scores and logits; layer 0
+        # sliding, layer 1 global
+        "gemma2": (transformers.Gemma2Config, {"head_dim": 24, "query_pre_attn_scalar": 32, "sliding_window": 8,
+                                               "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0,
+                                               "layer_types": ["sliding_attention", "full_attention"]}),
+        # local RoPE 10k on the sliding layer, the global one 1M and linearly scaled
+        "gemma3": (transformers.Gemma3TextConfig, {
+            "head_dim": 24, "query_pre_attn_scalar": 24, "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}}),
+        "olmo2": (transformers.Olmo2Config, {}),
+        "smollm3": (transformers.SmolLM3Config, {"no_rope_layers": [1, 0], "pad_token_id": ids["eos"]}),  # layer 1: NoPE
+        # fused qkv_proj and gate_up_proj; LongRoPE trained on 16 positions, extended to 64
+        "phi3": (transformers.Phi3Config, {
+            "max_position_embeddings": 64, "original_max_position_embeddings": 16, "pad_token_id": ids["eos"],
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(10)],
+                             "long_factor": [2.0 + 0.5 * i for i in range(10)]}}),
     }
     if arch not in per_arch:
         raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(per_arch)}")
@@ -108,7 +126,7 @@ def _config(arch: str, vocab: int, tied: bool, ids: dict[str, int], overrides: d
 def make_tiny_checkpoint(dst_dir, arch: str = "llama", tied: bool = True, dtype: str = "float32",
                          sharded: bool = False, tokenizer: str = "hf-json", seed: int = 0,
                          config_overrides: dict | None = None) -> Path:
-    """Save a tiny random `arch` model (llama, mistral, qwen2, qwen3) and a tokenizer into dst_dir.
+    """Save a tiny random `arch` model (one of ARCHS) and a tokenizer into dst_dir.
 
     dtype: "float32", "bfloat16" or "float16". sharded: split the safetensors into several
     files with model.safetensors.index.json. tokenizer: "hf-json" or "sentencepiece".

@@ -55,15 +55,26 @@ class CPUOps:
         """gate <- silu(gate) * up, in place."""
         ops.silu_mul_rows(gate, up)
 
+    def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> None:
+        """gate <- gelu_tanh(gate) * up, in place."""
+        ops.gelu_tanh_mul_rows(gate, up)
+
+    def softcap(self, x: np.ndarray, cap: float) -> None:
+        """x <- cap * tanh(x / cap), in place; x (n, d)."""
+        ops.softcap(x, np.float32(cap))
+
     def attention_decode(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
-                         starts: np.ndarray, stops: np.ndarray, scale: float) -> np.ndarray:
+                         starts: np.ndarray, stops: np.ndarray, scale: float, softcap: float | None = None
+                         ) -> np.ndarray:
         """One query per sequence, q (B, heads, hd), over its own cached keys of one layer of the
-        paged pool (n_slots, kv, hd): positions [starts[b], stops[b]) at slots[b] (B, L) -> (B, heads, hd)."""
+        paged pool (n_slots, kv, hd): positions [starts[b], stops[b]) at slots[b] (B, L) -> (B, heads, hd);
+        scores soft-capped when softcap is set."""
         out = np.empty(q.shape, np.float32)
-        ops.attention_decode(q, k_cache, v_cache, slots, starts, stops, np.float32(scale), out)
+        ops.attention_decode(q, k_cache, v_cache, slots, starts, stops, np.float32(scale), np.float32(softcap or 0),
+                             out)
         return out
 
     def attention_prefill(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
-                          window: int | None, scale: float) -> np.ndarray:
+                          window: int | None, scale: float, softcap: float | None = None) -> np.ndarray:
         """Causal attention of q (n, heads, hd) at start_pos.. over k, v (start_pos + n, kv, hd)."""
-        return ops.attention_prefill(q, k, v, start_pos, window, scale)
+        return ops.attention_prefill(q, k, v, start_pos, window, scale, softcap)

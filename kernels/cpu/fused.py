@@ -31,7 +31,8 @@ from numba import carray, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from qformat.block import LOGITS, STEP_TYPES, X, Attention, Block, Glu, HeadNorm, Linear, Norm
+from qformat.block import LOGITS, STEP_TYPES, X, Attention, Block, Glu, HeadNorm, Linear, Norm, Softcap
+from qformat.config import ACTIVATIONS
 
 from . import dense, int8, ops, quant, sparse
 from .base import (ACT, ACT_SCALE, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_FP,
@@ -40,15 +41,20 @@ from .base import (ACT, ACT_SCALE, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, 
                    add_offsets_q8)
 
 # Step codes: a step's index in qformat.block.STEP_TYPES.
-NORM, HEAD_NORM, LINEAR, ATTENTION, GLU = (STEP_TYPES.index(t) for t in (Norm, HeadNorm, Linear, Attention, Glu))
+NORM, HEAD_NORM, LINEAR, ATTENTION, GLU, SOFTCAP = (STEP_TYPES.index(t)
+                                                    for t in (Norm, HeadNorm, Linear, Attention, Glu, Softcap))
 # Columns of a program row: the step code, then up to six integer operands (per step kind:
-#   NORM       norm row, src, dst              HEAD_NORM  head-norm row, buffer
+#   NORM       norm row, src, dst, residual (0/1)   HEAD_NORM  head-norm row, buffer, width
 #   LINEAR     table row, src, dst, bias row (-1: none), residual (0/1)
-#   ATTENTION  q, k, v, dst, window (0: none); its scale is the block's float operand
-#   GLU        gate, up)
+#   ATTENTION  q, k, v, dst, window (0: none), RoPE table; its scale and soft cap (0: none) are
+#              the step's float operands
+#   GLU        gate, up, activation (config.ACTIVATIONS' index)
+#   SOFTCAP    buffer; the cap is its float operand)
 # and buffers are numbered in their order of first use, the residual stream first.
-OP, A, B, C, D, E = range(6)
-PROGRAM_WIDTH = 6
+OP, A, B, C, D, E, F = range(7)
+PROGRAM_WIDTH = 7
+SILU, GELU_TANH = (ACTIVATIONS.index(a) for a in ("silu", "gelu_tanh"))
+assert len(ACTIVATIONS) == 2, "an activation was added to config.ACTIVATIONS: give it a branch in decode_step"
 
 # GEMV routine codes (base.ROUTINES), one branch each in gemv_row.
 (R_F32, R_F16, R_BF16, R_Q8, R_Q6, R_Q5, R_Q4, R_Q3, R_Q2, R_NF4, R_Q8ACT, R_NM, R_NM_Q4_Q8ACT, R_W8A8) = (
@@ -287,24 +293,23 @@ def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4,
 
 
 @njit(cache=True, nogil=True)  # a server's HTTP thread runs while a step computes
-def decode_step(x, pos, programs, n_steps, scales, widths, table, norms, head_norms, biases, k_cache, v_cache,
+def decode_step(x, pos, programs, n_steps, floats, widths, table, norms, head_norms, biases, k_cache, v_cache,
                 slots, cos, sin, n_heads, n_kv, head_dim, eps, h2f, logits, logits_buffer, routines):
     """Run one token through every block's program (see the module docstring).
 
     x (dim,) embedding of the token (updated in place as the residual stream); pos its position;
     programs (n_blocks, max_steps, PROGRAM_WIDTH) int64 and n_steps (n_blocks,): the blocks'
-    steps, block b < n_layers being layer b (its KV cache), the last the output block; scales
-    (n_blocks, max_steps) float32: the attention steps' scales; widths (n_buffers,): each
+    steps, block b < n_layers being layer b (its KV cache), the last the output block; floats
+    (n_blocks, max_steps, 2) float32: the steps' float operands; widths (n_buffers,): each
     buffer's width; table (n_linears, base.WIDTH) int64: the weights; norms (n, dim), head_norms
-    (n, head_dim), biases (n, max width, zero-padded): the rows the programs name; k_cache,
+    (n, width), biases (n, max width, zero-padded): the rows the programs name; k_cache,
     v_cache (n_layers, n_slots, n_kv_heads, head_dim): the paged pool, slots (1, L) int32 the
-    sequence's slot of each position (runtime/kvcache.py); cos, sin (max_seq, head_dim/2); logits
-    (vocab,): written, it is buffer `logits_buffer`; routines: gemv_row's routine arguments.
+    sequence's slot of each position (runtime/kvcache.py); cos, sin (n_tables, max_seq,
+    head_dim/2); logits (vocab,): written, it is buffer `logits_buffer`; routines: gemv_row's
+    routine arguments.
     """
     bufs = [x if b == 0 else logits if b == logits_buffer else np.empty(widths[b], np.float32)
             for b in range(widths.size)]
-    c1 = cos[pos:pos + 1]
-    s1 = sin[pos:pos + 1]
     slot = slots[0, pos]
     stops = np.full(1, pos + 1, np.int64)
     for blk in range(programs.shape[0]):
@@ -313,7 +318,12 @@ def decode_step(x, pos, programs, n_steps, scales, widths, table, norms, head_no
             code = op[OP]
             if code == NORM:
                 src, dst = bufs[op[B]], bufs[op[C]]
-                ops.rmsnorm(_view2(src, 1, src.size), norms[op[A]], eps, _view2(dst, 1, dst.size))
+                if op[D]:  # residual: dst += RMSNorm(src)
+                    tmp = np.empty(dst.size, np.float32)
+                    ops.rmsnorm(_view2(src, 1, src.size), norms[op[A]], eps, _view2(tmp, 1, tmp.size))
+                    dst += tmp
+                else:
+                    ops.rmsnorm(_view2(src, 1, src.size), norms[op[A]], eps, _view2(dst, 1, dst.size))
             elif code == LINEAR:
                 src, dst = bufs[op[B]], bufs[op[C]]
                 if op[E]:  # residual: dst += W src
@@ -326,22 +336,30 @@ def decode_step(x, pos, programs, n_steps, scales, widths, table, norms, head_no
                     dst += biases[op[D], :dst.size]
             elif code == HEAD_NORM:
                 buf = bufs[op[B]]
-                heads = _view2(buf, buf.size // head_dim, head_dim)
-                ops.rmsnorm(heads.copy(), head_norms[op[A]], eps, heads)
+                heads = _view2(buf, buf.size // op[C], op[C])
+                ops.rmsnorm(heads.copy(), head_norms[op[A], :op[C]], eps, heads)
             elif code == ATTENTION:
                 q3 = _view3(bufs[op[A]], 1, n_heads, head_dim)
                 k3 = _view3(bufs[op[B]], 1, n_kv, head_dim)
+                c1 = cos[op[F], pos:pos + 1]
+                s1 = sin[op[F], pos:pos + 1]
                 ops.rope(q3, c1, s1)
                 ops.rope(k3, c1, s1)
                 _store(k_cache, blk, slot, k3[0])
                 _store(v_cache, blk, slot, _view2(bufs[op[C]], n_kv, head_dim))
                 window = op[E]
                 starts = np.full(1, 0 if window == 0 else max(0, pos + 1 - window), np.int64)
-                ops.attention_decode(q3, k_cache[blk], v_cache[blk], slots, starts, stops, scales[blk, s],
-                                     _view3(bufs[op[D]], 1, n_heads, head_dim))
+                ops.attention_decode(q3, k_cache[blk], v_cache[blk], slots, starts, stops, floats[blk, s, 0],
+                                     floats[blk, s, 1], _view3(bufs[op[D]], 1, n_heads, head_dim))
             elif code == GLU:
                 gate, up = bufs[op[A]], bufs[op[B]]
-                ops.silu_mul(_view2(gate, 1, gate.size), _view2(up, 1, up.size))
+                if op[C] == SILU:
+                    ops.silu_mul(_view2(gate, 1, gate.size), _view2(up, 1, up.size))
+                elif op[C] == GELU_TANH:
+                    ops.gelu_tanh_mul(_view2(gate, 1, gate.size), _view2(up, 1, up.size))
+            elif code == SOFTCAP:
+                buf = bufs[op[A]]
+                ops.softcap(_view2(buf, 1, buf.size), floats[blk, s, 0])
 
 
 class Programs:
@@ -366,24 +384,27 @@ class Programs:
         max_steps = max(len(b.steps) for b in blocks)
         self.programs = np.zeros((len(blocks), max_steps, PROGRAM_WIDTH), np.int64)
         self.n_steps = np.array([len(b.steps) for b in blocks], np.int64)
-        self.scales = np.zeros((len(blocks), max_steps), np.float32)
+        self.floats = np.zeros((len(blocks), max_steps, 2), np.float32)
         for bi, blk in enumerate(blocks):
             buf = {n: buffer(n, w) for n, w in blk.widths.items()}
             for si, step in enumerate(blk.steps):
                 row = self.programs[bi, si]
                 row[OP] = STEP_TYPES.index(type(step))
                 if isinstance(step, Norm):
-                    row[A:C + 1] = stacked(self.norms, step.weight), buf[step.src], buf[step.dst]
+                    row[A:D + 1] = stacked(self.norms, step.weight), buf[step.src], buf[step.dst], int(step.residual)
                 elif isinstance(step, HeadNorm):
-                    row[A:B + 1] = stacked(self.head_norms, step.weight), buf[step.buf]
+                    row[A:C + 1] = stacked(self.head_norms, step.weight), buf[step.buf], step.width
                 elif isinstance(step, Linear):
                     bias = stacked(self.biases, step.bias) if step.bias is not None else -1
                     row[A:E + 1] = linear_rows[step.weight], buf[step.src], buf[step.dst], bias, int(step.residual)
                 elif isinstance(step, Attention):
-                    row[A:E + 1] = buf[step.q], buf[step.k], buf[step.v], buf[step.dst], step.window or 0
-                    self.scales[bi, si] = step.scale
+                    row[A:F + 1] = buf[step.q], buf[step.k], buf[step.v], buf[step.dst], step.window or 0, step.rope
+                    self.floats[bi, si] = step.scale, step.softcap or 0.0
                 elif isinstance(step, Glu):
-                    row[A:B + 1] = buf[step.gate], buf[step.up]
+                    row[A:C + 1] = buf[step.gate], buf[step.up], ACTIVATIONS.index(step.activation)
+                elif isinstance(step, Softcap):
+                    row[A] = buf[step.buf]
+                    self.floats[bi, si, 0] = step.cap
                 else:
                     raise NotImplementedError(f"the fused CPU step has no code for {type(step).__name__}")
         self.buffers = names
@@ -427,7 +448,7 @@ class FusedDecoder:
         is slots (L,) int32."""
         a, p = self.args, self.programs
         logits = np.empty(self.vocab, np.float32)
-        decode_step(np.array(x, np.float32), pos, p.programs, p.n_steps, p.scales, p.widths, self.table, p.norms,
+        decode_step(np.array(x, np.float32), pos, p.programs, p.n_steps, p.floats, p.widths, self.table, p.norms,
                     p.head_norms, p.biases, self.cache.k, self.cache.v, slots[None], self.cos, self.sin, a.n_heads,
                     a.n_kv_heads, a.head_dim, self.eps, H2F, logits, self.logits_buffer, self.routines)
         return logits

@@ -1,4 +1,5 @@
-"""Numba kernels for the small per-token operations: RMSNorm, RoPE, SiLU gate, decode attention.
+"""Numba kernels for the small per-token operations: RMSNorm, RoPE, the gated activations (SiLU,
+tanh-approximated GELU), soft caps, decode attention.
 
 Each one is a single compiled call per layer and token (NumPy would take several ufunc calls of a
 few microseconds each, which adds up over 30 layers). References: qformat.kernels.reference.
@@ -57,13 +58,42 @@ def silu_mul_rows(gate: np.ndarray, up: np.ndarray) -> None:
     run_row_chunks(lambda rows: silu_mul(gate[rows], up[rows]), gate.shape[0])
 
 
+@njit(cache=True, nogil=True, fastmath=FAST)
+def gelu_tanh_mul(gate, up):
+    """gate <- gelu(gate) * up in place, GELU's tanh approximation
+    0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g³))); (n, ffn_dim)."""
+    n, d = gate.shape
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    for i in range(n):
+        for j in range(d):
+            g = gate[i, j]
+            gate[i, j] = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(c * (g + np.float32(0.044715) * g * g * g))) \
+                * up[i, j]
+
+
+def gelu_tanh_mul_rows(gate: np.ndarray, up: np.ndarray) -> None:
+    """gelu_tanh_mul over many rows, split over the kernel threads."""
+    run_row_chunks(lambda rows: gelu_tanh_mul(gate[rows], up[rows]), gate.shape[0])
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def softcap(x, cap):
+    """x <- cap * tanh(x / cap) in place; x (n, d)."""
+    n, d = x.shape
+    inv = np.float32(1.0) / cap
+    for i in range(n):
+        for j in range(d):
+            x[i, j] = cap * np.tanh(x[i, j] * inv)
+
+
 @njit(cache=True, parallel=True, fastmath=FAST)
-def attention_decode(q, k_cache, v_cache, slots, starts, stops, scale, out):
+def attention_decode(q, k_cache, v_cache, slots, starts, stops, scale, softcap, out):
     """One query token of each of B sequences against its own cached keys.
 
     q (B, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, head_dim): one layer of the
     paged pool; slots (B, L) int32: sequence b's position p lives in slot slots[b, p]; sequence b
-    attends to positions [starts[b], stops[b]); out (B, n_heads, head_dim). Query head h reads
+    attends to positions [starts[b], stops[b]); scores scaled by scale, then (softcap > 0)
+    soft-capped to softcap·tanh(s / softcap); out (B, n_heads, head_dim). Query head h reads
     KV head h // (n_heads // n_kv_heads) (GQA). One task per (sequence, head).
     """
     n_seq, n_heads, hd = q.shape
@@ -82,6 +112,8 @@ def attention_decode(q, k_cache, v_cache, slots, starts, stops, scale, out):
             for j in range(hd):
                 s += q[b, h, j] * k_cache[row, kvh, j]
             s *= scale
+            if softcap > 0:
+                s = softcap * np.tanh(s / softcap)
             scores[t] = s
             best = max(best, s)
         total = np.float32(0.0)
@@ -99,10 +131,11 @@ def attention_decode(q, k_cache, v_cache, slots, starts, stops, scale, out):
 
 
 def attention_prefill(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
-                      window: int | None, scale: float) -> np.ndarray:
+                      window: int | None, scale: float, softcap: float | None = None) -> np.ndarray:
     """Causal attention of n new queries over all keys so far, through BLAS.
 
-    q (n, n_heads, hd) at positions start_pos..start_pos+n-1; k, v (start_pos+n, n_kv, hd).
+    q (n, n_heads, hd) at positions start_pos..start_pos+n-1; k, v (start_pos+n, n_kv, hd);
+    scores soft-capped to softcap·tanh(s / softcap) when softcap is set.
     Queries go in blocks of QUERY_BLOCK, one task per (block, KV head) on the kernel threads
     (threads.run_tasks): a block reads only the keys up to its last query, and the score matrix
     stays small for long prompts.
@@ -126,6 +159,8 @@ def attention_prefill(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: in
         lo = 0 if window is None else max(0, start_pos + b0 + 1 - window)
         heads = slice(kvh * group, (kvh + 1) * group)
         s = qs[b0:b1, heads].reshape(b * group, hd) @ k[lo:hi, kvh].T  # (b·group, hi - lo)
+        if softcap is not None:
+            s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
         if window is None:
             s[:, hi - lo - b:] += diagonal[:b * group, :b]
         else:

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from qformat.block import LOGITS, X, Attention, Block, Glu, HeadNorm, Linear, Norm
+from qformat.block import LOGITS, X, Attention, Block, Glu, HeadNorm, Linear, Norm, Softcap
 
 from . import module
 from .device import CHUNK, THREADS
 
 # Capture the step as a CUDA graph (tests on the host emulation turn it off).
 CUDA_GRAPHS = True
+# The ops.cu kernel of each gated activation (qformat.config.ACTIVATIONS).
+GLU_KERNELS = {"silu": "silu_mul_f32", "gelu_tanh": "gelu_tanh_mul_f32"}
 
 
 def _groups(steps) -> list:
@@ -57,10 +59,10 @@ class CudaDecodeStep:
         self.graph = None
         self.stream = None
 
-    def _rmsnorm(self, x, w, out, rows: int = 1):
+    def _rmsnorm(self, x, w, out, rows: int = 1, add: bool = False):
         d = x.size // rows
         module.kernel("ops", "rmsnorm_f32")((rows,), (THREADS,),
-                                            (x, w, out, np.int32(d), np.float32(self.args.norm_eps)))
+                                            (x, w, out, np.int32(d), np.float32(self.args.norm_eps), np.int32(add)))
 
     def _project(self, steps: list[Linear]) -> None:
         """Each step's dst = W src (+ bias, or + dst when residual), the src quantized once where
@@ -82,12 +84,12 @@ class CudaDecodeStep:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         pairs = (a.n_heads + a.n_kv_heads) * hd // 2
         module.kernel("ops", "rope_store_at")(((pairs + THREADS - 1) // THREADS,), (THREADS,),
-                                              (q, k, v, self.cos, self.sin, kc, vc, np.int32(a.n_heads),
+                                              (q, k, v, self.cos[s.rope], self.sin[s.rope], kc, vc, np.int32(a.n_heads),
                                                np.int32(a.n_kv_heads), np.int32(hd), self.slots, self.pos))
         module.kernel("ops", "attn_decode_split_at")(
             (a.n_heads * self.n_splits,), (THREADS,),
             (q, kc, vc, self.slots, self.part, np.int32(a.n_heads), np.int32(a.n_kv_heads), np.int32(hd), self.pos,
-             np.int32(s.window or 0), np.float32(s.scale), np.int32(self.n_splits)))
+             np.int32(s.window or 0), np.float32(s.scale), np.float32(s.softcap or 0), np.int32(self.n_splits)))
         module.kernel("ops", "attn_decode_combine")((a.n_heads,), (THREADS,),
                                                     (self.part, dst, np.int32(hd), np.int32(self.n_splits)))
 
@@ -98,16 +100,20 @@ class CudaDecodeStep:
                 if isinstance(s, list):
                     self._project(s)
                 elif isinstance(s, Norm):
-                    self._rmsnorm(self.bufs[s.src], self.vec[s.weight], self.bufs[s.dst])
+                    self._rmsnorm(self.bufs[s.src], self.vec[s.weight], self.bufs[s.dst], add=s.residual)
                 elif isinstance(s, HeadNorm):
                     buf = self.bufs[s.buf]
-                    self._rmsnorm(buf, self.vec[s.weight], buf, buf.size // self.args.head_dim)
+                    self._rmsnorm(buf, self.vec[s.weight], buf, buf.size // s.width)
                 elif isinstance(s, Attention):
                     self._attention(layer, s)
                 elif isinstance(s, Glu):
                     gate, up = self.bufs[s.gate], self.bufs[s.up]
-                    module.kernel("ops", "silu_mul_f32")(((gate.size + THREADS - 1) // THREADS,), (THREADS,),
-                                                         (gate, up, np.int64(gate.size)))
+                    module.kernel("ops", GLU_KERNELS[s.activation])(((gate.size + THREADS - 1) // THREADS,), (THREADS,),
+                                                                    (gate, up, np.int64(gate.size)))
+                elif isinstance(s, Softcap):
+                    buf = self.bufs[s.buf]
+                    module.kernel("ops", "softcap_f32")(((buf.size + THREADS - 1) // THREADS,), (THREADS,),
+                                                        (buf, np.int64(buf.size), np.float32(s.cap)))
                 else:
                     raise NotImplementedError(f"the CUDA decode step has no kernel for {type(s).__name__}")
 

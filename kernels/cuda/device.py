@@ -54,7 +54,7 @@ class CUDAOps:
         flat = module.cupy().ascontiguousarray(x).reshape(-1, d)
         out = module.cupy().empty_like(flat)
         module.kernel("ops", "rmsnorm_f32")((flat.shape[0],), (THREADS,),
-                                            (flat, weight, out, np.int32(d), np.float32(eps)))
+                                            (flat, weight, out, np.int32(d), np.float32(eps), np.int32(0)))
         return out.reshape(x.shape)
 
     def rope(self, x, cos, sin) -> None:
@@ -66,13 +66,25 @@ class CUDAOps:
         module.kernel("ops", "rope_f32")(((total + THREADS - 1) // THREADS,), (THREADS,),
                                   (x, cos, sin, np.int32(n), np.int32(heads), np.int32(hd), np.int32(0)))
 
-    def silu_mul(self, gate, up) -> None:
+    def _gated(self, kernel: str, gate, up) -> None:
         _in_place(gate)
         up = module.cupy().ascontiguousarray(up)
         n = gate.size
-        module.kernel("ops", "silu_mul_f32")(((n + THREADS - 1) // THREADS,), (THREADS,), (gate, up, np.int64(n)))
+        module.kernel("ops", kernel)(((n + THREADS - 1) // THREADS,), (THREADS,), (gate, up, np.int64(n)))
 
-    def attention_decode(self, q, k_cache, v_cache, slots, starts, stops, scale: float):
+    def silu_mul(self, gate, up) -> None:
+        self._gated("silu_mul_f32", gate, up)
+
+    def gelu_tanh_mul(self, gate, up) -> None:
+        self._gated("gelu_tanh_mul_f32", gate, up)
+
+    def softcap(self, x, cap: float) -> None:
+        """x <- cap * tanh(x / cap), in place."""
+        _in_place(x)
+        module.kernel("ops", "softcap_f32")(((x.size + THREADS - 1) // THREADS,), (THREADS,),
+                                            (x, np.int64(x.size), np.float32(cap)))
+
+    def attention_decode(self, q, k_cache, v_cache, slots, starts, stops, scale: float, softcap: float | None = None):
         """One query per sequence, q (B, heads, hd), over its own positions [starts[b], stops[b])
         at slots[b] (B, L) int32 of one layer's pool (n_slots, kv, hd) -> (B, heads, hd). One
         flash-decoding pass pair per sequence (launched eagerly)."""
@@ -90,14 +102,16 @@ class CUDAOps:
             module.kernel("ops", "attn_decode_split")((n_heads * n_splits,), (THREADS,),
                                                       (q[b], k_cache, v_cache, slots[b], part, np.int32(n_heads),
                                                        np.int32(n_kv), np.int32(hd), np.int32(start), np.int32(stop),
-                                                       np.float32(scale), np.int32(n_splits)))
+                                                       np.float32(scale), np.float32(softcap or 0),
+                                                       np.int32(n_splits)))
             module.kernel("ops", "attn_decode_combine")((n_heads,), (THREADS,),
                                                         (part, out[b], np.int32(hd), np.int32(n_splits)))
         return out
 
-    def attention_prefill(self, q, k, v, start_pos: int, window: int | None, scale: float):
-        """Per KV head: the scores of its query heads as one batched GEMM (cuBLAS), masked and
-        normalized in float32, times V."""
+    def attention_prefill(self, q, k, v, start_pos: int, window: int | None, scale: float,
+                          softcap: float | None = None):
+        """Per KV head: the scores of its query heads as one batched GEMM (cuBLAS), soft-capped
+        when softcap is set, masked and normalized in float32, times V."""
         cp = module.cupy()
         n, n_heads, hd = q.shape
         total, n_kv, _ = k.shape
@@ -113,6 +127,8 @@ class CUDAOps:
             kh = k[:, kvh].astype(cp.float32)
             vh = v[:, kvh].astype(cp.float32)
             s = cp.matmul(q[:, heads].transpose(1, 0, 2), kh.T) * np.float32(scale)  # (group, n, total)
+            if softcap is not None:
+                s = np.float32(softcap) * cp.tanh(s / np.float32(softcap))
             s = cp.where(masked[None], np.float32(-np.inf), s)
             s -= s.max(axis=-1, keepdims=True)
             p = cp.exp(s)

@@ -1,5 +1,5 @@
-// The per-token operations of a decoder layer on the GPU: RMSNorm, RoPE, the SiLU gate, and
-// decode attention over the KV cache split across the sequence (flash-decoding). Activations are
+// The per-token operations of a decoder layer on the GPU: RMSNorm, RoPE, the gated activations
+// (SiLU, tanh-approximated GELU), soft caps, and decode attention over the KV cache split across the sequence (flash-decoding). Activations are
 // float32; the KV cache is a float16 pool of slots, (n_slots, n_kv_heads, head_dim) per layer, and a
 // sequence's position p lives in slot slots[p] (its slot map, runtime/kvcache.py). References:
 // qformat.kernels.reference (rmsnorm, rope, silu_mul, attention).
@@ -21,15 +21,17 @@ __device__ float block_reduce(float v, bool is_max) {
     return total;
 }
 
-// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, one block per row of d columns.
-extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float* __restrict__ w,
-                                       float* __restrict__ out, int d, float eps) {
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (add != 0: out[r] += that, a post-norm's residual),
+// one block per row of d columns. out may be x (in place: each element is read, then written, by
+// one thread, after the reduction).
+extern "C" __global__ void rmsnorm_f32(const float* x, const float* __restrict__ w, float* out, int d, float eps,
+                                       int add) {
     const float* xr = x + (size_t)blockIdx.x * d;
     float* orow = out + (size_t)blockIdx.x * d;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
     const float inv = rsqrtf(block_reduce(ss, false) / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = xr[i] * inv * w[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = (add ? orow[i] : 0.0f) + xr[i] * inv * w[i];
 }
 
 // Rotate-half RoPE in place: x (n, heads, hd) at positions pos0.., tables (positions, hd/2).
@@ -54,6 +56,21 @@ extern "C" __global__ void silu_mul_f32(float* __restrict__ gate, const float* _
     if (i >= n) return;
     const float g = gate[i];
     gate[i] = g / (1.0f + __expf(-g)) * up[i];
+}
+
+// gate <- gelu(gate) * up over n elements, GELU's tanh approximation.
+extern "C" __global__ void gelu_tanh_mul_f32(float* __restrict__ gate, const float* __restrict__ up, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = gate[i];
+    gate[i] = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))) * up[i];
+}
+
+// x <- cap * tanh(x / cap) over n elements (the final logits' soft cap).
+extern "C" __global__ void softcap_f32(float* __restrict__ x, long long n, float cap) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    x[i] = cap * tanhf(x[i] / cap);
 }
 
 // One decode token at the position *pos (device memory: a captured decode step reads the
@@ -95,10 +112,10 @@ extern "C" __global__ void rope_store_at(float* __restrict__ q, const float* __r
 // Writes part[(h * n_splits + s) * (hd + 2) + ...] = (max score m, Σ exp(score - m), then the
 // hd unnormalized outputs Σ exp(score - m) v). GQA: head h reads KV head h / (n_heads / n_kv).
 // A split past stop is empty: m = NEG_BIG, l = 0, o = 0, which the combine pass weighs 0.
+// softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2).
 __device__ void attn_split(const float* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                            const int* __restrict__ slots, float* __restrict__ part, int n_heads, int n_kv, int hd,
-                           int start, int stop, float scale,
-                           int n_splits) {
+                           int start, int stop, float scale, float softcap, int n_splits) {
     __shared__ float score[CHUNK];
     __shared__ float qs[256];  // hd <= 256
     const int h = blockIdx.x / n_splits, s = blockIdx.x % n_splits;
@@ -113,6 +130,7 @@ __device__ void attn_split(const float* __restrict__ q, const __half* __restrict
         float acc = 0.0f;
         for (int d = lane; d < hd; d += 32) acc += qs[d] * __half2float(kr[d]);
         acc = warp_sum(acc);
+        if (softcap > 0.0f) acc = softcap * tanhf(acc / softcap);
         if (lane == 0) score[t - t0] = acc;
     }
     __syncthreads();
@@ -140,18 +158,18 @@ __device__ void attn_split(const float* __restrict__ q, const __half* __restrict
 
 extern "C" __global__ void attn_decode_split(const float* q, const __half* k, const __half* v, const int* slots,
                                              float* part, int n_heads, int n_kv, int hd, int start, int stop,
-                                             float scale, int n_splits) {
-    attn_split(q, k, v, slots, part, n_heads, n_kv, hd, start, stop, scale, n_splits);
+                                             float scale, float softcap, int n_splits) {
+    attn_split(q, k, v, slots, part, n_heads, n_kv, hd, start, stop, scale, softcap, n_splits);
 }
 
 // The same for the query at position *pos (device memory), over keys [max(0, pos + 1 - window),
 // pos + 1) (window <= 0: no window); n_splits covers the whole context, later splits are empty.
 extern "C" __global__ void attn_decode_split_at(const float* q, const __half* k, const __half* v, const int* slots,
                                                 float* part, int n_heads, int n_kv, int hd, const int* pos,
-                                                int window, float scale, int n_splits) {
+                                                int window, float scale, float softcap, int n_splits) {
     const int stop = *pos + 1;
     const int start = window > 0 ? max(0, stop - window) : 0;
-    attn_split(q, k, v, slots, part, n_heads, n_kv, hd, start, stop, scale, n_splits);
+    attn_split(q, k, v, slots, part, n_heads, n_kv, hd, start, stop, scale, softcap, n_splits);
 }
 
 // Decode attention, pass 2: one block per head merges its splits: out (n_heads, hd).

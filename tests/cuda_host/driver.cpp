@@ -47,8 +47,8 @@ extern "C" void host_gemv_f16(int grid, int bx, int by, const __half* w, const f
 }
 
 extern "C" void host_rmsnorm_f32(int grid, int bx, int by, const float* x, const float* w, float* out, int d,
-                                 float eps) {
-    launch(grid, bx, by, [&] { rmsnorm_f32(x, w, out, d, eps); });
+                                 float eps, int add) {
+    launch(grid, bx, by, [&] { rmsnorm_f32(x, w, out, d, eps, add); });
 }
 
 extern "C" void host_rope_f32(int grid, int bx, int by, float* x, const float* cos_t, const float* sin_t, int n,
@@ -60,10 +60,20 @@ extern "C" void host_silu_mul_f32(int grid, int bx, int by, float* gate, const f
     launch(grid, bx, by, [&] { silu_mul_f32(gate, up, n); });
 }
 
+extern "C" void host_gelu_tanh_mul_f32(int grid, int bx, int by, float* gate, const float* up, long long n) {
+    launch(grid, bx, by, [&] { gelu_tanh_mul_f32(gate, up, n); });
+}
+
+extern "C" void host_softcap_f32(int grid, int bx, int by, float* x, long long n, float cap) {
+    launch(grid, bx, by, [&] { softcap_f32(x, n, cap); });
+}
+
 extern "C" void host_attn_decode_split(int grid, int bx, int by, const float* q, const __half* k, const __half* v,
                                        const int* slots, float* part, int n_heads, int n_kv, int hd, int start,
-                                       int stop, float scale, int n_splits) {
-    launch(grid, bx, by, [&] { attn_decode_split(q, k, v, slots, part, n_heads, n_kv, hd, start, stop, scale, n_splits); });
+                                       int stop, float scale, float softcap, int n_splits) {
+    launch(grid, bx, by, [&] {
+        attn_decode_split(q, k, v, slots, part, n_heads, n_kv, hd, start, stop, scale, softcap, n_splits);
+    });
 }
 
 extern "C" void host_attn_decode_combine(int grid, int bx, int by, const float* part, float* out, int hd,
@@ -79,8 +89,10 @@ extern "C" void host_rope_store_at(int grid, int bx, int by, float* q, const flo
 
 extern "C" void host_attn_decode_split_at(int grid, int bx, int by, const float* q, const __half* k, const __half* v,
                                           const int* slots, float* part, int n_heads, int n_kv, int hd, const int* pos,
-                                          int window, float scale, int n_splits) {
-    launch(grid, bx, by, [&] { attn_decode_split_at(q, k, v, slots, part, n_heads, n_kv, hd, pos, window, scale, n_splits); });
+                                          int window, float scale, float softcap, int n_splits) {
+    launch(grid, bx, by, [&] {
+        attn_decode_split_at(q, k, v, slots, part, n_heads, n_kv, hd, pos, window, scale, softcap, n_splits);
+    });
 }
 
 extern "C" void host_gemv_generic(int grid, int bx, int by, GROUPED_PARAMS, const u8* index, int index_bytes,

@@ -72,27 +72,37 @@ template <typename T> T shuffle(T v, int src_lane) {
     return out;
 }
 
-// Runs body for every thread of a grid x (bx, by) launch.
+// Runs body for every thread of a grid x (bx, by) launch. The block's threads are made once per
+// launch and run every block in turn (thread creation, not the kernels, was the emulation's cost):
+// the launching thread sets up each block, releases them through `go` and waits at `done`.
 inline void launch(int grid, int bx, int by, const std::function<void()>& body) {
     blockDim = {bx, by, 1};
     gridDim = {grid, 1, 1};
-    for (int b = 0; b < grid; ++b) {
-        blockIdx = {b, 0, 0};
-        Block blk(bx * by);
-        block = &blk;
-        std::vector<std::thread> threads;
-        for (int y = 0; y < by; ++y)
-            for (int x = 0; x < bx; ++x)
-                threads.emplace_back([&, x, y] {
-                    threadIdx = {x, y, 0};
+    const int n = bx * by;
+    std::barrier<> go(n + 1), done(n + 1);
+    std::vector<std::thread> threads;
+    for (int y = 0; y < by; ++y)
+        for (int x = 0; x < bx; ++x)
+            threads.emplace_back([&, x, y] {
+                threadIdx = {x, y, 0};
+                for (int b = 0; b < grid; ++b) {
+                    go.arrive_and_wait();
                     body();
                     const int me = linear_id();
-                    blk.warps[me / 32]->arrive_and_drop();
-                    blk.all.arrive_and_drop();
-                });
-        for (auto& t : threads) t.join();
+                    block->warps[me / 32]->arrive_and_drop();
+                    block->all.arrive_and_drop();
+                    done.arrive_and_wait();
+                }
+            });
+    for (int b = 0; b < grid; ++b) {
+        blockIdx = {b, 0, 0};
+        Block blk(n);
+        block = &blk;
+        go.arrive_and_wait();
+        done.arrive_and_wait();
         block = nullptr;
     }
+    for (auto& t : threads) t.join();
 }
 }  // namespace emu
 
