@@ -75,9 +75,15 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+# A fresh connection per request: llama-server closes kept-alive connections after a few
+# requests, and a client that reuses one then sees a disconnect.
+LIMITS = httpx.Limits(max_keepalive_connections=0)
+
+
 async def level(url: str, model: str, c: int, tokens: int, rounds: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as h:
-        await stream_one(h, model, "warm up", 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=LIMITS) as h:
+        # warm up at this concurrency: a step shape seen first (batched kernels) may compile
+        await asyncio.gather(*(stream_one(h, model, PROMPTS[i % len(PROMPTS)], 8) for i in range(c)))
         t0 = time.perf_counter()
         results = []
         for r in range(rounds):
@@ -103,7 +109,7 @@ async def load_run(url: str, model: str, n: int, c: int, tokens: int) -> dict:
         async with sem:
             return await stream_one(h, model, prompt, tokens, cancel)
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as h:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=LIMITS) as h:
         results = await asyncio.gather(*(one(h, p, k) for p, k in plan))
     statuses = [s for *_, s in results]
     return {"requests": n, "ok": statuses.count(200), "cancelled": statuses.count("cancelled"),
