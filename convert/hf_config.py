@@ -83,10 +83,6 @@ def _rope_of(config: dict[str, Any], params: Any) -> tuple[float, RopeScaling | 
         scaling = config.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
     max_pos = int(config.get("max_position_embeddings", 2048))
-    partial = scaling.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial is not None and float(partial) != 1.0:
-        raise ValueError(f"config.json partial_rotary_factor {partial} (RoPE on part of each head, e.g. "
-                         "Phi-4-mini) is not supported yet; only full rotary embeddings are")
     if kind == "default":
         return float(theta), None
     if kind == "longrope":  # transformers' _compute_longrope_parameters
@@ -144,6 +140,21 @@ def _sliding_window(arch: Architecture, config: dict[str, Any], n_layers: int) -
     return int(window), [] if all(k == "sliding" for k in kinds) else kinds
 
 
+def _rotary_dim(config: dict[str, Any], head_dim: int) -> int | None:
+    """The dims of each head RoPE rotates, from partial_rotary_factor (Phi-4-mini: 0.75), as
+    transformers truncates it; None: all of them."""
+    params = config.get("rope_parameters")
+    factor = (params or {}).get("partial_rotary_factor") if isinstance(params, dict) else None
+    factor = float(factor if factor is not None else config.get("partial_rotary_factor", 1.0))
+    if factor == 1.0:
+        return None
+    dim = int(head_dim * factor)
+    if not 0 < dim <= head_dim or dim % 2:
+        raise ValueError(f"config.json partial_rotary_factor {factor} gives {dim} rotary dims of head_dim "
+                         f"{head_dim}; an even count up to head_dim is needed")
+    return dim
+
+
 def _nope_layers(config: dict[str, Any], n_layers: int) -> list[int]:
     """SmolLM3's layers without RoPE: no_rope_layers has 1 where a layer uses RoPE (or, without
     it, every no_rope_layer_interval-th layer has none)."""
@@ -181,6 +192,7 @@ def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None,
     head_dim = config.get("head_dim") or dim // n_heads
     theta, scaling, local_theta = rope_settings(config)
     window, layer_types = _sliding_window(arch, config, n_layers)
+    rotary_dim = _rotary_dim(config, int(head_dim))
     if not any(t == "sliding" for t in layer_types):
         local_theta = None  # no layer would rotate by it
     eos = _as_id_list(config.get("eos_token_id"))
@@ -215,6 +227,7 @@ def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None,
                     else None),
         attn_softcap=_optional_float(config.get("attn_logit_softcapping")),
         final_softcap=_optional_float(config.get("final_logit_softcapping")),
+        rotary_dim=rotary_dim,
         bos_token_id=_first_id(_either(config, generation, "bos_token_id")),
         eos_token_ids=eos,
         pad_token_id=_first_id(_either(config, generation, "pad_token_id")),

@@ -54,7 +54,7 @@ def rope_tables(args: ModelArgs, seqlen: int, device) -> list[tuple[torch.Tensor
 
 
 def _rope_table(args: ModelArgs, seqlen: int, device, variant: int) -> tuple[torch.Tensor, torch.Tensor]:
-    hd = args.head_dim
+    hd = args.rope_dim  # (seqlen, rope_dim): a partial rotary's tables cover its dims only
     if variant == ROPE_NONE:
         return torch.ones(seqlen, hd, device=device), torch.zeros(seqlen, hd, device=device)
     local = variant == ROPE_LOCAL
@@ -81,9 +81,12 @@ def _rope_table(args: ModelArgs, seqlen: int, device, variant: int) -> tuple[tor
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+    """Rotate-half RoPE of the first cos.shape[-1] dims of x (all, or a partial rotary's)."""
+    rot = cos.shape[-1]
+    x, rest = x[..., :rot], x[..., rot:]
+    half = rot // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return torch.cat([x * cos + rotated * sin, rest], dim=-1)
 
 
 def tap(taps: dict | None, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

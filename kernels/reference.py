@@ -31,11 +31,12 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE: x (n, heads, hd), cos/sin (n, hd/2)."""
-    half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
+    """Rotate-half RoPE over the first 2·half dims of each head, the rest as they are:
+    x (n, heads, hd), cos/sin (n, half)."""
+    half = cos.shape[-1]
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     c, s = cos[:, None, :], sin[:, None, :]
-    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+    return np.concatenate([a * c - b * s, b * c + a * s, rest], axis=-1)
 
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

@@ -77,6 +77,7 @@ class ModelArgs:
     attn_scale: float | None = None  # attention's score scale; None: 1 / sqrt(head_dim)
     attn_softcap: float | None = None  # scores ← cap · tanh(scores / cap) before the softmax (Gemma 2)
     final_softcap: float | None = None  # the same on the logits (Gemma 2)
+    rotary_dim: int | None = None  # RoPE rotates the first rotary_dim dims of each head (Phi-4-mini); None: all
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -88,11 +89,13 @@ class ModelArgs:
             raise ValueError(f"layer_types must list {self.n_layers} of {', '.join(LAYER_TYPES)}")
         if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.nope_layers):
             raise ValueError(f"nope_layers must be layer indices below {self.n_layers}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim must be even and at most head_dim {self.head_dim}")
         sc = self.rope_scaling
         if sc is not None and sc.kind == "longrope" and not (
-                len(sc.short_factor) == len(sc.long_factor) == self.head_dim // 2):
-            raise ValueError(f"longrope short_factor and long_factor must each hold head_dim / 2 = "
-                             f"{self.head_dim // 2} values")
+                len(sc.short_factor) == len(sc.long_factor) == self.rope_dim // 2):
+            raise ValueError(f"longrope short_factor and long_factor must each hold rotary dims / 2 = "
+                             f"{self.rope_dim // 2} values")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 
@@ -105,6 +108,11 @@ class ModelArgs:
     def kv_dim(self) -> int:
         """Width of the keys and of the values: n_kv_heads x head_dim."""
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dims of each head RoPE rotates (the tables' width is half of it)."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
     @property
     def q_norm_dim(self) -> int:

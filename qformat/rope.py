@@ -17,14 +17,14 @@ def rope_variants(args: ModelArgs) -> tuple[int, ...]:
 
 
 def model_rope_tables(args: ModelArgs, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (len(rope_variants), n_positions, head_dim // 2) float32 for a context of
+    """cos, sin (len(rope_variants), n_positions, rope_dim // 2) float32 for a context of
     n_positions: the global table (rope_theta, rope_scaling), the local one (rope_local_theta,
     unscaled) and for layers without RoPE the identity (cos 1, sin 0: the rotation leaves q and k
     exactly as they are)."""
     tables = []
     for variant in rope_variants(args):
         if variant == ROPE_NONE:
-            half = args.head_dim // 2
+            half = args.rope_dim // 2
             tables.append((np.ones((n_positions, half), np.float32), np.zeros((n_positions, half), np.float32)))
             continue
         local = variant == ROPE_LOCAL
@@ -37,11 +37,11 @@ def model_rope_tables(args: ModelArgs, n_positions: int) -> tuple[np.ndarray, np
 
 
 def rope_inv_freq(args: ModelArgs, local: bool = False, n_positions: int | None = None) -> np.ndarray:
-    """RoPE inverse frequencies (head_dim / 2,), with linear, Llama 3 or LongRoPE scaling, in
+    """RoPE inverse frequencies (rope_dim / 2,), with linear, Llama 3 or LongRoPE scaling, in
     float32; local: those of sliding layers (rope_local_theta, no scaling). LongRoPE divides by
     its long factors when the context (n_positions) exceeds original_max_position, as
     transformers does for a sequence that long (llama.cpp decides by its context alike)."""
-    hd = args.head_dim
+    hd = args.rope_dim  # partial rotary: frequencies over the rotated dims only
     theta = args.rope_local_theta if local else args.rope_theta
     inv = (1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))).astype(np.float32)
     sc = None if local else args.rope_scaling
@@ -67,7 +67,7 @@ def rope_inv_freq(args: ModelArgs, local: bool = False, n_positions: int | None 
 
 
 def rope_tables(inv_freq: np.ndarray, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin tables (n_positions, head_dim // 2) in float32, as transformers computes them."""
+    """cos, sin tables (n_positions, inv_freq.size) in float32, as transformers computes them."""
     pos = np.arange(n_positions, dtype=np.float32)
     freqs = pos[:, None] * inv_freq[None, :].astype(np.float32)
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)

@@ -5,7 +5,8 @@ path and fused decode step) and the emulated CUDA device, against transformers.
 The prompt runs past the tiny models' 8-position sliding window (Gemma) so that windowed layers
 are checked where the window cuts; SmolLM3's second layer has no RoPE, Gemma 3's two layers
 rotate by different tables, Phi-3's fused projections are split at conversion and its LongRoPE
-(trained on 16 positions, extended to 64) runs on its long factors past position 16. Tolerances:
+(trained on 16 positions, extended to 64) runs on its long factors past position 16, Phi-4-mini
+rotates 12 of each head's 20 dims. Tolerances:
 - f16 against transformers on the same f16-rounded weights: 1e-4 of the largest logit (the
   module docstring of test_runtime_model.py), on the CPU; 1e-2 on CUDA (f16 KV cache).
 - int8 and int4 against transformers running the file's dequantized weights: 1e-4 where the
@@ -30,7 +31,16 @@ from qformat.reader import QbinReader  # noqa: E402
 from qformat.runtime.generate import Session  # noqa: E402
 from qformat.runtime.model import Transformer  # noqa: E402
 
-ARCHS = {"gemma2": True, "gemma3": True, "olmo2": False, "smollm3": True, "phi3": False}  # arch -> tied embeddings
+# case -> make_tiny_checkpoint's arguments (Phi-4-mini: tied, RoPE on 12 of each head's 20 dims)
+CASES = {
+    "gemma2": dict(arch="gemma2", tied=True), "gemma3": dict(arch="gemma3", tied=True),
+    "olmo2": dict(arch="olmo2", tied=False), "smollm3": dict(arch="smollm3", tied=True),
+    "phi3": dict(arch="phi3", tied=False),
+    "phi4-mini": dict(arch="phi3", tied=True, config_overrides={
+        "partial_rotary_factor": 0.6, "rope_scaling": {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                                                       "long_factor": [2.0 + 0.5 * i for i in range(6)]}}),
+}
+ARCHS = list(CASES)
 PREFILL, DECODE = 12, 8
 BACKENDS = ["cpu", "cpu-per-op", "emulated-cuda", pytest.param("gpu", marks=pytest.mark.gpu)]
 
@@ -41,7 +51,7 @@ def folders(tmp_path_factory):
 
     def get(arch):
         if arch not in cache:
-            cache[arch] = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch=arch, tied=ARCHS[arch], seed=2)
+            cache[arch] = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), seed=2, **CASES[arch])
         return cache[arch]
 
     return get
@@ -157,7 +167,7 @@ def test_greedy_text_equals_transformers(folders, files, arch, backend, request,
     table reproduces (the runtime, as llama.cpp, picks one set by its context: see
     test_longrope_...)."""
     qbin = files(arch, "f16")
-    context, new = (16, 11) if arch == "phi3" else (None, 32)
+    context, new = (16, 11) if arch.startswith("phi") else (None, 32)
     model = backend_model(qbin, backend, request, monkeypatch, context)
     start = prompt(qbin, seed=7)[:5]
     with torch.no_grad():
@@ -244,17 +254,19 @@ def test_released_config_styles():
     assert phi.rope_scaling.kind == "longrope" and phi.rope_scaling.factor == 32.0
     assert abs(phi.rope_scaling.attention_factor - (1 + np.log(32) / np.log(4096)) ** 0.5) < 1e-12
     assert phi.sliding_window == 2047 and phi.layer_types == []
-    with pytest.raises(ValueError, match="partial_rotary_factor 0.75"):
-        model_args(dict(common, architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.75))
+    assert model_args(dict(common, architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.75)).rotary_dim == 24
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.1 gives 3 rotary dims"):
+        model_args(dict(common, architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.1))
 
 
+@pytest.mark.parametrize("arch", ["phi3", "phi4-mini"])
 @pytest.mark.parametrize("backend", ["cpu", "cpu-per-op", "emulated-cuda"])
-def test_longrope_short_and_long_contexts(folders, files, backend, request, monkeypatch):
+def test_longrope_short_and_long_contexts(folders, files, arch, backend, request, monkeypatch):
     """A context within the original 16 positions rotates by the short factors, a longer one by
     the long factors, both scaled by the attention factor: each as transformers computes a
     sequence of that length (one prefill, then decode steps to its end)."""
-    qbin = files("phi3", "f16")
-    theirs_model = hf_model(folders("phi3"), round_f16=True)
+    qbin = files(arch, "f16")
+    theirs_model = hf_model(folders(arch), round_f16=True)
     tol = 1e-2 if backend == "emulated-cuda" else 1e-4
     for context, n in ((16, 14), (64, 40)):
         ids = [int(i) for i in np.random.default_rng(n).integers(0, QbinReader(qbin).model.vocab_size, n)]

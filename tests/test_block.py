@@ -39,6 +39,9 @@ CASES = {
     "olmo2-post-norms": dict(arch="olmo2", tied=False),
     "smollm3-nope": dict(arch="smollm3", tied=True),
     "phi3-fused-longrope": dict(arch="phi3", tied=False),
+    "phi4-mini-partial-rotary": dict(arch="phi3", tied=True, config_overrides={
+        "partial_rotary_factor": 0.6, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 6,
+                                                       "long_factor": [1.5 + 0.2 * i for i in range(6)]}}),
 }
 # ModelArgs fields that do not shape a block: sizes (every case varies none of them on purpose,
 # the tiny models have their own) and token ids.

@@ -140,6 +140,10 @@ def test_host_rmsnorm_rope_silu_match_reference(host):
     got = q.copy()
     ops.rope(got, cos, sin)
     assert close(got, reference.rope(q, cos, sin), 1e-6)
+    got = q.copy()  # a partial rotary: the first 40 of 64 dims
+    ops.rope(got, cos[:, :20], sin[:, :20])
+    assert close(got, reference.rope(q, cos[:, :20], sin[:, :20]), 1e-6)
+    assert np.array_equal(got[..., 40:], q[..., 40:])
 
     from qformat.kernels.cuda.decoder import GLU_KERNELS
     from qformat.runtime.model import GLU_OPS
@@ -163,13 +167,14 @@ def test_host_rmsnorm_rope_silu_match_reference(host):
     assert close(out, base + reference.rmsnorm(x, w, 1e-5), 1e-5)
 
 
-def test_host_rope_store_matches_reference(host):
+@pytest.mark.parametrize("rot", [32, 24])
+def test_host_rope_store_matches_reference(host, rot):
     """One decode token: q rotated in place, k rotated into its position's slot of the pool and
-    v beside it."""
+    v beside it; rot 24 of head_dim 64's 32 pairs: a partial rotary (the last 16 dims as they are)."""
     rng = np.random.default_rng(13)
     n_heads, n_kv, hd, pos, context = 6, 2, 64, 5, 9
     q, k, v = (rng.standard_normal((h, hd)).astype(np.float32) for h in (n_heads, n_kv, n_kv))
-    ang = np.arange(context, dtype=np.float32)[:, None] * rng.random(hd // 2).astype(np.float32)[None]
+    ang = np.arange(context, dtype=np.float32)[:, None] * rng.random(rot).astype(np.float32)[None]
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     kc = np.zeros((context, n_kv, hd), np.float16)
     vc = np.zeros((context, n_kv, hd), np.float16)
@@ -177,7 +182,7 @@ def test_host_rope_store_matches_reference(host):
     got = q.copy()
     pairs = (n_heads + n_kv) * hd // 2
     host_launch(host, "rope_store_at", ((pairs + 127) // 128,), (128,),
-                (got, k, v, cos, sin, kc, vc, n_heads, n_kv, hd, slots, np.array([pos], np.int32)))
+                (got, k, v, cos, sin, kc, vc, n_heads, n_kv, hd, slots, np.array([pos], np.int32), rot))
     c, s = cos[pos:pos + 1], sin[pos:pos + 1]
     assert close(got, reference.rope(q[None], c, s)[0], 1e-6)
     row = slots[pos]

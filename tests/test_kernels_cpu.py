@@ -268,6 +268,10 @@ def test_rmsnorm_rope_silu():
     expect = reference.rope(q, cos, sin)
     ops.rope(q, cos, sin)
     assert close(q, expect)
+    part = q.copy()  # a partial rotary: the first 10 of 16 dims
+    expect = reference.rope(part, cos[:, :5], sin[:, :5])
+    ops.rope(part, cos[:, :5], sin[:, :5])
+    assert close(part, expect) and np.array_equal(part[..., 10:], q[..., 10:])
     # every gated activation the model may name (runtime.model.GLU_OPS), and the soft cap
     from qformat.kernels.cpu.device import CPUOps
     from qformat.runtime.model import GLU_OPS

@@ -31,9 +31,10 @@ def rmsnorm(x, weight, eps, out):
 
 @njit(cache=True, fastmath=FAST)
 def rope(x, cos, sin):
-    """Rotate-half RoPE in place. x (n, heads, head_dim); cos, sin (n, head_dim // 2)."""
+    """Rotate-half RoPE in place over the first 2·half dims of each head (all of them, or a
+    partial rotary's): x (n, heads, head_dim); cos, sin (n, half)."""
     n, heads, hd = x.shape
-    half = hd // 2
+    half = cos.shape[1]
     for i in range(n):
         for h in range(heads):
             for j in range(half):

@@ -85,7 +85,8 @@ class CudaDecodeStep:
         pairs = (a.n_heads + a.n_kv_heads) * hd // 2
         module.kernel("ops", "rope_store_at")(((pairs + THREADS - 1) // THREADS,), (THREADS,),
                                               (q, k, v, self.cos[s.rope], self.sin[s.rope], kc, vc, np.int32(a.n_heads),
-                                               np.int32(a.n_kv_heads), np.int32(hd), self.slots, self.pos))
+                                               np.int32(a.n_kv_heads), np.int32(hd), self.slots, self.pos,
+                                               np.int32(self.cos.shape[-1])))
         module.kernel("ops", "attn_decode_split_at")(
             (a.n_heads * self.n_splits,), (THREADS,),
             (q, kc, vc, self.slots, self.part, np.int32(a.n_heads), np.int32(a.n_kv_heads), np.int32(hd), self.pos,

@@ -58,13 +58,16 @@ class CUDAOps:
         return out.reshape(x.shape)
 
     def rope(self, x, cos, sin) -> None:
-        """In place; x (n, heads, hd) contiguous, cos/sin (n, hd/2) for its positions."""
+        """In place; x (n, heads, hd) contiguous, cos/sin (n, half) for its positions: RoPE on
+        the first 2·half dims of each head."""
         _in_place(x)
         n, heads, hd = x.shape
-        total = n * heads * (hd // 2)
+        half = cos.shape[-1]
+        total = n * heads * half
         cos, sin = module.cupy().ascontiguousarray(cos), module.cupy().ascontiguousarray(sin)
         module.kernel("ops", "rope_f32")(((total + THREADS - 1) // THREADS,), (THREADS,),
-                                  (x, cos, sin, np.int32(n), np.int32(heads), np.int32(hd), np.int32(0)))
+                                  (x, cos, sin, np.int32(n), np.int32(heads), np.int32(hd), np.int32(0),
+                                   np.int32(half)))
 
     def _gated(self, kernel: str, gate, up) -> None:
         _in_place(gate)

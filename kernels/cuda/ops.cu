@@ -34,10 +34,10 @@ extern "C" __global__ void rmsnorm_f32(const float* x, const float* __restrict__
     for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = (add ? orow[i] : 0.0f) + xr[i] * inv * w[i];
 }
 
-// Rotate-half RoPE in place: x (n, heads, hd) at positions pos0.., tables (positions, hd/2).
+// Rotate-half RoPE in place over the first 2·half dims of each head (half = hd/2, or a partial
+// rotary's): x (n, heads, hd) at positions pos0.., tables (positions, half).
 extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restrict__ cos_t,
-                                    const float* __restrict__ sin_t, int n, int heads, int hd, int pos0) {
-    const int half = hd / 2;
+                                    const float* __restrict__ sin_t, int n, int heads, int hd, int pos0, int half) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n * heads * half) return;
     const int j = (int)(i % half);
@@ -75,7 +75,10 @@ extern "C" __global__ void softcap_f32(float* __restrict__ x, long long n, float
 
 // One decode token at the position *pos (device memory: a captured decode step reads the
 // position of each replay): RoPE on q (n_heads, hd) in place, and on k (n_kv, hd) on its way
-// into slot slots[*pos] of the layer's float16 cache, with v beside it. One thread per rotated pair.
+// into slot slots[*pos] of the layer's float16 cache, with v beside it. RoPE rotates pairs
+// (j, j + rot) for j < rot (rot = hd/2, or a partial rotary's half, the tables' width); one
+// thread per j < hd/2 of each head: it rotates pair j (j < rot), or (k only) copies the two
+// unrotated dims rot·2 + 2(j − rot) and the next; v's dims j and j + hd/2.
 __device__ __forceinline__ void rotate(float a, float b, float c, float s, float& ra, float& rb) {
     ra = a * c - b * s;
     rb = b * c + a * s;
@@ -85,26 +88,29 @@ extern "C" __global__ void rope_store_at(float* __restrict__ q, const float* __r
                                          const float* __restrict__ v, const float* __restrict__ cos_t,
                                          const float* __restrict__ sin_t, __half* __restrict__ k_cache,
                                          __half* __restrict__ v_cache, int n_heads, int n_kv, int hd,
-                                         const int* __restrict__ slots, const int* __restrict__ pos) {
+                                         const int* __restrict__ slots, const int* __restrict__ pos, int rot) {
     const int half = hd / 2;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (n_heads + n_kv) * half) return;
     const int j = i % half;
-    const float c = cos_t[(size_t)(*pos) * half + j], s = sin_t[(size_t)(*pos) * half + j];
+    const float c = j < rot ? cos_t[(size_t)(*pos) * rot + j] : 1.0f;
+    const float s = j < rot ? sin_t[(size_t)(*pos) * rot + j] : 0.0f;
     if (i < n_heads * half) {
         float* x = q + (size_t)(i / half) * hd;
-        rotate(x[j], x[half + j], c, s, x[j], x[half + j]);
+        if (j < rot) rotate(x[j], x[rot + j], c, s, x[j], x[rot + j]);
         return;
     }
     i -= n_heads * half;
-    const size_t e = (size_t)(i / half) * hd + j;  // this pair's first element in the token's (n_kv, hd)
+    const size_t head = (size_t)(i / half) * hd;  // this head's first element in the token's (n_kv, hd)
     const size_t row = (size_t)slots[*pos] * n_kv * hd;
-    float ra, rb;
-    rotate(k[e], k[e + half], c, s, ra, rb);
-    k_cache[row + e] = __float2half(ra);
-    k_cache[row + e + half] = __float2half(rb);
-    v_cache[row + e] = __float2half(v[e]);
-    v_cache[row + e + half] = __float2half(v[e + half]);
+    // k: a rotated pair, or two dims past the rotated ones
+    const size_t a = head + (j < rot ? j : 2 * j), b = head + (j < rot ? rot + j : 2 * j + 1);
+    float ra = k[a], rb = k[b];
+    if (j < rot) rotate(k[a], k[b], c, s, ra, rb);
+    k_cache[row + a] = __float2half(ra);
+    k_cache[row + b] = __float2half(rb);
+    v_cache[row + head + j] = __float2half(v[head + j]);
+    v_cache[row + head + j + half] = __float2half(v[head + j + half]);
 }
 
 // Decode attention, pass 1: block (head h, split s) over positions [start + s*CHUNK, ...) < stop,

@@ -52,8 +52,8 @@ extern "C" void host_rmsnorm_f32(int grid, int bx, int by, const float* x, const
 }
 
 extern "C" void host_rope_f32(int grid, int bx, int by, float* x, const float* cos_t, const float* sin_t, int n,
-                              int heads, int hd, int pos0) {
-    launch(grid, bx, by, [&] { rope_f32(x, cos_t, sin_t, n, heads, hd, pos0); });
+                              int heads, int hd, int pos0, int half) {
+    launch(grid, bx, by, [&] { rope_f32(x, cos_t, sin_t, n, heads, hd, pos0, half); });
 }
 
 extern "C" void host_silu_mul_f32(int grid, int bx, int by, float* gate, const float* up, long long n) {
@@ -83,8 +83,8 @@ extern "C" void host_attn_decode_combine(int grid, int bx, int by, const float* 
 
 extern "C" void host_rope_store_at(int grid, int bx, int by, float* q, const float* k, const float* v, const float* cos_t,
                                    const float* sin_t, __half* k_cache, __half* v_cache, int n_heads, int n_kv, int hd,
-                                   const int* slots, const int* pos) {
-    launch(grid, bx, by, [&] { rope_store_at(q, k, v, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv, hd, slots, pos); });
+                                   const int* slots, const int* pos, int rot) {
+    launch(grid, bx, by, [&] { rope_store_at(q, k, v, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv, hd, slots, pos, rot); });
 }
 
 extern "C" void host_attn_decode_split_at(int grid, int bx, int by, const float* q, const __half* k, const __half* v,
