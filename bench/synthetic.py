@@ -25,6 +25,14 @@ SHAPES = {
     "tiny": ModelArgs(arch="llama", vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
                       head_dim=64, ffn_dim=512, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
                       tie_embeddings=False, bos_token_id=1, eos_token_ids=[2]),
+    # Mixtral-like but small: 8 experts of 1408, 2 per token; and the dense model of the same
+    # active parameters (one MLP of 2 x 1408), for bench_decode.py --synthetic
+    "moe-8x2": ModelArgs(arch="mixtral", vocab_size=32000, dim=1024, n_layers=12, n_heads=16, n_kv_heads=4,
+                         head_dim=64, ffn_dim=1408, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
+                         tie_embeddings=False, bos_token_id=1, eos_token_ids=[2], n_experts=8, experts_per_token=2),
+    "moe-8x2-dense": ModelArgs(arch="llama", vocab_size=32000, dim=1024, n_layers=12, n_heads=16, n_kv_heads=4,
+                               head_dim=64, ffn_dim=2816, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
+                               tie_embeddings=False, bos_token_id=1, eos_token_ids=[2]),
 }
 # Rows quantized per tensor before tiling.
 BLOCK_ROWS = 256
@@ -55,6 +63,8 @@ def write_random_qbin(path: Path, args: ModelArgs, scheme: str, seed: int = 0) -
             name, shape = entry.name(layer), entry.shape_of(args)
             if entry.role in ("norm", "bias"):
                 w.add_tensor(float_tensor(name, np.ones(shape, np.float32), "f32"))
+            elif entry.role == "router":  # random, so that tokens spread over the experts
+                w.add_tensor(float_tensor(name, rng.standard_normal(shape).astype(np.float32), "f32"))
             else:
                 tensor_scheme = {"embed": "f16", "head": head_scheme}.get(entry.role, scheme)
                 w.add_tensor(random_linear(name, *shape, tensor_scheme, rng))

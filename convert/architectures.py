@@ -39,12 +39,24 @@ class Architecture:
     # fused HF tensors split at conversion into the tensors listed, stacked along the rows in
     # that order, each with the ModelArgs field giving its rows (Phi-3's qkv_proj, gate_up_proj)
     splits: tuple[tuple[str, tuple[tuple[T.TensorName, str], ...]], ...] = ()
+    # a mixture of experts: each qbin tensor stacked from its experts' HF tensors ("{e}" the
+    # expert), and the config key of norm_topk (None: always renormalized, Mixtral)
+    moe: bool = False
+    stacks: tuple[tuple[T.TensorName, str], ...] = ()
+    norm_topk_key: str | None = None
 
     def split_parts(self, args, layer: int) -> list[tuple[str, list[tuple[str, int]]]]:
         """(fused HF name, [(HF name of a part, its rows), ...]) of each split tensor of a layer."""
         names = {**_HF_NAMES, **dict(self.renames)}
         return [(fused.format(i=layer), [(names[t].format(i=layer), int(getattr(args, rows))) for t, rows in parts])
                 for fused, parts in self.splits]
+
+    def stack_parts(self, args, layer: int) -> list[tuple[str, list[str]]]:
+        """(the stacked tensor's HF-side name, its experts' HF names in order) of each stacked
+        tensor of a layer."""
+        names = {**_HF_NAMES, **dict(self.renames)}
+        return [(names[t].format(i=layer), [part.format(i=layer, e=e) for e in range(args.n_experts)])
+                for t, part in self.stacks]
 
 
 # Gemma 2/3 and OLMo 2 name their norms by place: post_attention_layernorm is attention's
@@ -75,6 +87,17 @@ ARCHITECTURES: dict[str, Architecture] = {
             ("model.layers.{i}.self_attn.qkv_proj.weight", ((T.ATTN_Q, "q_dim"), (T.ATTN_K, "kv_dim"),
                                                             (T.ATTN_V, "kv_dim"))),
             ("model.layers.{i}.mlp.gate_up_proj.weight", ((T.FFN_GATE, "ffn_dim"), (T.FFN_UP, "ffn_dim"))))),
+        Architecture("MixtralForCausalLM", "mixtral", sliding_window_key="sliding_window", moe=True,
+                     renames=((T.FFN_ROUTER, "model.layers.{i}.block_sparse_moe.gate.weight"),),
+                     stacks=((T.FFN_GATE, "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight"),
+                             (T.FFN_UP, "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight"),
+                             (T.FFN_DOWN, "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight"))),
+        Architecture("Qwen3MoeForCausalLM", "qwen3_moe", qk_norm=True, moe=True, norm_topk_key="norm_topk_prob",
+                     sliding_window_key="sliding_window", sliding_window_switch="use_sliding_window",
+                     renames=((T.FFN_ROUTER, "model.layers.{i}.mlp.gate.weight"),),
+                     stacks=((T.FFN_GATE, "model.layers.{i}.mlp.experts.{e}.gate_proj.weight"),
+                             (T.FFN_UP, "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
+                             (T.FFN_DOWN, "model.layers.{i}.mlp.experts.{e}.down_proj.weight"))),
     )
 }
 
@@ -118,6 +141,7 @@ _HF_NAMES = {
     T.ATTN_K_NORM: "model.layers.{i}.self_attn.k_norm.weight",
     T.ATTN_POST_NORM: "",  # only under an architecture's renames
     T.FFN_NORM: "model.layers.{i}.post_attention_layernorm.weight",
+    T.FFN_ROUTER: "",
     T.FFN_GATE: "model.layers.{i}.mlp.gate_proj.weight",
     T.FFN_UP: "model.layers.{i}.mlp.up_proj.weight",
     T.FFN_DOWN: "model.layers.{i}.mlp.down_proj.weight",

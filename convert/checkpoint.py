@@ -8,7 +8,7 @@ torch.load(weights_only=True), which refuses arbitrary objects.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -67,6 +67,7 @@ class Checkpoint:
         self._names: dict[str, Path] = self._list_names()
         self._offsets: dict[str, float] = {}
         self._parts: dict[str, tuple[str, int, int]] = {}  # a split tensor's part -> (fused name, row range)
+        self._stacks: dict[str, list[str]] = {}  # a stacked tensor -> the tensors it stacks
 
     # -- discovery ---------------------------------------------------------
     def _single_file(self) -> Path:
@@ -88,12 +89,27 @@ class Checkpoint:
         index = SAFETENSORS_INDEX if self.format == "safetensors" else PICKLE_INDEX
         return [self.folder / index] + sorted(set(self._files.values()))
 
+    def _hidden(self) -> set[str]:
+        """Stored names shown only as parts of split tensors or inside stacked ones."""
+        return {f for f, _, _ in self._parts.values()} | {n for ns in self._stacks.values() for n in ns}
+
     def names(self) -> list[str]:
-        fused = {f for f, _, _ in self._parts.values()}
-        return sorted([n for n in self._names if n not in fused] + list(self._parts))
+        hidden = self._hidden()
+        return sorted([n for n in self._names if n not in hidden] + list(self._parts) + list(self._stacks))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._parts or (name in self._names and name not in {f for f, _, _ in self._parts.values()})
+        return name in self._parts or name in self._stacks or (name in self._names and name not in self._hidden())
+
+    def stack(self, name: str, parts: list[str]) -> None:
+        """Show the tensors `parts` (of one shape) stacked along their rows as one tensor `name`
+        (a mixture's experts, spec §3.1); the parts themselves are then no longer listed."""
+        missing = [p for p in parts if p not in self._names]
+        if missing:
+            raise CheckpointError(f"{self.folder}: tensor {missing[0]} is missing from the checkpoint")
+        shapes = {self.shape(p) for p in parts}
+        if len(shapes) != 1:
+            raise CheckpointError(f"{self.folder}: the tensors stacked as {name} differ in shape ({sorted(shapes)})")
+        self._stacks[name] = list(parts)
 
     def split(self, fused: str, parts: list[tuple[str, int]]) -> None:
         """Show the tensor `fused` as the tensors `parts` (name, rows) stacked along its rows, in
@@ -142,6 +158,9 @@ class Checkpoint:
         if name in self._parts:
             fused, start, stop = self._parts[name]
             return (stop - start,) + self.shape(fused)[1:]
+        if name in self._stacks:
+            first = self.shape(self._stacks[name][0])
+            return (first[0] * len(self._stacks[name]),) + first[1:]
         path = self._names[name]
         if self.format == "safetensors":
             return tuple(self._open(path).get_slice(name).get_shape())
@@ -169,6 +188,10 @@ class Checkpoint:
         Quantization reads a large tensor block by block through this, so neither the whole
         float32 copy nor the whole stored tensor is ever resident. The file is unmapped on exit.
         """
+        if name in self._stacks:
+            with ExitStack() as opened:
+                yield StackedRows([opened.enter_context(self.rows(p)) for p in self._stacks[name]])
+            return
         stored, row0 = name, None
         if name in self._parts:
             stored, row0, _ = self._parts[name]
@@ -214,4 +237,24 @@ class LazyRows:
 
     def read(self) -> np.ndarray:
         """The whole tensor as float32."""
+        return self[0:self.shape[0]]
+
+
+class StackedRows:
+    """LazyRows of several tensors of one shape stacked along their rows."""
+
+    def __init__(self, parts: list[LazyRows]):
+        self._parts = parts
+        self._rows = parts[0].shape[0]
+        self.shape = (self._rows * len(parts),) + parts[0].shape[1:]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        pieces = []
+        for p in range(start // self._rows, -(-stop // self._rows) if stop > start else 0):
+            lo, hi = max(start, p * self._rows), min(stop, (p + 1) * self._rows)
+            pieces.append(self._parts[p][lo - p * self._rows:hi - p * self._rows])
+        return np.concatenate(pieces) if pieces else self._parts[0][0:0]
+
+    def read(self) -> np.ndarray:
         return self[0:self.shape[0]]

@@ -122,12 +122,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
                            f"(it reads {', '.join(HF_FORMATS)}); convert its unquantized (bf16/fp16/fp32) release")
     ckpt = Checkpoint(src, allow_pickle=options.allow_pickle)
     args = model_args(config, gen, has_lm_head="lm_head.weight" in ckpt)
+    if args.moe and (options.calibrated or options.allocating):
+        raise ConvertError(f"{src}: calibrated methods and --target-bpw/--max-kl do not handle mixtures of experts "
+                           "yet; convert with a round-to-nearest scheme (e.g. --scheme int4-g64)")
     if arch.norm_offset:
         ckpt.add_offset([hf for hf, _, role in tensor_rules(arch, args.n_layers) if role == "norm"], arch.norm_offset)
     try:
         for layer in range(args.n_layers):
             for fused, parts in arch.split_parts(args, layer):
                 ckpt.split(fused, parts)
+            for stacked, parts in arch.stack_parts(args, layer):
+                ckpt.stack(stacked, parts)
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
     tok = read_tokenizer(src)

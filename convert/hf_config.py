@@ -181,10 +181,18 @@ def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None,
         dim = int(config["hidden_size"])
         n_heads = int(config["num_attention_heads"])
         n_layers = int(config["num_hidden_layers"])
-        ffn_dim = int(config["intermediate_size"])
+        ffn_dim = int(config["moe_intermediate_size"] if arch.moe and "moe_intermediate_size" in config
+                      else config["intermediate_size"])
         vocab = int(config["vocab_size"])
+        n_experts = int(config.get("num_local_experts") or config["num_experts"]) if arch.moe else 0
+        per_token = int(config["num_experts_per_tok"]) if arch.moe else 0
     except KeyError as e:
         raise ValueError(f"config.json lacks required key {e.args[0]!r}") from None
+    if arch.moe and (config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1):
+        raise ValueError("config.json gives some layers a dense MLP (mlp_only_layers / decoder_sparse_step); "
+                         "only models whose every layer is a mixture of experts are supported")
+    if arch.moe and (config.get("shared_expert_intermediate_size") or config.get("n_shared_experts")):
+        raise ValueError("config.json has shared experts, which are not supported yet")
     act_key = "hidden_activation" if config.get("hidden_activation") else "hidden_act"
     act = config.get(act_key, "silu")
     if act not in _ACTIVATIONS:
@@ -228,6 +236,9 @@ def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None,
         attn_softcap=_optional_float(config.get("attn_logit_softcapping")),
         final_softcap=_optional_float(config.get("final_logit_softcapping")),
         rotary_dim=rotary_dim,
+        n_experts=n_experts,
+        experts_per_token=per_token,
+        norm_topk=bool(config.get(arch.norm_topk_key, False)) if arch.norm_topk_key else True,
         bos_token_id=_first_id(_either(config, generation, "bos_token_id")),
         eos_token_ids=eos,
         pad_token_id=_first_id(_either(config, generation, "pad_token_id")),

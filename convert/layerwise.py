@@ -29,10 +29,11 @@ from qformat.rope import rope_variants
 from qformat.schemes import Scheme, Tensor
 
 # A layer's tensors by the part of their name after "layers.{i}." (qformat.tensors): w's keys.
-(ATTN_NORM, WQ, WK, WV, WO, BQ, BK, BV, Q_NORM, K_NORM, ATTN_POST_NORM, FFN_NORM, W1, W3, W2, FFN_POST_NORM) = (
+(ATTN_NORM, WQ, WK, WV, WO, BQ, BK, BV, Q_NORM, K_NORM, ATTN_POST_NORM, FFN_NORM, ROUTER, W1, W3, W2,
+ FFN_POST_NORM) = (
     t.key for t in (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_Q_BIAS, T.ATTN_K_BIAS,
-                    T.ATTN_V_BIAS, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM, T.FFN_NORM, T.FFN_GATE,
-                    T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM))
+                    T.ATTN_V_BIAS, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM, T.FFN_NORM, T.FFN_ROUTER,
+                    T.FFN_GATE, T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM))
 QKV, GATE_UP = [WQ, WK, WV], [W1, W3]  # the projections that read one input
 # Sequences per forward chunk: bounds the attention scores' memory (heads x T x T per sequence).
 CHUNK = 8
@@ -145,6 +146,28 @@ def ffn_act(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, taps:
     return ACTIVATION[args.activation](tap(taps, W1, xn, xn @ w[W1].T)) * tap(taps, W3, xn, xn @ w[W3].T)
 
 
+def moe_ffn(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs) -> torch.Tensor:
+    """A mixture of experts' output for its inputs xn (B, T, dim), as transformers computes it:
+    softmax routing, the top experts (renormalized with norm_topk), expert e's rows of the
+    stacked w1/w3/w2, the outputs added in ascending expert order."""
+    b, t, d = xn.shape
+    x = xn.reshape(-1, d)
+    probs = torch.softmax((x @ w[ROUTER].T).float(), dim=-1)
+    top, chosen = torch.topk(probs, args.experts_per_token, dim=-1)
+    if args.norm_topk:
+        top = top / top.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(x)
+    f = args.ffn_dim
+    for e in range(args.n_experts):
+        tok, slot = torch.where(chosen == e)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        h = ACTIVATION[args.activation](xe @ w[W1][e * f:(e + 1) * f].T) * (xe @ w[W3][e * f:(e + 1) * f].T)
+        out.index_add_(0, tok, (h @ w[W2][e * d:(e + 1) * d].T) * top[tok, slot, None])
+    return out.reshape(b, t, d)
+
+
 def pre_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, args: ModelArgs) -> torch.Tensor:
     """A sublayer's input: the residual stream normed by `name`, or itself without pre-norms."""
     return rms_norm(x, w[name], args.norm_eps) if args.pre_norms else x
@@ -162,6 +185,8 @@ def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, 
     post-norms as the model has them); taps: see `tap`."""
     o_in = attention(pre_norm(x, w, ATTN_NORM, args), w, args, rope, layer, taps)
     h = residual_add(x, tap(taps, WO, o_in, o_in @ w[WO].T), w, ATTN_POST_NORM, args)
+    if args.moe:
+        return residual_add(h, moe_ffn(pre_norm(h, w, FFN_NORM, args), w, args), w, FFN_POST_NORM, args)
     act = ffn_act(pre_norm(h, w, FFN_NORM, args), w, args, taps)
     return residual_add(h, tap(taps, W2, act, act @ w[W2].T), w, FFN_POST_NORM, args)
 

@@ -175,7 +175,7 @@ def plan(ckpt: Checkpoint, args: ModelArgs, arch: Architecture, options: Convert
         want = T.parse_name(name)[0].shape_of(args)
         if shape != want:
             raise ConvertError(f"{ckpt.folder}: tensor {hf} has shape {list(shape)}, config.json implies {list(want)}")
-        if role in ("norm", "bias"):
+        if role in ("norm", "bias", "router"):  # small, and what every other weight's use depends on
             target = f32
         elif skipped((name, hf), options.skip):
             target = f16

@@ -53,6 +53,20 @@ def softcap(x: np.ndarray, cap: float) -> np.ndarray:
     return (cap * np.tanh(np.asarray(x, np.float64) / cap)).astype(np.float32)
 
 
+def route(logits: np.ndarray, top_k: int, norm_topk: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A mixture's routing (qformat.block.Moe) of logits (n, n_experts): (experts (n, top_k)
+    int64, their weights (n, top_k) float32), each token's experts in descending probability
+    (softmax in float32, renormalized over the chosen with norm_topk), as transformers routes."""
+    z = np.asarray(logits, np.float32)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    experts = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]
+    weights = np.take_along_axis(p, experts, axis=-1)
+    if norm_topk:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return experts, weights.astype(np.float32)
+
+
 # Each gated activation of qformat.config.ACTIVATIONS.
 GLU = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
 

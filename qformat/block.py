@@ -12,8 +12,9 @@ of ModelArgs that choose steps or fill their fields here, never branches in a ba
     att = attention(rope(q), rope(k), v);  x += wo·att          [post_norms: x += attn_post_norm(wo·att)]
     xn = ffn_norm(x);  gate, up = w1·xn, w3·xn;  x += w2·(act(gate)·up)   [post_norms: likewise]
 
-without pre_norms (OLMo 2) the projections read x itself; the output block is the final norm,
-the head, and with final_softcap the logits' soft cap (Gemma 2).
+without pre_norms (OLMo 2) the projections read x itself; a mixture of experts (Mixtral,
+Qwen3-MoE) replaces the MLP's three projections and gate by one Moe step; the output block is the
+final norm, the head, and with final_softcap the logits' soft cap (Gemma 2).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .rope import rope_variants
 # Buffer names. X carries the residual stream from block to block; O is a sublayer's output
 # on its way through a post-norm.
 X, XN, Q, K, V, ATT, GATE, UP, O, LOGITS = "x", "xn", "q", "k", "v", "att", "gate", "up", "o", "logits"
+ROUTER = "router"  # a mixture's router logits
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,47 @@ class Softcap:
     cap: float
 
 
+def expert_name(tensor: str, expert: int) -> str:
+    """The op name of one expert's rows of a stacked MoE tensor (no file holds this name)."""
+    return f"{tensor}#{expert}"
+
+
+def parse_expert(name: str) -> tuple[str, int] | None:
+    """(tensor, expert) of an expert_name, or None for a tensor's own name."""
+    tensor, sep, expert = name.rpartition("#")
+    return (tensor, int(expert)) if sep else None
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A mixture of experts: logits ← router·src (buffer `logits`), p = softmax(logits); for
+    each token its top_k experts e (renormalized to sum 1 with norm_topk) add
+    p_e · down_e·(act(gate_e·src) · up_e·src), in ascending e, into dst (dst += with residual,
+    else dst = the sum). gate_e, up_e, down_e: expert e's rows of the stacked tensors
+    (expert_name); gate and up buffers hold one expert's hidden activations at a time."""
+
+    router: str
+    gate: str
+    up: str
+    down: str
+    src: str
+    dst: str
+    logits: str
+    n_experts: int
+    top_k: int
+    norm_topk: bool
+    activation: str
+    residual: bool
+
+    def ops(self) -> list[str]:
+        """Its matrices' op names: the router, then every expert's gate, up and down rows."""
+        return [self.router] + [expert_name(t, e) for t in (self.gate, self.up, self.down)
+                                for e in range(self.n_experts)]
+
+
 # Every kind of step, in a fixed order (a backend that encodes steps as integers uses this index).
-STEP_TYPES = (Norm, HeadNorm, Linear, Attention, Glu, Softcap)
-Step = Norm | HeadNorm | Linear | Attention | Glu | Softcap
+STEP_TYPES = (Norm, HeadNorm, Linear, Attention, Glu, Softcap, Moe)
+Step = Norm | HeadNorm | Linear | Attention | Glu | Softcap | Moe
 
 
 @dataclass(frozen=True)
@@ -111,6 +151,12 @@ class Block:
 
     def linears(self) -> tuple[Linear, ...]:
         return tuple(s for s in self.steps if isinstance(s, Linear))
+
+    def ops(self) -> list[str]:
+        """The op name of every matrix the block multiplies by, in step order: each Linear's
+        weight, each Moe's router and experts."""
+        return [n for s in self.steps for n in (s.ops() if isinstance(s, Moe) else
+                                                [s.weight] if isinstance(s, Linear) else [])]
 
     def tensors(self) -> list[str]:
         """Every tensor the block reads, in step order."""
@@ -136,6 +182,15 @@ def decoder_block(args: ModelArgs, layer: int) -> Block:
             return (Linear(name(weight), inp, X, residual=True),)
         return Linear(name(weight), inp, O), Norm(name(post_norm), O, X, residual=True)
 
+    def mlp() -> tuple[Step, ...]:
+        if not args.moe:
+            return (Linear(name(T.FFN_GATE), src, GATE), Linear(name(T.FFN_UP), src, UP),
+                    Glu(GATE, UP, args.activation), *residual(T.FFN_DOWN, GATE, T.FFN_POST_NORM))
+        moe = Moe(name(T.FFN_ROUTER), name(T.FFN_GATE), name(T.FFN_UP), name(T.FFN_DOWN), src,
+                  O if args.post_norms else X, ROUTER, args.n_experts, args.experts_per_token, args.norm_topk,
+                  args.activation, residual=not args.post_norms)
+        return (moe, Norm(name(T.FFN_POST_NORM), O, X, residual=True)) if args.post_norms else (moe,)
+
     def projection(t: T.TensorName, dst: str) -> Linear:
         bias = T.BIAS_OF.get(t)
         return Linear(name(t), src, dst, bias=name(bias) if bias is not None and bias.present(args) else None)
@@ -151,13 +206,12 @@ def decoder_block(args: ModelArgs, layer: int) -> Block:
                   rope=rope_variants(args).index(args.rope_of(layer)), softcap=args.attn_softcap),
         *residual(T.ATTN_OUT, ATT, T.ATTN_POST_NORM),
         *pre_norm(T.FFN_NORM),
-        Linear(name(T.FFN_GATE), src, GATE), Linear(name(T.FFN_UP), src, UP),
-        Glu(GATE, UP, args.activation),
-        *residual(T.FFN_DOWN, GATE, T.FFN_POST_NORM),
+        *mlp(),
     )
     widths = {X: args.dim, XN: args.dim, Q: args.q_dim, K: args.kv_dim, V: args.kv_dim, ATT: args.q_dim,
-              GATE: args.ffn_dim, UP: args.ffn_dim, O: args.dim}
-    used = {b for s in steps for b in (getattr(s, f, None) for f in ("src", "dst", "buf", "q", "k", "v", "gate", "up"))}
+              GATE: args.ffn_dim, UP: args.ffn_dim, O: args.dim, ROUTER: args.n_experts}
+    used = {b for s in steps for b in (getattr(s, f, None) for f in ("src", "dst", "buf", "q", "k", "v", "logits"))}
+    used |= {GATE, UP}  # the MLP's hidden activations (a Moe step's, one expert at a time)
     return Block(steps, {b: w for b, w in widths.items() if b in used})
 
 

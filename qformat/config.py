@@ -78,6 +78,12 @@ class ModelArgs:
     attn_softcap: float | None = None  # scores ← cap · tanh(scores / cap) before the softmax (Gemma 2)
     final_softcap: float | None = None  # the same on the logits (Gemma 2)
     rotary_dim: int | None = None  # RoPE rotates the first rotary_dim dims of each head (Phi-4-mini); None: all
+    # mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is n_experts SwiGLU experts of
+    # ffn_dim, experts_per_token of them chosen per token by the router's softmax (renormalized
+    # over the chosen with norm_topk); 0: one dense MLP
+    n_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk: bool = True
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -96,6 +102,8 @@ class ModelArgs:
                 len(sc.short_factor) == len(sc.long_factor) == self.rope_dim // 2):
             raise ValueError(f"longrope short_factor and long_factor must each hold rotary dims / 2 = "
                              f"{self.rope_dim // 2} values")
+        if self.moe and not 0 < self.experts_per_token <= self.n_experts:
+            raise ValueError(f"experts_per_token must be 1..n_experts ({self.n_experts})")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 
@@ -108,6 +116,21 @@ class ModelArgs:
     def kv_dim(self) -> int:
         """Width of the keys and of the values: n_kv_heads x head_dim."""
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLPs are mixtures of experts."""
+        return self.n_experts > 0
+
+    @property
+    def gate_rows(self) -> int:
+        """Rows of the gate and up tensors: every expert's stacked (ffn_dim each), or ffn_dim."""
+        return self.n_experts * self.ffn_dim if self.moe else self.ffn_dim
+
+    @property
+    def down_rows(self) -> int:
+        """Rows of the down tensor: every expert's stacked (dim each), or dim."""
+        return self.n_experts * self.dim if self.moe else self.dim
 
     @property
     def rope_dim(self) -> int:

@@ -186,6 +186,9 @@ def render(info: dict) -> str:
         (f"attention scale {m.get('attn_scale') or 0:.4g}", m.get("attn_scale") is not None),
         (f"attention soft cap {m.get('attn_softcap')}", m.get("attn_softcap") is not None),
         (f"logit soft cap {m.get('final_softcap')}", m.get("final_softcap") is not None),
+        (f"rotary dims {m.get('rotary_dim')}", m.get("rotary_dim") is not None),
+        (f"{m.get('n_experts')} experts, {m.get('experts_per_token')} per token"
+         + ("" if m.get("norm_topk", True) else " (not renormalized)"), bool(m.get("n_experts"))),
     ) if on]
     bpw = info["bits_per_weight"]
     lines = [

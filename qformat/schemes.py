@@ -92,6 +92,27 @@ class Tensor:
         return Tensor(self.name, self.kind, (ids.size, k), arrays, self.group_size, self.symmetric,
                       self.sparsity, self.activation)
 
+    def row_range(self, start: int, stop: int, name: str | None = None) -> "Tensor":
+        """Rows start..stop-1 of this 2-D tensor as a tensor of its own, its row arrays views of
+        this one's (no copy of a memory-mapped file): one expert of a stacked MoE weight."""
+        rows, k = self.shape
+        if not 0 <= start < stop <= rows:
+            raise ValueError(f"{self.name}: rows {start}..{stop} are outside its {rows}")
+        arrays = {}
+        for role, a in self.arrays.items():
+            if role in _ROW_ARRAYS:
+                arrays[role] = a[start:stop]
+            elif role not in _CSR_ARRAYS:
+                arrays[role] = a
+        if "outlier_rowptr" in self.arrays:
+            ptr = np.asarray(self.arrays["outlier_rowptr"], np.int64)
+            lo, hi = int(ptr[start]), int(ptr[stop])
+            arrays["outlier_rowptr"] = (ptr[start:stop + 1] - lo).astype(np.int32)
+            arrays["outlier_cols"] = self.arrays["outlier_cols"][lo:hi]
+            arrays["outlier_values"] = self.arrays["outlier_values"][lo:hi]
+        return Tensor(name or self.name, self.kind, (stop - start, k), arrays, self.group_size, self.symmetric,
+                      self.sparsity, self.activation)
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())

@@ -20,7 +20,7 @@ class TensorName:
 
     key: str
     shape: tuple[str, ...]
-    role: str  # embed (lookup), head (output projection), linear (a decoder projection), norm, bias
+    role: str  # embed (lookup), head (output projection), linear (a decoder projection), router, norm, bias
     group: str  # qinfo's class: embeddings, attention, mlp, head, norms, biases
     per_layer: bool = True
     flag: str | None = None  # the ModelArgs flag without which the tensor does not exist
@@ -57,9 +57,11 @@ ATTN_Q_NORM = TensorName("attn.q_norm", ("q_norm_dim",), "norm", "norms", flag="
 ATTN_K_NORM = TensorName("attn.k_norm", ("k_norm_dim",), "norm", "norms", flag="qk_norm")
 ATTN_POST_NORM = TensorName("attn_post_norm", ("dim",), "norm", "norms", flag="post_norms")
 FFN_NORM = TensorName("ffn_norm", ("dim",), "norm", "norms", flag="pre_norms")
-FFN_GATE = TensorName("ffn.w1", ("ffn_dim", "dim"), "linear", "mlp")
-FFN_UP = TensorName("ffn.w3", ("ffn_dim", "dim"), "linear", "mlp")
-FFN_DOWN = TensorName("ffn.w2", ("dim", "ffn_dim"), "linear", "mlp")
+FFN_ROUTER = TensorName("ffn.router", ("n_experts", "dim"), "router", "mlp", flag="moe")
+# a mixture of experts stacks its experts' matrices along the rows, expert e's rows e·rows.. (spec §3.1)
+FFN_GATE = TensorName("ffn.w1", ("gate_rows", "dim"), "linear", "mlp")
+FFN_UP = TensorName("ffn.w3", ("gate_rows", "dim"), "linear", "mlp")
+FFN_DOWN = TensorName("ffn.w2", ("down_rows", "ffn_dim"), "linear", "mlp")
 FFN_POST_NORM = TensorName("ffn_post_norm", ("dim",), "norm", "norms", flag="post_norms")
 OUTPUT_NORM = TensorName("norm", ("dim",), "norm", "norms", per_layer=False)
 OUTPUT = TensorName("output", ("vocab_size", "dim"), "head", "head", per_layer=False)
@@ -67,8 +69,8 @@ OUTPUT = TensorName("output", ("vocab_size", "dim"), "head", "head", per_layer=F
 # Every entry, in the order a converter writes them (embeddings, each layer's, then the rest).
 TENSORS: tuple[TensorName, ...] = (
     TOK_EMBEDDINGS, ATTN_NORM, ATTN_Q, ATTN_Q_BIAS, ATTN_K, ATTN_K_BIAS, ATTN_V, ATTN_V_BIAS, ATTN_OUT,
-    ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_GATE, FFN_UP, FFN_DOWN, FFN_POST_NORM, OUTPUT_NORM,
-    OUTPUT,
+    ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_ROUTER, FFN_GATE, FFN_UP, FFN_DOWN, FFN_POST_NORM,
+    OUTPUT_NORM, OUTPUT,
 )
 # The bias of each projection that has one (qkv_bias).
 BIAS_OF = {ATTN_Q: ATTN_Q_BIAS, ATTN_K: ATTN_K_BIAS, ATTN_V: ATTN_V_BIAS}

@@ -107,7 +107,9 @@ class SequenceKV:
     def __init__(self, pool: BlockPool):
         self.pool = pool
         self.blocks: list[int] = []
-        self.slots = np.zeros(pool.context, np.int32)  # position -> slot; valid below capacity
+        # position -> slot, valid below capacity; whole blocks, so a context that is not a
+        # multiple of the block size still maps its last block
+        self.slots = np.zeros(-(-pool.context // pool.block_size) * pool.block_size, np.int32)
         self.ids: list[int] = []  # tokens whose keys/values are written, in order
         self.keys: list[tuple] = []  # each full block's key in the pool (its prefix), in order
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from qformat import block as B
-from qformat.kernels import device_ops, fused_decoder, linear_op
+from qformat.kernels import device_ops, fused_decoder, linear_op, reference
 from qformat.reader import QbinReader
 from qformat.rope import model_rope_tables
 from qformat.tensors import TOK_EMBEDDINGS
@@ -48,8 +48,17 @@ class Model:
         self.cache = pool
 
     def linear(self, name: str):
+        """The op of a tensor, or of one expert's rows of a stacked tensor (block.expert_name)."""
         if name not in self.linears:
-            self.linears[name] = linear_op(self.device, self.reader[name])
+            expert = B.parse_expert(name)
+            if expert is None:
+                tensor = self.reader[name]
+            else:  # its rows of the stack, views of the file (spec §3.1)
+                stacked, e = expert
+                whole = self.reader[stacked]
+                rows = whole.shape[0] // self.args.n_experts
+                tensor = whole.row_range(e * rows, (e + 1) * rows, name)
+            self.linears[name] = linear_op(self.device, tensor)
         return self.linears[name]
 
     def vector(self, name: str):
@@ -222,9 +231,66 @@ class Softcap:
         self.ops.softcap(bufs[self.step.buf], self.step.cap)
 
 
+def row_kinds(batch: Batch) -> np.ndarray:
+    """Per row of the step: -1 for a one-row (decode) sequence's row, else its sequence's index."""
+    counts = np.diff(batch.offsets)
+    kinds = np.repeat(np.arange(counts.size), counts)
+    kinds[np.isin(kinds, batch.decode)] = -1
+    return kinds
+
+
+def project(op, xs, kinds: np.ndarray, ops):
+    """op over the rows xs (m, in), each computed as the Linear step computes it: decode rows
+    (kind -1) by gemv_many (one alone by gemv), the rows of each prompt (kind i) by one gemm."""
+    out = ops.empty((xs.shape[0], op.out_features))
+    for kind in np.unique(kinds):
+        where = np.flatnonzero(kinds == kind)
+        if kind >= 0:
+            out[where] = op.gemm(xs[where])
+        elif where.size > 1:
+            out[where] = op.gemv_many(xs[where])
+        else:
+            op.gemv(xs[where[0]], out[where[0]])
+    return out
+
+
+class MoeStep:
+    """A mixture of experts: the router's logits (one GEMV per token), routed on the host
+    (kernels/reference.route), each chosen expert run over the rows routed to it, the experts'
+    outputs weighted and added in ascending expert order (as transformers adds them)."""
+
+    def __init__(self, step: B.Moe, model: Model, layer: int):
+        self.step = step
+        self.router = model.linear(step.router)
+        self.experts = [tuple(model.linear(B.expert_name(t, e)) for t in (step.gate, step.up, step.down))
+                        for e in range(step.n_experts)]
+        self.glu = getattr(model.ops, GLU_OPS[step.activation])
+        self.ops = model.ops
+
+    def __call__(self, bufs: dict, batch: Batch) -> None:
+        s = self.step
+        x = bufs[s.src]
+        n = x.shape[0]
+        logits = self.ops.empty((n, s.n_experts))
+        for i in range(n):
+            self.router.gemv(x[i], logits[i])
+        experts, weights = reference.route(self.ops.to_numpy(logits), s.top_k, s.norm_topk)
+        kinds = row_kinds(batch)
+        total = self.ops.zeros((n, x.shape[1]))
+        for e in np.unique(experts):
+            rows, slot = np.nonzero(experts == e)
+            gate_op, up_op, down_op = self.experts[int(e)]
+            xs = x[rows]
+            gate, up = project(gate_op, xs, kinds[rows], self.ops), project(up_op, xs, kinds[rows], self.ops)
+            self.glu(gate, up)
+            y = project(down_op, gate, kinds[rows], self.ops)
+            total[rows] += self.ops.asarray(weights[rows, slot][:, None]) * y
+        bufs[s.dst] = bufs[s.dst] + total if s.residual else total
+
+
 # Which class runs which kind of step.
 STEPS = {B.Norm: RMSNorm, B.HeadNorm: RMSNorm, B.Linear: Linear, B.Attention: Attention, B.Glu: Glu,
-         B.Softcap: Softcap}
+         B.Softcap: Softcap, B.Moe: MoeStep}
 
 
 class Block:

@@ -275,3 +275,113 @@ def test_longrope_short_and_long_contexts(folders, files, arch, backend, request
                               + [model.forward(ids[p:p + 1], p)[None] for p in range(n - 4, n)])
         theirs = hf_logits(theirs_model, ids)
         assert np.abs(ours - theirs).max() <= tol * np.abs(theirs).max(), context
+
+
+# ---------------------------------------------------------------------------- mixtures of experts
+
+MOE = {"mixtral": dict(arch="mixtral", tied=False), "qwen3-moe": dict(arch="qwen3_moe", tied=True)}
+
+
+@pytest.fixture(scope="module")
+def moe_files(tmp_path_factory):
+    cache = {}
+
+    def get(case, scheme):
+        if case not in cache:
+            cache[case] = make_tiny_checkpoint(tmp_path_factory.mktemp(case), seed=2, **MOE[case])
+        if (case, scheme) not in cache:
+            qbin = tmp_path_factory.mktemp(f"{case}-{scheme}") / "model.qbin"
+            convert(cache[case], qbin, scheme, progress=False, clip_search=False)
+            cache[case, scheme] = qbin
+        return cache[case], cache[case, scheme]
+
+    return get
+
+
+def moe_hf_logits(folder, ids) -> np.ndarray:
+    """transformers on the f16-rounded weights, the router's excepted (the file keeps it in f32)."""
+    from tiny_models import ROUTERS
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and not name.endswith(ROUTERS):
+                p.copy_(p.half().float())
+    return hf_logits(model, ids)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu-per-op", "emulated-cuda"])
+@pytest.mark.parametrize("case", list(MOE))
+def test_moe_f16_logits_match_transformers(moe_files, case, backend, request, monkeypatch):
+    """Prefill (rows of one prompt routed to each expert: one product per expert) and decode
+    steps (the fused step's routing in numba; the CUDA step's on the host, eagerly)."""
+    folder, qbin = moe_files(case, "f16")
+    ids = prompt(qbin)
+    ours = run_logits(backend_model(qbin, backend, request, monkeypatch), ids)
+    theirs = moe_hf_logits(folder, ids)
+    tol = 1e-2 if backend == "emulated-cuda" else 1e-4
+    assert np.abs(ours - theirs).max() <= tol * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize("case", list(MOE))
+def test_moe_stacks_experts_and_keeps_the_router(moe_files, case):
+    """Each expert's matrices are its rows of one stacked tensor per projection (spec §3.1);
+    the router stays float32; int4 runs close to f16 (as test_runtime_model allows int4-g32)."""
+    folder, f16 = moe_files(case, "f16")
+    _, q4 = moe_files(case, "int4-g32")
+    r = QbinReader(q4)
+    a = r.model
+    assert a.moe and a.n_experts == 4 and a.experts_per_token == 2
+    assert r["layers.0.ffn.w1"].shape == (4 * a.ffn_dim, a.dim) and r["layers.0.ffn.w2"].shape == (4 * a.dim, a.ffn_dim)
+    assert r["layers.0.ffn.router"].kind == "f32"
+    from qformat.qinfo import render, summarize
+
+    assert "4 experts, 2 per token" in render(summarize(r))
+    from qformat.convert.checkpoint import Checkpoint
+
+    expert = "model.layers.0.block_sparse_moe.experts.2.w2.weight" if case == "mixtral" else \
+        "model.layers.0.mlp.experts.2.down_proj.weight"
+    want = Checkpoint(folder).read(expert).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(QbinReader(f16)["layers.0.ffn.w2"].dequantize()[2 * a.dim:3 * a.dim], want)
+    ids = prompt(q4, seed=9)
+    ref = Transformer(QbinReader(f16)).forward(ids, 0, all_logits=True)
+    got = Transformer(r).forward(ids, 0, all_logits=True)
+    assert np.abs(got - ref).max() <= 0.25 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("case", list(MOE))
+def test_moe_greedy_text_equals_transformers(moe_files, case):
+    folder, qbin = moe_files(case, "f16")
+    from tiny_models import ROUTERS
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and not name.endswith(ROUTERS):
+                p.copy_(p.half().float())
+    start = prompt(qbin, seed=7)[:5]
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([start]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    session = Session(Transformer(QbinReader(qbin)))
+    logits = session.feed(list(start))
+    got = []
+    for _ in range(32):
+        got.append(int(np.argmax(logits)))
+        logits = session.step(got[-1])
+    assert got == hf[0, len(start):].tolist()
+
+
+def test_moe_refuses_what_it_does_not_run(moe_files, tmp_path):
+    from qformat.convert.hf_config import model_args
+    from qformat.convert.plan import ConvertError
+
+    folder, _ = moe_files("mixtral", "f16")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Language models predict the next token. " * 60)
+    with pytest.raises(ConvertError, match="mixtures of experts"):
+        convert(folder, tmp_path / "g.qbin", "int4-g32", progress=False, method="gptq", calib=str(calib))
+    assert not (tmp_path / "g.qbin").exists()
+    common = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, vocab_size=100, num_experts=8, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="dense MLP"):
+        model_args(dict(common, mlp_only_layers=[1]))

@@ -39,6 +39,8 @@ CASES = {
     "olmo2-post-norms": dict(arch="olmo2", tied=False),
     "smollm3-nope": dict(arch="smollm3", tied=True),
     "phi3-fused-longrope": dict(arch="phi3", tied=False),
+    "mixtral-moe": dict(arch="mixtral", tied=False),
+    "qwen3-moe-unnormalized-topk": dict(arch="qwen3_moe", tied=True),
     "phi4-mini-partial-rotary": dict(arch="phi3", tied=True, config_overrides={
         "partial_rotary_factor": 0.6, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 6,
                                                        "long_factor": [1.5 + 0.2 * i for i in range(6)]}}),
@@ -83,6 +85,8 @@ def torch_logits(folder, args: ModelArgs, ids: list[int]) -> np.ndarray:
     for i in range(args.n_layers):
         for fused, parts in arch.split_parts(args, i):
             ckpt.split(fused, parts)
+        for stacked, parts in arch.stack_parts(args, i):
+            ckpt.stack(stacked, parts)
     rope = rope_tables(args, len(ids), "cpu")
     with torch.no_grad():
         x = embed(torch.from_numpy(ckpt.read("model.embed_tokens.weight")), [ids], args)

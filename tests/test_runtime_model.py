@@ -261,3 +261,15 @@ def test_int8_activation_decode_stays_close_to_float_path(built, tmp_path, schem
     err = np.abs(decoded - float_path).max() / np.abs(float_path).max()
     print(f"{scheme}: max |decode - float| / max |logit| = {err:.2e}")
     assert 0 < err <= 3e-2
+
+
+def test_a_context_that_is_not_a_multiple_of_the_block_size(built):
+    """--context 20 (blocks of 16): the last block is mapped, and its positions decode as with
+    the model's whole context."""
+    _, qbin = built("llama-untied")
+    ids = [int(i) for i in np.random.default_rng(12).integers(0, QbinReader(qbin).model.vocab_size, 20)]
+    short, whole = Transformer(QbinReader(qbin), context=20), Transformer(QbinReader(qbin))
+    for model in (short, whole):
+        model.forward(ids[:3], 0)
+    for pos in range(3, 20):
+        np.testing.assert_array_equal(short.forward(ids[pos:pos + 1], pos), whole.forward(ids[pos:pos + 1], pos))

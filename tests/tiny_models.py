@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "smollm3", "phi3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "smollm3", "phi3", "mixtral", "qwen3_moe")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -32,6 +32,10 @@ _TRAINING_LINES = [
     "The weather today is sunny with a light breeze from the west.",
     "She sells sea shells by the sea shore; the shells she sells are surely seashells.",
 ]
+
+
+# A mixture's router weights, by their names in transformers' modules.
+ROUTERS = ("block_sparse_moe.gate.weight", "mlp.gate.weight")
 
 
 def training_text(repeat: int = 20) -> list[str]:
@@ -116,6 +120,10 @@ def _config(arch: str, vocab: int, tied: bool, ids: dict[str, int], overrides: d
             "max_position_embeddings": 64, "original_max_position_embeddings": 16, "pad_token_id": ids["eos"],
             "rope_scaling": {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(10)],
                              "long_factor": [2.0 + 0.5 * i for i in range(10)]}}),
+        # 4 experts, 2 per token
+        "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "head_dim": 24,
+                                                    "moe_intermediate_size": 48, "norm_topk_prob": False}),
     }
     if arch not in per_arch:
         raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(per_arch)}")
@@ -153,6 +161,8 @@ def make_tiny_checkpoint(dst_dir, arch: str = "llama", tied: bool = True, dtype:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif p.ndim == 1:  # q/k/v biases
                 p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith(ROUTERS):  # routing clear of near-ties (the default init's logits are ~0.2)
+                p.mul_(10.0)
     model = model.to(getattr(torch, dtype)).eval()
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(dst, max_shard_size=max(total // 3, 1) if sharded else "50GB")

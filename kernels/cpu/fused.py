@@ -31,7 +31,8 @@ from numba import carray, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from qformat.block import LOGITS, STEP_TYPES, X, Attention, Block, Glu, HeadNorm, Linear, Norm, Softcap
+from qformat.block import (GATE, LOGITS, STEP_TYPES, UP, X, Attention, Block, Glu, HeadNorm, Linear, Moe, Norm,
+                           Softcap, expert_name)
 from qformat.config import ACTIVATIONS
 
 from . import dense, int8, ops, quant, sparse
@@ -41,18 +42,21 @@ from .base import (ACT, ACT_SCALE, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, 
                    add_offsets_q8)
 
 # Step codes: a step's index in qformat.block.STEP_TYPES.
-NORM, HEAD_NORM, LINEAR, ATTENTION, GLU, SOFTCAP = (STEP_TYPES.index(t)
-                                                    for t in (Norm, HeadNorm, Linear, Attention, Glu, Softcap))
+NORM, HEAD_NORM, LINEAR, ATTENTION, GLU, SOFTCAP, MOE = (
+    STEP_TYPES.index(t) for t in (Norm, HeadNorm, Linear, Attention, Glu, Softcap, Moe))
 # Columns of a program row: the step code, then up to six integer operands (per step kind:
 #   NORM       norm row, src, dst, residual (0/1)   HEAD_NORM  head-norm row, buffer, width
 #   LINEAR     table row, src, dst, bias row (-1: none), residual (0/1)
 #   ATTENTION  q, k, v, dst, window (0: none), RoPE table; its scale and soft cap (0: none) are
 #              the step's float operands
 #   GLU        gate, up, activation (config.ACTIVATIONS' index)
-#   SOFTCAP    buffer; the cap is its float operand)
+#   SOFTCAP    buffer; the cap is its float operand
+#   MOE        router row, src, dst, residual, first expert row (the experts' gate rows, then
+#              their up rows, then their down rows, consecutive), n_experts, top_k, norm_topk,
+#              activation, logits buffer, gate buffer, up buffer)
 # and buffers are numbered in their order of first use, the residual stream first.
-OP, A, B, C, D, E, F = range(7)
-PROGRAM_WIDTH = 7
+OP, A, B, C, D, E, F, G, H, I, J, K, L = range(13)
+PROGRAM_WIDTH = 13
 SILU, GELU_TANH = (ACTIVATIONS.index(a) for a in ("silu", "gelu_tanh"))
 assert len(ACTIVATIONS) == 2, "an activation was added to config.ACTIVATIONS: give it a branch in decode_step"
 
@@ -292,6 +296,50 @@ def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4,
         _add_sidecars(table, i, x, out)
 
 
+@njit(cache=True, nogil=True)
+def _moe(op, bufs, table, h2f, routines):
+    """A mixture-of-experts step for one token (qformat.block.Moe; routing as
+    kernels/reference.route: softmax, the top_k by descending probability, lowest index first
+    among ties, then summed in ascending expert order)."""
+    src, dst, logits, gate, up = bufs[op[B]], bufs[op[C]], bufs[op[J]], bufs[op[K]], bufs[op[L]]
+    n, k, first = op[F], op[G], op[E]
+    gemv_row(table, op[A], h2f, src, logits, *routines)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    chosen = np.full(k, -1, np.int64)
+    for j in range(k):
+        best = -1
+        for e in range(n):
+            taken = False
+            for i in range(j):
+                taken = taken or chosen[i] == e
+            if not taken and (best < 0 or p[e] > p[best]):
+                best = e
+        chosen[j] = best
+    w = np.empty(k, np.float32)
+    for j in range(k):
+        w[j] = p[chosen[j]]
+    if op[H]:
+        w /= w.sum()
+    order = np.argsort(chosen)
+    total = np.zeros(dst.size, np.float32)
+    tmp = np.empty(dst.size, np.float32)
+    for j in order:
+        e = chosen[j]
+        gemv_row(table, first + e, h2f, src, gate, *routines)
+        gemv_row(table, first + n + e, h2f, src, up, *routines)
+        if op[I] == SILU:
+            ops.silu_mul(_view2(gate, 1, gate.size), _view2(up, 1, up.size))
+        elif op[I] == GELU_TANH:
+            ops.gelu_tanh_mul(_view2(gate, 1, gate.size), _view2(up, 1, up.size))
+        gemv_row(table, first + 2 * n + e, h2f, gate, tmp, *routines)
+        total += w[j] * tmp
+    if op[D]:
+        dst += total
+    else:
+        dst[:] = total
+
+
 @njit(cache=True, nogil=True)  # a server's HTTP thread runs while a step computes
 def decode_step(x, pos, programs, n_steps, floats, widths, table, norms, head_norms, biases, k_cache, v_cache,
                 slots, cos, sin, n_heads, n_kv, head_dim, eps, h2f, logits, logits_buffer, routines):
@@ -360,6 +408,8 @@ def decode_step(x, pos, programs, n_steps, floats, widths, table, norms, head_no
             elif code == SOFTCAP:
                 buf = bufs[op[A]]
                 ops.softcap(_view2(buf, 1, buf.size), floats[blk, s, 0])
+            elif code == MOE:
+                _moe(op, bufs, table, h2f, routines)
 
 
 class Programs:
@@ -405,6 +455,12 @@ class Programs:
                 elif isinstance(step, Softcap):
                     row[A] = buf[step.buf]
                     self.floats[bi, si, 0] = step.cap
+                elif isinstance(step, Moe):
+                    first = linear_rows[expert_name(step.gate, 0)]
+                    assert [linear_rows[n] for n in step.ops()[1:]] == list(range(first, first + 3 * step.n_experts))
+                    row[A:L + 1] = (linear_rows[step.router], buf[step.src], buf[step.dst], int(step.residual), first,
+                                    step.n_experts, step.top_k, int(step.norm_topk),
+                                    ACTIVATIONS.index(step.activation), buf[step.logits], buf[GATE], buf[UP])
                 else:
                     raise NotImplementedError(f"the fused CPU step has no code for {type(step).__name__}")
         self.buffers = names
@@ -458,7 +514,7 @@ def build(blocks: list[Block], reader, args, cache, cos, sin, linears: dict) -> 
     """A FusedDecoder running `blocks` (qformat.block.decoder) with the model's ops `linears`
     (tensor name -> op), or None if some op fills no weight-table row."""
     rows = {}
-    for name in dict.fromkeys(s.weight for b in blocks for s in b.linears()):
+    for name in dict.fromkeys(n for b in blocks for n in b.ops()):
         rows[name] = linears[name].fused_row()
         if rows[name] is None:
             return None

@@ -12,14 +12,16 @@ microseconds of launch and tail, so fewer is faster. The step reads the position
 memory (rope_store_at, attn_decode_split_at) and runs attention over a fixed number of splits
 that covers the whole context (splits past the position are empty); the whole step is then one
 CUDA graph, replayed per token after the position and the embedding are copied in. Where
-capture fails (CUPY_... settings, an older CuPy), the same step runs eagerly.
+capture fails (CUPY_... settings, an older CuPy), the same step runs eagerly; so does a mixture
+of experts, whose routing reads the router's logits on the host to launch the chosen experts.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from qformat.block import LOGITS, X, Attention, Block, Glu, HeadNorm, Linear, Norm, Softcap
+from qformat.block import GATE, LOGITS, UP, X, Attention, Block, Glu, HeadNorm, Linear, Moe, Norm, Softcap, expert_name
 
+from .. import reference
 from . import module
 from .device import CHUNK, THREADS
 
@@ -58,6 +60,29 @@ class CudaDecodeStep:
         self.part = cp.zeros((args.n_heads, self.n_splits, args.head_dim + 2), cp.float32)
         self.graph = None
         self.stream = None
+        self.eager = any(isinstance(s, Moe) for b in blocks for s in b.steps)
+        self.moe_out = cp.zeros(args.dim, cp.float32) if self.eager else None  # one expert's output
+
+    def _moe(self, s: Moe) -> None:
+        """The chosen experts of the token, launched after its routing on the host."""
+        cp = module.cupy()
+        x, logits = self.bufs[s.src], self.bufs[s.logits]
+        self.lin[s.router].gemv(x, logits)
+        experts, weights = reference.route(cp.asnumpy(logits)[None], s.top_k, s.norm_topk)
+        gate, up, dst = self.bufs[GATE], self.bufs[UP], self.bufs[s.dst]
+        total = cp.zeros_like(dst)
+        for j in np.argsort(experts[0], kind="stable"):  # in ascending expert order
+            e = int(experts[0, j])
+            self.lin[expert_name(s.gate, e)].gemv(x, gate)
+            self.lin[expert_name(s.up, e)].gemv(x, up)
+            module.kernel("ops", GLU_KERNELS[s.activation])(((gate.size + THREADS - 1) // THREADS,), (THREADS,),
+                                                            (gate, up, np.int64(gate.size)))
+            self.lin[expert_name(s.down, e)].gemv(gate, self.moe_out)
+            total += np.float32(weights[0, j]) * self.moe_out
+        if s.residual:
+            dst += total
+        else:
+            dst[...] = total
 
     def _rmsnorm(self, x, w, out, rows: int = 1, add: bool = False):
         d = x.size // rows
@@ -111,6 +136,8 @@ class CudaDecodeStep:
                     gate, up = self.bufs[s.gate], self.bufs[s.up]
                     module.kernel("ops", GLU_KERNELS[s.activation])(((gate.size + THREADS - 1) // THREADS,), (THREADS,),
                                                                     (gate, up, np.int64(gate.size)))
+                elif isinstance(s, Moe):
+                    self._moe(s)
                 elif isinstance(s, Softcap):
                     buf = self.bufs[s.buf]
                     module.kernel("ops", "softcap_f32")(((buf.size + THREADS - 1) // THREADS,), (THREADS,),
@@ -142,7 +169,7 @@ class CudaDecodeStep:
             lo, hi = int(changed[0]), int(changed[-1]) + 1
             self.slots[lo:hi] = cp.asarray(slots[lo:hi])
             self.host_slots[lo:hi] = slots[lo:hi]
-        if CUDA_GRAPHS and self.graph is None and self.stream is None:
+        if CUDA_GRAPHS and not self.eager and self.graph is None and self.stream is None:
             self._capture()
         if self.graph is not None:
             with self.stream:
@@ -160,7 +187,7 @@ def build(blocks: list[Block], reader, args, cache, cos, sin, linears: dict) -> 
     """The GPU decode step of `blocks` over the Transformer's own ops (`linears`: tensor name ->
     op); the blocks' norm weights and biases are copied up here."""
     cp = module.cupy()
-    weights = {s.weight for b in blocks for s in b.linears()}
+    weights = {n for b in blocks for n in b.ops()}
     vectors = {n: cp.asarray(np.asarray(reader[n].arrays["data"], np.float32))
                for b in blocks for n in b.tensors() if n not in weights}
     return CudaDecodeStep(blocks, args, linears, vectors, cache, cp.asarray(cos), cp.asarray(sin))
