@@ -122,9 +122,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
                            f"(it reads {', '.join(HF_FORMATS)}); convert its unquantized (bf16/fp16/fp32) release")
     ckpt = Checkpoint(src, allow_pickle=options.allow_pickle)
     args = model_args(config, gen, has_lm_head="lm_head.weight" in ckpt)
-    if args.moe and (options.calibrated or options.allocating):
-        raise ConvertError(f"{src}: calibrated methods and --target-bpw/--max-kl do not handle mixtures of experts "
-                           "yet; convert with a round-to-nearest scheme (e.g. --scheme int4-g64)")
+    if args.moe:
+        _check_moe_options(src, options)
     if arch.norm_offset:
         ckpt.add_offset([hf for hf, _, role in tensor_rules(arch, args.n_layers) if role == "norm"], arch.norm_offset)
     try:
@@ -252,6 +251,20 @@ def _dry_run(report: ConvertReport, planned: list, prune_targets: frozenset[str]
                             "their bytes are not in this estimate")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_moe_options(src: Path, options: ConvertOptions) -> None:
+    """Refuse what a mixture of experts cannot take: per-tensor sidecars that differ between the
+    experts quantized one by one (a permutation, 16-bit columns), and the calibrations that do
+    not run expert by expert."""
+    refused = [(options.allocating, "--target-bpw/--max-kl"), (options.prune is not None, "--prune"),
+               (options.keep.active, "--outliers/--outlier-threshold"), (options.smoothquant, "--smooth/--act-static"),
+               (options.method == "gptq" and options.gptq_act_order and not options.gptq_static_groups,
+                "GPTQ act-order without static groups (a permutation per expert)")]
+    for on, what in refused:
+        if on:
+            raise ConvertError(f"{src}: {what} does not handle mixtures of experts yet; use --method rtn, gptq "
+                               "(with static groups) or awq")
 
 
 def _round_to_nearest(ckpt: Checkpoint, planned: list, prune_targets: frozenset[str], options: ConvertOptions):

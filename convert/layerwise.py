@@ -39,6 +39,9 @@ QKV, GATE_UP = [WQ, WK, WV], [W1, W3]  # the projections that read one input
 CHUNK = 8
 # Chunks of the batch used to search down_proj's scales (on float gate/up outputs, an extra pass).
 FOLD_CHUNKS = 4
+# An expert routed fewer calibration tokens than this is calibrated on all the layer's tokens: its
+# own few would make a near-singular Gram matrix, and every expert reads the same normed stream.
+MIN_EXPERT_TOKENS = 32
 
 
 # ---------------------------------------------------------------------------- the decoder layer
@@ -337,6 +340,8 @@ def quantize_layer(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs,
     quant([WO], o_in)
     h = torch.cat([residual_add(xc, oc @ w[WO].T, w, ATTN_POST_NORM, args) for xc, oc in zip(x.split(CHUNK), oq)])
     del o_in, oq
+    if args.moe:
+        return moe_stage(h, w, args, method, schemes, report, out, refs), out, refs
     # gate/up read the normed residual after attention: their scales fold into ffn_norm.
     if args.pre_norms:
         fold(GATE_UP, lambda: _chunks(h, lambda c: rms_norm(c, w[FFN_NORM], eps)), FFN_NORM)
@@ -352,6 +357,51 @@ def quantize_layer(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs,
     quant([W2], act)
     y = torch.cat([residual_add(hc, ac @ w[W2].T, w, FFN_POST_NORM, args) for hc, ac in zip(h.split(CHUNK), aq)])
     return y, out, refs
+
+
+def moe_stage(h: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, method: LayerMethod,
+              schemes: dict[str, Scheme], report: LayerReport, out: dict, refs: dict) -> torch.Tensor:
+    """A mixture's experts quantized one by one, each on the calibration tokens the float
+    router sends it (all the layer's, below MIN_EXPERT_TOKENS): gate/up on its inputs, then down
+    on its quantized gate/up's activations; a method that folds (AWQ) folds down's scales into
+    up's rows of that expert only (the norm before is every expert's: nothing folds into it). The
+    stored experts are stacked into one tensor per projection (out, refs); returns the layer's
+    outputs through the quantized experts."""
+    hn = _chunks(h, lambda c: pre_norm(c, w, FFN_NORM, args))
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in hn])
+    chosen = torch.topk(torch.softmax((x @ w[ROUTER].T).float(), dim=-1), args.experts_per_token, dim=-1).indices
+    act_fn = ACTIVATION[args.activation]
+    names = [n for n in (W1, W3, W2) if n in schemes]
+    parts: dict[str, list] = {n: [] for n in names}
+    part_refs: dict[str, list] = {n: [] for n in names}
+    errs: dict[str, list] = {n: [] for n in names}
+    rows = {W1: args.ffn_dim, W3: args.ffn_dim, W2: args.dim}
+    for e in range(args.n_experts):
+        tok = torch.nonzero((chosen == e).any(dim=-1)).flatten()
+        xe = x[tok] if tok.numel() >= MIN_EXPERT_TOKENS else x
+        we = {n: w[n][e * rows[n]:(e + 1) * rows[n]].clone() for n in (W1, W3, W2)}
+        se = {n: schemes[n] for n in names}
+        if method.folds and W2 in se:
+            method.fold_scales([W2], input_stats([act_fn(xe @ we[W1].T) * (xe @ we[W3].T)]), we, W3, se)
+        for stage, inputs in (([n for n in (W1, W3) if n in se], lambda: xe),
+                              ([W2] if W2 in se else [], lambda: act_fn(xe @ we[W1].T) * (xe @ we[W3].T))):
+            if not stage:
+                continue
+            stats = input_stats([inputs()])
+            before = {n: we[n].clone() for n in stage}
+            stored = method.quantize(stage, stats, we, se)
+            for n in stage:
+                parts[n].append(stored[n])
+                part_refs[n].append(before[n])
+                errs[n].append(_rel_err(before[n], we[n], stats.gram))
+        for n in (W1, W3, W2):
+            w[n][e * rows[n]:(e + 1) * rows[n]] = we[n]
+    for n in names:
+        out[n] = Tensor.stack_rows(n, parts[n])
+        refs[n] = torch.cat(part_refs[n])
+        report.linears.append(LinearReport(n, float(np.mean(errs[n]))))
+    return torch.cat([residual_add(hc, moe_ffn(pre_norm(hc, w, FFN_NORM, args), w, args), w, FFN_POST_NORM, args)
+                      for hc in h.split(CHUNK)])
 
 
 def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, method: LayerMethod,

@@ -113,6 +113,30 @@ class Tensor:
         return Tensor(name or self.name, self.kind, (stop - start, k), arrays, self.group_size, self.symmetric,
                       self.sparsity, self.activation)
 
+    @staticmethod
+    def stack_rows(name: str, parts: list["Tensor"]) -> "Tensor":
+        """One tensor of `parts` (one kind and width) stacked along the rows: row_range's inverse,
+        for a mixture's experts quantized one by one. Arrays that are not per row (a permutation,
+        16-bit columns' indices) must be the same in every part."""
+        first = parts[0]
+        arrays = {}
+        for role, a in first.arrays.items():
+            if role in _ROW_ARRAYS:
+                arrays[role] = np.concatenate([np.asarray(p.arrays[role]) for p in parts])
+            elif role not in _CSR_ARRAYS:
+                if not all(np.array_equal(np.asarray(p.arrays[role]), np.asarray(a)) for p in parts[1:]):
+                    raise ValueError(f"{name}: the stacked parts differ in their {role}; they cannot be one tensor")
+                arrays[role] = a
+        if "outlier_rowptr" in first.arrays:
+            ptrs = [np.asarray(p.arrays["outlier_rowptr"], np.int64) for p in parts]
+            base = np.cumsum([0] + [int(q[-1]) for q in ptrs[:-1]])
+            arrays["outlier_rowptr"] = np.concatenate([[0]] + [q[1:] + b for q, b in zip(ptrs, base)]).astype(np.int32)
+            for role in ("outlier_cols", "outlier_values"):
+                arrays[role] = np.concatenate([np.asarray(p.arrays[role]) for p in parts])
+        rows = sum(p.shape[0] for p in parts)
+        return Tensor(name, first.kind, (rows, first.shape[1]), arrays, first.group_size, first.symmetric,
+                      first.sparsity, first.activation)
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())

@@ -378,10 +378,55 @@ def test_moe_refuses_what_it_does_not_run(moe_files, tmp_path):
     folder, _ = moe_files("mixtral", "f16")
     calib = tmp_path / "calib.txt"
     calib.write_text("Language models predict the next token. " * 60)
-    with pytest.raises(ConvertError, match="mixtures of experts"):
-        convert(folder, tmp_path / "g.qbin", "int4-g32", progress=False, method="gptq", calib=str(calib))
-    assert not (tmp_path / "g.qbin").exists()
+    for options in (dict(method="gptq", act_order=True, static_groups=False), dict(method="awq", outliers="1%"),
+                    dict(prune="2:4"), dict(target_bpw=4.0)):
+        with pytest.raises(ConvertError, match="does not handle mixtures of experts"):
+            convert(folder, tmp_path / "g.qbin", "int4-g32", progress=False, calib=str(calib), **options)
+        assert not (tmp_path / "g.qbin").exists()
     common = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, vocab_size=100, num_experts=8, num_experts_per_tok=2)
     with pytest.raises(ValueError, match="dense MLP"):
         model_args(dict(common, mlp_only_layers=[1]))
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi4-mini"])
+def test_qformat_load_generates(files, arch):
+    """The public API on these files: greedy text from qformat.load(...).generate is the model's
+    own argmax steps, decoded by the file's tokenizer, up to an end token."""
+    import qformat
+
+    m = qformat.load(files(arch, "int4-g32"), threads=1)
+    ids = m.tokenizer.encode("The capital of France is")
+    text = "".join(m.generate(ids, max_tokens=8, temperature=0))
+    session = Session(m.transformer)
+    logits = session.feed(list(ids))
+    want = []
+    while len(want) < 8 and (not want or want[-1] not in m.transformer.args.eos_token_ids):
+        want.append(int(np.argmax(logits)))
+        logits = session.step(want[-1])
+    want = [t for t in want if t not in m.transformer.args.eos_token_ids]
+    assert text == m.tokenizer.decode(want)
+
+
+@pytest.mark.parametrize("case,method,samples", [("mixtral", "gptq", 4), ("qwen3-moe", "awq", 4), ("mixtral", "gptq", 1)])
+def test_moe_calibrates_each_expert(moe_files, case, method, samples, tmp_path):
+    """GPTQ and AWQ quantize a mixture expert by expert on the calibration tokens routed to it
+    (layerwise.moe_stage); on the calibration text the file is closer to f16 than int4 RTN. With
+    one sample of 32 tokens each expert gets about 16, below MIN_EXPERT_TOKENS: all experts are
+    calibrated on all 32."""
+    import qformat
+
+    folder, f16 = moe_files(case, "f16")
+    _, rtn = moe_files(case, "int4-g32")
+    text = "Language models predict the next token. The weather is sunny today; 42 + 7 = 49. "
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text * 60)
+    qbin = tmp_path / "q.qbin"
+    convert(folder, qbin, "int4-g32", progress=False, method=method, calib=str(calib), calib_samples=samples,
+            calib_seqlen=32)
+    ids = qformat.load(qbin).tokenizer.encode(text * 2, add_bos=False)[:32]
+    ref = Transformer(QbinReader(f16)).forward(ids, 0, all_logits=True)
+    got, base = (Transformer(QbinReader(q)).forward(ids, 0, all_logits=True) for q in (qbin, rtn))
+    err, rtn_err = (np.sqrt(np.mean((x - ref) ** 2)) / np.abs(ref).max() for x in (got, base))
+    print(f"{case} {method}: rms |int4 - f16| / max |logit| = {err:.4f} (RTN {rtn_err:.4f})")
+    assert err < rtn_err
