@@ -36,6 +36,17 @@ class RopeScaling:
     long_factor: list[float] = field(default_factory=list)
     attention_factor: float = 1.0
 
+    def __post_init__(self) -> None:
+        # a header is untrusted input
+        numbers = (self.factor, self.low_freq_factor, self.high_freq_factor, self.attention_factor)
+        if not isinstance(self.kind, str) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                 for v in numbers):
+            raise ValueError("rope_scaling needs a kind and numeric factors")
+        for factors in (self.short_factor, self.long_factor):
+            if not isinstance(factors, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                    for v in factors):
+                raise ValueError("rope_scaling short_factor and long_factor must be lists of numbers")
+
 
 # The RoPE tables a layer may rotate by (qformat.rope.rope_variants): the model's (rope_theta,
 # rope_scaling), the local one of sliding layers (rope_local_theta), and none (the identity).
@@ -89,7 +100,21 @@ class ModelArgs:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        # a header is untrusted input: per-layer tables must fit the layers the steps index
+        # a header is untrusted input: the block fields must have their types, and per-layer
+        # tables must fit the layers the steps index
+        for name in ("rope_local_theta", "embed_scale", "attn_scale", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number or null")
+        for name in ("n_experts", "experts_per_token", "rotary_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer")
+        for name in ("pre_norms", "post_norms", "qk_norm_per_head", "norm_topk"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false")
+        if not isinstance(self.layer_types, list) or not isinstance(self.nope_layers, list):
+            raise ValueError("layer_types and nope_layers must be lists")
         if self.layer_types and (len(self.layer_types) != self.n_layers
                                  or any(t not in LAYER_TYPES for t in self.layer_types)):
             raise ValueError(f"layer_types must list {self.n_layers} of {', '.join(LAYER_TYPES)}")
