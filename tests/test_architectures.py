@@ -1,6 +1,7 @@
-"""Every architecture beyond the Llama family's first rows (Gemma 2, Gemma 3, OLMo 2, SmolLM3, Phi-3),
-as a tiny random transformers model: converted at f16, int8 and int4, run on the CPU (per-op
-path and fused decode step) and the emulated CUDA device, against transformers.
+"""Every architecture beyond the Llama family's first rows (Gemma 2, Gemma 3, OLMo 2, SmolLM3,
+Phi-3, Phi-4-mini; Mixtral and Qwen3-MoE at the end), as a tiny random transformers model:
+converted at f16, int8 and int4, run on the CPU (per-op path and fused decode step) and the
+emulated CUDA device, against transformers.
 
 The prompt runs past the tiny models' 8-position sliding window (Gemma) so that windowed layers
 are checked where the window cuts; SmolLM3's second layer has no RoPE, Gemma 3's two layers
@@ -14,6 +15,7 @@ rotates 12 of each head's 20 dims. Tolerances:
   decode steps, which round the activations to int8 per group (kernels/cpu/quant.py; measured
   1.4e-2 to 5.6e-2 on these models, whose logits all lie within about ±1.4).
 - greedy decoding: the same 32 tokens as transformers' generate on the f16-rounded weights.
+- mixtures: as f16 above, the router kept in f32 on both sides (the file stores it so).
 """
 from __future__ import annotations
 
