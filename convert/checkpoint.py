@@ -68,6 +68,7 @@ class Checkpoint:
         self._offsets: dict[str, float] = {}
         self._parts: dict[str, tuple[str, int, int]] = {}  # a split tensor's part -> (fused name, row range)
         self._stacks: dict[str, list[str]] = {}  # a stacked tensor -> the tensors it stacks
+        self._hidden: set[str] = set()  # stored names shown only as parts of split or stacked tensors
 
     # -- discovery ---------------------------------------------------------
     def _single_file(self) -> Path:
@@ -89,16 +90,11 @@ class Checkpoint:
         index = SAFETENSORS_INDEX if self.format == "safetensors" else PICKLE_INDEX
         return [self.folder / index] + sorted(set(self._files.values()))
 
-    def _hidden(self) -> set[str]:
-        """Stored names shown only as parts of split tensors or inside stacked ones."""
-        return {f for f, _, _ in self._parts.values()} | {n for ns in self._stacks.values() for n in ns}
-
     def names(self) -> list[str]:
-        hidden = self._hidden()
-        return sorted([n for n in self._names if n not in hidden] + list(self._parts) + list(self._stacks))
+        return sorted([n for n in self._names if n not in self._hidden] + list(self._parts) + list(self._stacks))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._parts or name in self._stacks or (name in self._names and name not in self._hidden())
+        return name in self._parts or name in self._stacks or (name in self._names and name not in self._hidden)
 
     def stack(self, name: str, parts: list[str]) -> None:
         """Show the tensors `parts` (of one shape) stacked along their rows as one tensor `name`
@@ -110,6 +106,7 @@ class Checkpoint:
         if len(shapes) != 1:
             raise CheckpointError(f"{self.folder}: the tensors stacked as {name} differ in shape ({sorted(shapes)})")
         self._stacks[name] = list(parts)
+        self._hidden.update(parts)
 
     def split(self, fused: str, parts: list[tuple[str, int]]) -> None:
         """Show the tensor `fused` as the tensors `parts` (name, rows) stacked along its rows, in
@@ -124,6 +121,7 @@ class Checkpoint:
         for name, n in parts:
             self._parts[name] = (fused, start, start + n)
             start += n
+        self._hidden.add(fused)
 
     def add_offset(self, names, value: float) -> None:
         """Read the tensors `names` with `value` added to every element (Gemma's norms store

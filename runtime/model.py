@@ -205,19 +205,15 @@ class Attention:
                                          self.step.softcap)
 
 
-# The device op of each gated activation (qformat.config.ACTIVATIONS).
-GLU_OPS = {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}
-
-
 class Glu:
     """gate = act(gate) · up, in place."""
 
     def __init__(self, step: B.Glu, model: Model, layer: int):
         self.step = step
-        self.op = getattr(model.ops, GLU_OPS[step.activation])
+        self.ops = model.ops
 
     def __call__(self, bufs: dict, batch: Batch) -> None:
-        self.op(bufs[self.step.gate], bufs[self.step.up])
+        self.ops.glu(self.step.activation, bufs[self.step.gate], bufs[self.step.up])
 
 
 class Softcap:
@@ -264,7 +260,6 @@ class MoeStep:
         self.router = model.linear(step.router)
         self.experts = [tuple(model.linear(B.expert_name(t, e)) for t in (step.gate, step.up, step.down))
                         for e in range(step.n_experts)]
-        self.glu = getattr(model.ops, GLU_OPS[step.activation])
         self.ops = model.ops
 
     def __call__(self, bufs: dict, batch: Batch) -> None:
@@ -282,7 +277,7 @@ class MoeStep:
             gate_op, up_op, down_op = self.experts[int(e)]
             xs = x[rows]
             gate, up = project(gate_op, xs, kinds[rows], self.ops), project(up_op, xs, kinds[rows], self.ops)
-            self.glu(gate, up)
+            self.ops.glu(s.activation, gate, up)
             y = project(down_op, gate, kinds[rows], self.ops)
             total[rows] += self.ops.asarray(weights[rows, slot][:, None]) * y
         bufs[s.dst] = bufs[s.dst] + total if s.residual else total

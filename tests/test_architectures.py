@@ -300,7 +300,7 @@ def moe_files(tmp_path_factory):
     return get
 
 
-def moe_hf_logits(folder, ids) -> np.ndarray:
+def moe_hf_model(folder):
     """transformers on the f16-rounded weights, the router's excepted (the file keeps it in f32)."""
     from tiny_models import ROUTERS
 
@@ -309,7 +309,7 @@ def moe_hf_logits(folder, ids) -> np.ndarray:
         for name, p in model.named_parameters():
             if p.ndim >= 2 and not name.endswith(ROUTERS):
                 p.copy_(p.half().float())
-    return hf_logits(model, ids)
+    return model
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cpu-per-op", "emulated-cuda"])
@@ -320,7 +320,7 @@ def test_moe_f16_logits_match_transformers(moe_files, case, backend, request, mo
     folder, qbin = moe_files(case, "f16")
     ids = prompt(qbin)
     ours = run_logits(backend_model(qbin, backend, request, monkeypatch), ids)
-    theirs = moe_hf_logits(folder, ids)
+    theirs = hf_logits(moe_hf_model(folder), ids)
     tol = 1e-2 if backend == "emulated-cuda" else 1e-4
     assert np.abs(ours - theirs).max() <= tol * np.abs(theirs).max()
 
@@ -354,13 +354,7 @@ def test_moe_stacks_experts_and_keeps_the_router(moe_files, case):
 @pytest.mark.parametrize("case", list(MOE))
 def test_moe_greedy_text_equals_transformers(moe_files, case):
     folder, qbin = moe_files(case, "f16")
-    from tiny_models import ROUTERS
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 and not name.endswith(ROUTERS):
-                p.copy_(p.half().float())
+    model = moe_hf_model(folder)
     start = prompt(qbin, seed=7)[:5]
     with torch.no_grad():
         hf = model.generate(torch.tensor([start]), max_new_tokens=32, min_new_tokens=32, do_sample=False)

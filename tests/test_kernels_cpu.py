@@ -272,15 +272,15 @@ def test_rmsnorm_rope_silu():
     expect = reference.rope(part, cos[:, :5], sin[:, :5])
     ops.rope(part, cos[:, :5], sin[:, :5])
     assert close(part, expect) and np.array_equal(part[..., 10:], q[..., 10:])
-    # every gated activation the model may name (runtime.model.GLU_OPS), and the soft cap
-    from qformat.kernels.cpu.device import CPUOps
-    from qformat.runtime.model import GLU_OPS
+    # every gated activation the model may name (config.ACTIVATIONS), and the soft cap
+    from qformat.config import ACTIVATIONS
+    from qformat.kernels.cpu.device import GLU, CPUOps
 
-    assert set(GLU_OPS) == set(reference.GLU)
-    for activation, op in GLU_OPS.items():
+    assert set(GLU) == set(reference.GLU) == set(ACTIVATIONS)
+    for activation in GLU:
         g, u = x.copy() * 3, rng.standard_normal((5, 48)).astype(np.float32)
         expect = reference.GLU[activation](g, u)
-        getattr(CPUOps(), op)(g, u)
+        CPUOps().glu(activation, g, u)
         assert close(g, expect), activation
     y = x * 20
     expect = reference.softcap(y, 7.0)

@@ -12,6 +12,10 @@ from . import ops
 from .threads import set_threads
 
 
+# The kernel of each gated activation (qformat.config.ACTIVATIONS).
+GLU = {"silu": ops.silu_mul_rows, "gelu_tanh": ops.gelu_tanh_mul_rows}
+
+
 class CPUOps:
     """NumPy arrays; float32 KV cache."""
 
@@ -51,13 +55,9 @@ class CPUOps:
         """Rotate-half RoPE in place; x (n, heads, hd), cos/sin (n, hd/2)."""
         ops.rope(x, cos, sin)
 
-    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> None:
-        """gate <- silu(gate) * up, in place."""
-        ops.silu_mul_rows(gate, up)
-
-    def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> None:
-        """gate <- gelu_tanh(gate) * up, in place."""
-        ops.gelu_tanh_mul_rows(gate, up)
+    def glu(self, activation: str, gate: np.ndarray, up: np.ndarray) -> None:
+        """gate <- act(gate) * up in place, act one of qformat.config.ACTIVATIONS."""
+        GLU[activation](gate, up)
 
     def softcap(self, x: np.ndarray, cap: float) -> None:
         """x <- cap * tanh(x / cap), in place; x (n, d)."""

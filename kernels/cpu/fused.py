@@ -306,16 +306,7 @@ def _moe(op, bufs, table, h2f, routines):
     gemv_row(table, op[A], h2f, src, logits, *routines)
     p = np.exp(logits - logits.max())
     p /= p.sum()
-    chosen = np.full(k, -1, np.int64)
-    for j in range(k):
-        best = -1
-        for e in range(n):
-            taken = False
-            for i in range(j):
-                taken = taken or chosen[i] == e
-            if not taken and (best < 0 or p[e] > p[best]):
-                best = e
-        chosen[j] = best
+    chosen = np.argsort(-p, kind="mergesort")[:k]  # stable: the lower index first among ties
     w = np.empty(k, np.float32)
     for j in range(k):
         w[j] = p[chosen[j]]

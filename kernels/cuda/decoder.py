@@ -23,12 +23,10 @@ from qformat.block import GATE, LOGITS, UP, X, Attention, Block, Glu, HeadNorm, 
 
 from .. import reference
 from . import module
-from .device import CHUNK, THREADS
+from .device import CHUNK, THREADS, CUDAOps
 
 # Capture the step as a CUDA graph (tests on the host emulation turn it off).
 CUDA_GRAPHS = True
-# The ops.cu kernel of each gated activation (qformat.config.ACTIVATIONS).
-GLU_KERNELS = {"silu": "silu_mul_f32", "gelu_tanh": "gelu_tanh_mul_f32"}
 
 
 def _groups(steps) -> list:
@@ -60,6 +58,7 @@ class CudaDecodeStep:
         self.part = cp.zeros((args.n_heads, self.n_splits, args.head_dim + 2), cp.float32)
         self.graph = None
         self.stream = None
+        self.ops = CUDAOps()  # the per-token kernels' launchers
         self.eager = any(isinstance(s, Moe) for b in blocks for s in b.steps)
         self.moe_out = cp.zeros(args.dim, cp.float32) if self.eager else None  # one expert's output
 
@@ -75,8 +74,7 @@ class CudaDecodeStep:
             e = int(experts[0, j])
             self.lin[expert_name(s.gate, e)].gemv(x, gate)
             self.lin[expert_name(s.up, e)].gemv(x, up)
-            module.kernel("ops", GLU_KERNELS[s.activation])(((gate.size + THREADS - 1) // THREADS,), (THREADS,),
-                                                            (gate, up, np.int64(gate.size)))
+            self.ops.glu(s.activation, gate, up)
             self.lin[expert_name(s.down, e)].gemv(gate, self.moe_out)
             total += np.float32(weights[0, j]) * self.moe_out
         if s.residual:
@@ -133,15 +131,11 @@ class CudaDecodeStep:
                 elif isinstance(s, Attention):
                     self._attention(layer, s)
                 elif isinstance(s, Glu):
-                    gate, up = self.bufs[s.gate], self.bufs[s.up]
-                    module.kernel("ops", GLU_KERNELS[s.activation])(((gate.size + THREADS - 1) // THREADS,), (THREADS,),
-                                                                    (gate, up, np.int64(gate.size)))
+                    self.ops.glu(s.activation, self.bufs[s.gate], self.bufs[s.up])
                 elif isinstance(s, Moe):
                     self._moe(s)
                 elif isinstance(s, Softcap):
-                    buf = self.bufs[s.buf]
-                    module.kernel("ops", "softcap_f32")(((buf.size + THREADS - 1) // THREADS,), (THREADS,),
-                                                        (buf, np.int64(buf.size), np.float32(s.cap)))
+                    self.ops.softcap(self.bufs[s.buf], s.cap)
                 else:
                     raise NotImplementedError(f"the CUDA decode step has no kernel for {type(s).__name__}")
 

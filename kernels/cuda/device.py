@@ -13,6 +13,8 @@ from .upload import uploading
 THREADS = 128
 # ops.cu's CHUNK: keys per attention split.
 CHUNK = 256
+# The ops.cu kernel of each gated activation (qformat.config.ACTIVATIONS).
+GLU_KERNELS = {"silu": "silu_mul_f32", "gelu_tanh": "gelu_tanh_mul_f32"}
 
 
 def _in_place(*arrays) -> None:
@@ -75,11 +77,9 @@ class CUDAOps:
         n = gate.size
         module.kernel("ops", kernel)(((n + THREADS - 1) // THREADS,), (THREADS,), (gate, up, np.int64(n)))
 
-    def silu_mul(self, gate, up) -> None:
-        self._gated("silu_mul_f32", gate, up)
-
-    def gelu_tanh_mul(self, gate, up) -> None:
-        self._gated("gelu_tanh_mul_f32", gate, up)
+    def glu(self, activation: str, gate, up) -> None:
+        """gate <- act(gate) * up in place, act one of qformat.config.ACTIVATIONS."""
+        self._gated(GLU_KERNELS[activation], gate, up)
 
     def softcap(self, x, cap: float) -> None:
         """x <- cap * tanh(x / cap), in place."""
