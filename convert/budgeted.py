@@ -98,11 +98,11 @@ def head_store(sens: sensitivity.Sensitivity, options, store):
 
     def store_weight(name: str, w, scheme, *, clip_search: bool):
         st = sens.stats.get(name)
-        if options.method == "rtn" or st is None or st.gram is None or not scheme.quantized or len(w.shape) != 2:
+        if options.base_method == "rtn" or st is None or st.gram is None or not scheme.quantized or len(w.shape) != 2:
             return store(name, w, scheme, clip_search=clip_search)
         wt = torch.from_numpy(np.asarray(w[0:w.shape[0]], dtype=np.float32))
         gram = st.gram.cpu()
-        if options.method == "imatrix":
+        if options.base_method == "imatrix":
             t, _ = imatrix_tensor(name, wt, torch.diagonal(gram), scheme)
         else:
             res = gptq_quantize(wt, gram, scheme, damp=options.damp, block=options.block,

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .calibration import Calibration, calibration_tokens
-from .layerwise import LayerReport, calibrated_stream
+from .layerwise import LayerReport, best_device, calibrated_stream
 from .methods import layer_method
 from .options import ConvertOptions
 
@@ -29,8 +29,13 @@ def stream(ckpt, args, planned: list, calib: Calibration, options: ConvertOption
     """(planned tensor, Tensor, QuantStats | None) for every planned tensor, in plan order.
     `store(name, w, scheme)` stores the tensors outside the quantized projections."""
     method = layer_method(options, prune_targets, head_dim=args.head_dim)
-    return calibrated_stream(ckpt, args, planned, np.asarray(calib.tokens), method,
-                             store, progress=options.progress, reports=reports)
+    tokens = np.asarray(calib.tokens)
+    device = best_device()
+    items = calibrated_stream(ckpt, args, planned, tokens, method, store, progress=options.progress,
+                              reports=reports, device=device)
+    # a method may train over the whole finished stream (qat.py's E2E-QP)
+    finish = getattr(method, "finish", None)
+    return items if finish is None else finish(items, args, tokens, device, options.progress)
 
 
 def summary_lines(reports: list[LayerReport]) -> list[str]:

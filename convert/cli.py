@@ -17,10 +17,11 @@ from .gptq import DEFAULT_DAMP
 from .hf_export import LAYOUTS, export_hf
 from .hf_import import FORMATS as HF_FORMATS
 from .hf_import import import_hf_quantized, quant_method
-from .methods import METHODS
+from .methods import METHODS, QAT_INITS
 from .options import SPECIAL_CHOICES, ConvertOptions
 from .outliers import parse_fraction
 from .prune import PRUNE_METHODS, parse_pattern
+from .qat import QatOptions
 
 
 class OneLineCommand(click.Command):
@@ -109,7 +110,9 @@ SPECIAL_HELP = (
                    "(rtn: ppl 18.32 min/max vs 19.00 searched; see ConvertOptions.clip in convert/options.py).")
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True,
               help="rtn: round-to-nearest; gptq: error-compensating, calibrated; awq: activation-aware "
-                   "scales folded into the norms, calibrated (both run layer by layer, CUDA when available).")
+                   "scales folded into the norms, calibrated; imatrix: importance-weighted rounding; qat: "
+                   "EfficientQAT, each layer trained after --qat-init quantized it (calibrated methods run "
+                   "layer by layer, CUDA when available).")
 @click.option("--calib", default=DEFAULT_SOURCE, show_default=True, metavar="SOURCE",
               help="Calibration text for calibrated methods: mix (half pydoc, half self; generalizes best "
                    "out of domain, see README), pydoc (built-in, CPython's pydoc topics), self (sampled from "
@@ -173,6 +176,26 @@ SPECIAL_HELP = (
 @click.option("--score", type=click.Choice(("fisher", "output")), default="fisher", show_default=True,
               help="How a candidate's error is scored: fisher (layer-output error weighted by the loss "
                    "gradient's second moment: predicted nats/token) or output (relative layer-output error).")
+@click.option("--qat-init", type=click.Choice(QAT_INITS), default="gptq", show_default=True,
+              help="--method qat: the method that quantizes each layer before its training.")
+@click.option("--qat-epochs", type=click.IntRange(0), default=QatOptions.epochs, show_default=True,
+              help="--method qat: Block-AP epochs over the calibration windows, per layer.")
+@click.option("--qat-lr", type=click.FloatRange(0), default=QatOptions.lr, show_default=True,
+              help="--method qat: Block-AP learning rate of the scales and zero-points.")
+@click.option("--qat-weight-lr", type=click.FloatRange(0), default=QatOptions.weight_lr, show_default=True,
+              help="--method qat: Block-AP learning rate of the weights, norms and biases.")
+@click.option("--qat-samples", type=click.IntRange(1), default=None,
+              help="--method qat: calibration windows Block-AP trains on (default: all of --calib-samples).")
+@click.option("--qat-batch", type=click.IntRange(1), default=QatOptions.batch, show_default=True,
+              help="--method qat: windows per Block-AP step.")
+@click.option("--e2e-steps", type=click.IntRange(0), default=QatOptions.e2e_steps, show_default=True,
+              help="--method qat: E2E-QP steps training the scales through the whole model (0: none).")
+@click.option("--e2e-lr", type=click.FloatRange(0), default=QatOptions.e2e_lr, show_default=True,
+              help="--method qat: E2E-QP learning rate.")
+@click.option("--e2e-batch", type=click.IntRange(1), default=QatOptions.e2e_batch, show_default=True,
+              help="--method qat: windows per E2E-QP step.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the calibration sampling and of QAT's batch order: equal seeds give equal files.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the resulting size; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUT.qbin if it exists.")
 @click.option("--allow-pickle", is_flag=True,

@@ -259,6 +259,7 @@ def _check_moe_options(src: Path, options: ConvertOptions) -> None:
     not run expert by expert."""
     refused = [(options.allocating, "--target-bpw/--max-kl"), (options.prune is not None, "--prune"),
                (options.keep.active, "--outliers/--outlier-threshold"), (options.smoothquant, "--smooth/--act-static"),
+               (options.method == "qat", "--method qat"),
                (options.method == "gptq" and options.gptq_act_order and not options.gptq_static_groups,
                 "GPTQ act-order without static groups (a permutation per expert)")]
     for on, what in refused:

@@ -248,10 +248,12 @@ class LayerReport:
     index: int
     linears: list[LinearReport] = field(default_factory=list)
     seconds: float = 0.0
+    note: str = ""  # what a method's refine step reports (qat.py: Block-AP's held-out error)
 
     def line(self) -> str:
         parts = ", ".join(f"{r.name.split('.')[-1]} {r.rel_err:.2e}" for r in self.linears)
-        return f"layer {self.index:3d}: {parts} ({self.seconds:.1f} s)"
+        note = f"; {self.note}" if self.note else ""
+        return f"layer {self.index:3d}: {parts}{note} ({self.seconds:.1f} s)"
 
 
 class LayerMethod(Protocol):
@@ -267,6 +269,11 @@ class LayerMethod(Protocol):
     def quantize(self, names: list[str], stats: InputStats, w: dict[str, torch.Tensor],
                  schemes: dict[str, Scheme]) -> dict[str, Tensor]:
         """Stored tensors of `names`; replaces w[name] by its dequantized value (in place)."""
+
+    # A method may also define refine(x, target, w, refs, stored, schemes, args, rope, report)
+    # -> stored: called after the layer's stages are quantized, with the layer's inputs x and
+    # the float model's outputs of this layer (qat.py's Block-AP), returning the stored tensors
+    # and updating w in place.
 
 
 # ---------------------------------------------------------------------------- the runner
@@ -422,7 +429,8 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
         if layer is not None:
             by_layer.setdefault(layer, []).append(p)
     rope = rope_tables(args, tokens.shape[1], device)
-    x = None
+    refine = getattr(method, "refine", None)
+    x = x_float = None  # the quantized model's stream, and the float model's (for refine)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -435,7 +443,7 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
             if layer is None:
                 w = ckpt.read(p.hf_name)
                 if p.role == "embed" and x is None:
-                    x = embed(torch.from_numpy(w), tokens, args).to(device)  # (B, T, dim)
+                    x = x_float = embed(torch.from_numpy(w), tokens, args).to(device)  # (B, T, dim)
                 t, stats = store(p.name, w, p.scheme)
                 yield p, t, stats
                 continue
@@ -450,7 +458,14 @@ def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, 
             handles = getattr(method, "handles", lambda q: q.scheme.quantized)
             schemes = {T.parse_name(q.name)[0].key: q.scheme for q in items if q.role == "linear" and handles(q)}
             rep = LayerReport(layer)
+            x_in, target = x, None
+            if refine is not None:
+                x_float = target = torch.cat(_chunks(x_float, lambda c: layer_forward(c, fp, args, rope, layer)))
             x, stored, refs = quantize_layer(x, fp, args, rope, method, schemes, rep)
+            if refine is not None:
+                stored = refine(x_in, target, fp, refs, stored, schemes, args, rope, rep)
+                x = torch.cat(_chunks(x_in, lambda c: layer_forward(c, fp, args, rope, layer)))
+            del x_in
             rep.seconds = time.perf_counter() - started
             if reports is not None:
                 reports.append(rep)

@@ -15,6 +15,7 @@ from .gptq import GptqMethod
 from .imatrix import ImatrixMethod
 from .outliers import KeepOptions, RtnKeepMethod
 from .prune import PruneMethod, parse_pattern
+from .qat import QatMethod
 from .smoothquant import SmoothQuantMethod
 
 
@@ -37,6 +38,11 @@ class Method:
 def _gptq(o, clip: bool) -> GptqMethod:
     return GptqMethod(damp=o.damp, block=o.block, act_order=o.gptq_act_order, clip_search=clip, keep=o.keep,
                       static_groups=o.gptq_static_groups)
+
+
+def _qat(o, clip: bool) -> QatMethod:
+    init = METHODS[o.qat_init].layer(o, clip) or RtnKeepMethod(o.keep, clip)
+    return QatMethod(init, o.qat)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -62,7 +68,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("imatrix", calibrated=True, clip_search=True, prune_method="wanda", prunes=False, smooths=False,
            describe=lambda o: f"imatrix(calib={o.calib_name}, {o.calib_samples}x{o.calib_seqlen})",
            names_calibration=True, layer=lambda o, clip: ImatrixMethod(keep=o.keep)),
+    # EfficientQAT (qat.py): an init method (qat_init) quantizes each layer, Block-AP trains it
+    # against the float layer, E2E-QP trains the scales end to end; clip search as its init's
+    Method("qat", calibrated=True, clip_search=True, prune_method="wanda", prunes=False, smooths=False,
+           describe=lambda o: f"qat(init={METHODS[o.qat_init].describe(o)}, {o.qat.describe()})",
+           names_calibration=True, layer=_qat),
 )}
+# What --qat-init may name: the methods whose layers QAT can train (dense group grids).
+QAT_INITS = ("gptq", "awq", "rtn")
 
 
 def layer_method(options, prune_targets: frozenset[str] = frozenset(), head_dim: int = 0):
@@ -84,4 +97,4 @@ def layer_method(options, prune_targets: frozenset[str] = frozenset(), head_dim:
     return layer
 
 
-__all__ = ["KeepOptions", "METHODS", "Method", "layer_method"]
+__all__ = ["KeepOptions", "METHODS", "QAT_INITS", "Method", "layer_method"]

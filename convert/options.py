@@ -9,15 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qformat.schemes import Scheme, parse_scheme
+from qformat.schemes import KINDS, Scheme, parse_scheme
 
 from .allocate import parse_candidates
 from .awq import DEFAULT_GRID
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_SOURCE
 from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP
-from .methods import METHODS
+from .methods import METHODS, QAT_INITS
 from .outliers import KeepOptions, parse_fraction
 from .prune import check_prune_options
+from .qat import QatOptions
 from .sensitivity import SCORES
 from .smoothquant import check_options as check_smoothquant, describe as describe_smoothquant
 
@@ -55,6 +56,9 @@ class ConvertOptions:
     embedding and the head a choice among `candidates` (allocate.py; comma-separated scheme
     names, None: allocate.DEFAULT_CANDIDATES), scored on sensitivity_samples calibration
     windows by `score` (sensitivity.SCORES); `scheme` is then unused.
+
+    qat_*, e2e_*: method "qat" (qat.py): qat_init (QAT_INITS) quantizes each layer first, then
+    Block-AP and E2E-QP train it (QatOptions' fields without the prefix; the seed is `seed`).
     """
 
     scheme: str = "int4-g64"
@@ -89,6 +93,15 @@ class ConvertOptions:
     candidates: str | None = None
     sensitivity_samples: int = 16
     score: str = "fisher"
+    qat_init: str = "gptq"
+    qat_epochs: int = QatOptions.epochs
+    qat_lr: float = QatOptions.lr
+    qat_weight_lr: float = QatOptions.weight_lr
+    qat_samples: int | None = QatOptions.samples
+    qat_batch: int = QatOptions.batch
+    e2e_steps: int = QatOptions.e2e_steps
+    e2e_lr: float = QatOptions.e2e_lr
+    e2e_batch: int = QatOptions.e2e_batch
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -119,7 +132,7 @@ class ConvertOptions:
             check_prune_options(self.prune, self.pruning)
         options = self if self.outliers is None else replace(self, outliers=parse_fraction(self.outliers))
         options.keep.check()
-        if self.static_groups is True and (self.method != "gptq" or self.prune is not None or options.keep.active):
+        if self.static_groups is True and (self.base_method != "gptq" or self.prune is not None or options.keep.active):
             raise ValueError("--static-groups is a GPTQ option that does not combine with --prune or --outliers")
         if self.prune is not None and options.keep.active:
             raise ValueError("--outliers/--outlier-threshold do not combine with --prune; use one or the other")
@@ -129,12 +142,35 @@ class ConvertOptions:
             raise ValueError(f"--smooth/--act-static do not combine with --method {self.method} (both fold "
                              "scales into the norms); use --method rtn or gptq")
         check_smoothquant(self.smooth, self.act_static, self.act_calib, main)
+        self._check_qat(options, main)
         if self.allocating:
             self._check_allocation(options)
         if options.keep.active and not main.quantized:
             raise ValueError(f"--outliers/--outlier-threshold keep weights beside a quantized part; "
                              f"{main.name} is not quantized (use e.g. int4-g64 or int8)")
         return options
+
+    def _check_qat(self, options: "ConvertOptions", main: Scheme) -> None:
+        qat_fields = {f: getattr(self, f) for f in ("qat_init", "qat_epochs", "qat_lr", "qat_weight_lr",
+                                                     "qat_samples", "qat_batch", "e2e_steps", "e2e_lr", "e2e_batch")}
+        if self.method != "qat":
+            changed = [f for f, v in qat_fields.items() if v != getattr(ConvertOptions, f)]
+            if changed:
+                raise ValueError(f"--{changed[0].replace('_', '-')} is an option of --method qat")
+            return
+        if self.qat_init not in QAT_INITS:
+            raise ValueError(f"--qat-init {self.qat_init!r}; expected one of {', '.join(QAT_INITS)}")
+        if self.qat_epochs < 0 or self.e2e_steps < 0 or min(self.qat_batch, self.e2e_batch) < 1:
+            raise ValueError("--qat-epochs and --e2e-steps must be >= 0, the batches >= 1")
+        if min(self.qat_lr, self.qat_weight_lr, self.e2e_lr) < 0:
+            raise ValueError("QAT learning rates must be >= 0")
+        if self.qat_samples is not None and self.qat_samples < 1:
+            raise ValueError("--qat-samples must be at least 1")
+        if self.prune is not None or options.smoothquant:
+            raise ValueError("--method qat trains dense weight-only grids; it does not combine with --prune, "
+                             "--smooth or --act-static")
+        if not self.allocating and (not main.quantized or KINDS[main.kind].nf4 or main.act_bits):
+            raise ValueError(f"--method qat trains uniform integer grids; use int2..int8 schemes, not {main.name}")
 
     def _check_allocation(self, options: "ConvertOptions") -> None:
         if self.target_bpw is not None and self.max_kl is not None:
@@ -191,7 +227,18 @@ class ConvertOptions:
         (README): better than a stored permutation on both corpora, at int4-g64 and at a budget."""
         if self.static_groups is not None:
             return self.static_groups
-        return self.method == "gptq" and self.gptq_act_order and not self.keep.active
+        return self.base_method == "gptq" and self.gptq_act_order and not self.keep.active
+
+    @property
+    def base_method(self) -> str:
+        """The post-training method that rounds the weights: method, or qat's init."""
+        return self.qat_init if self.method == "qat" else self.method
+
+    @property
+    def qat(self) -> QatOptions:
+        """Method qat's training options."""
+        return QatOptions(self.qat_epochs, self.qat_lr, self.qat_weight_lr, self.qat_samples, self.qat_batch,
+                          self.e2e_steps, self.e2e_lr, self.e2e_batch, self.seed)
 
     @property
     def keep(self) -> KeepOptions:
