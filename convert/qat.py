@@ -402,15 +402,14 @@ def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, d
     toks = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=device)
     train, held = _split(toks.shape[0])
 
-    def run_layer(i: int, x: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
+    def run_layer(i: int, x: torch.Tensor) -> torch.Tensor:
         w = {k: (v.weight() if isinstance(v, FrozenGrid) else v) for k, v in layers[i].items()}
         return layer_forward(x, w, args, rope, i)
 
     def loss_of(idx: list[int], grad: bool) -> torch.Tensor:
         x = embed(emb, toks[idx], args)
         for i in range(args.n_layers):
-            scales = [v.scale for v in layers[i].values() if isinstance(v, FrozenGrid)]
-            x = checkpoint(run_layer, i, x, *scales, use_reentrant=False) if grad else run_layer(i, x)
+            x = checkpoint(run_layer, i, x, use_reentrant=False) if grad else run_layer(i, x)
         logits = head_logits(rms_norm(x, norm, args.norm_eps), head, args)
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), toks[idx][:, 1:].reshape(-1))
 
@@ -419,7 +418,6 @@ def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, d
             return float(np.mean([float(loss_of(held[i:i + 1], False)) for i in range(len(held))]))
 
     params = [f.scale for f in frozen.values()]
-    start = [p.detach().clone() for p in params]
     before = held_out()
     gen = torch.Generator().manual_seed(opts.seed)
     opt = torch.optim.AdamW(params, lr=opts.e2e_lr, weight_decay=0.0)
@@ -447,10 +445,7 @@ def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, d
     after = held_out()
     print(f"e2e-qp: held-out loss {before:.4f} -> {after:.4f} over {len(held)} windows"
           + ("" if after < before else " (kept the Block-AP scales)"), file=sys.stderr)
-    if not after < before:
-        with torch.no_grad():
-            for p, v in zip(params, start):
-                p.copy_(v)
+    if not after < before:  # the items still hold Block-AP's scales
         return items
     out = []
     for p, t, stats in items:
