@@ -57,8 +57,8 @@ class QatOptions:
     weight_lr: float = 3e-4
     samples: int | None = None
     batch: int = 2
-    e2e_steps: int = 0
-    e2e_lr: float = 1e-5
+    e2e_steps: int = 48
+    e2e_lr: float = 5e-5
     e2e_batch: int = 2
     seed: int = 0
 

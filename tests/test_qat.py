@@ -169,7 +169,8 @@ def test_block_ap_keeps_the_init_when_training_cannot_help():
         assert np.array_equal(trained[n].dequantize(), stored[n].dequantize())
 
 
-QAT = dict(method="qat", calib="pydoc", calib_samples=16, calib_seqlen=32, progress=False, force=True)
+# E2E-QP off unless a test turns it on: the tests check each phase on its own
+QAT = dict(method="qat", calib="pydoc", calib_samples=16, calib_seqlen=32, progress=False, force=True, e2e_steps=0)
 
 
 def _arrays(path) -> dict[str, dict[str, np.ndarray]]:
@@ -195,7 +196,7 @@ def test_qat_conversion_is_seeded(tiny_checkpoint, tmp_path):
 def test_e2e_qp_changes_only_the_scales(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint()
     convert(src, tmp_path / "a.qbin", "int3-g64", **QAT)
-    convert(src, tmp_path / "b.qbin", "int3-g64", **QAT, e2e_steps=8, e2e_lr=1e-3)
+    convert(src, tmp_path / "b.qbin", "int3-g64", **dict(QAT, e2e_steps=8, e2e_lr=1e-3))
     base, e2e = _arrays(tmp_path / "a.qbin"), _arrays(tmp_path / "b.qbin")
     scales_moved = 0
     for name, arrays in base.items():
@@ -210,7 +211,7 @@ def test_e2e_qp_changes_only_the_scales(tiny_checkpoint, tmp_path):
 def test_qat_with_outliers_keeps_the_init_sidecars(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint()
     kw = dict(QAT, calib_samples=32, outliers=0.01, qat_lr=1e-3, qat_weight_lr=1e-2)
-    convert(src, tmp_path / "a.qbin", "int3-g64", **kw, e2e_steps=4, e2e_lr=1e-3)
+    convert(src, tmp_path / "a.qbin", "int3-g64", **dict(kw, e2e_steps=4, e2e_lr=1e-3))
     convert(src, tmp_path / "g.qbin", "int3-g64", **dict(kw, qat_epochs=0))
     trained, init = QbinReader(tmp_path / "a.qbin"), QbinReader(tmp_path / "g.qbin")
     names = [n for n in init.names() if "outlier_values" in init.get(n).arrays]
@@ -225,7 +226,7 @@ def test_qat_file_runs_in_the_runtime(tiny_checkpoint, tmp_path):
     import qformat
 
     path = tmp_path / "q.qbin"
-    convert(tiny_checkpoint(), path, "int4-g64", **QAT, qat_init="rtn", e2e_steps=2)
+    convert(tiny_checkpoint(), path, "int4-g64", **dict(QAT, qat_init="rtn", e2e_steps=2))
     model = qformat.load(path, threads=1)
     assert len(list(model.generate("Numbers:", max_tokens=4))) >= 1
     assert "qat(init=rtn" in QbinReader(path).provenance.method
