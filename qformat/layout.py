@@ -79,11 +79,14 @@ def tensor_stub(name: str, meta: dict) -> Tensor:
     )
 
 
+MAX_GROUP = 1 << 31  # kernels index a group's columns with 32-bit offsets
+
+
 def _check_quant_meta(name: str, t: Tensor) -> None:
     if len(t.shape) != 2:
         raise ValueError(f"tensor {name!r}: quantized tensors are 2-D (out, in), got shape {list(t.shape)}")
-    if not _is_count(t.group_size) or t.group_size == 0:
-        raise ValueError(f"tensor {name!r}: group_size {t.group_size!r} must be a positive integer")
+    if not _is_count(t.group_size) or not 0 < t.group_size < MAX_GROUP:
+        raise ValueError(f"tensor {name!r}: group_size {t.group_size!r} must be an integer in 1..{MAX_GROUP - 1}")
     if not isinstance(t.symmetric, bool):
         raise ValueError(f"tensor {name!r}: symmetric must be true or false")
     if t.sparsity is not None:

@@ -7,6 +7,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from qformat.kernels import device_ops
+from qformat.errors import QbinError
 from qformat.reader import QbinReader
 
 from .chat import Conversation, render_chat
@@ -30,8 +31,9 @@ class Model:
         self.device = device
         info = reader.tokenizer
         if info is None:
-            raise ValueError(f"{reader.path}: the file has no tokenizer; re-convert it with its tokenizer files")
-        self.tokenizer = Tokenizer(info, reader.raw_bytes(info.tensor), bos_id=self.args.bos_token_id)
+            raise QbinError(reader.path, "the file has no tokenizer; re-convert it with its tokenizer files")
+        self.tokenizer = Tokenizer(info, reader.raw_bytes(info.tensor), bos_id=self.args.bos_token_id,
+                                   source=reader.path)
         self.tokenizer.selftest(reader.path)
         self.transformer = Transformer(reader, device, context, kv_blocks=kv_blocks)
         self.engine = Engine(self.transformer, self.tokenizer, max_batch=1)
@@ -81,13 +83,13 @@ class Model:
 
     def render_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Messages ([{"role", "content"}]) rendered with the file's chat template; ValueError
-        without one, jinja2's TemplateError when it fails to render."""
+        without one, QbinError when it fails to render."""
         if not self.chat_template:
             raise ValueError(f"{self.reader.path}: the file has no chat template; use a plain prompt")
         tok = self.tokenizer
         bos = tok.decode([self.args.bos_token_id], skip_special=False) if self.args.bos_token_id is not None else ""
         eos = tok.decode([self.eos_ids[0]], skip_special=False) if self.eos_ids else ""
-        return render_chat(self.chat_template, messages, bos, eos, add_generation_prompt)
+        return render_chat(self.chat_template, messages, bos, eos, add_generation_prompt, source=self.reader.path)
 
     def chat(self, conversation: Conversation, user: str, **kwargs) -> Iterator[str]:
         """Add a user turn, stream the assistant's answer, and append it to the conversation."""

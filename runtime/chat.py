@@ -3,20 +3,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qformat.errors import QbinError
+
+
+MAX_RENDERED = 1 << 20  # characters a product or a rendered template may reach (templates come with files)
+
 
 def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True) -> str:
-    """Render `messages` ([{"role", "content"}]) with a Hugging Face chat template."""
-    from jinja2 import TemplateError
+                add_generation_prompt: bool = True, source: object = "chat template") -> str:
+    """Render `messages` ([{"role", "content"}]) with a Hugging Face chat template, in jinja2's
+    sandbox. A template that does not parse, raises (raise_exception) or runs past the sandbox's
+    limits gives one QbinError naming `source` (the qbin's path)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
-        raise TemplateError(message)
+    class Refused(Exception):
+        pass
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def raise_exception(message):
+        raise Refused(message)
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            # "a" * 10**9 or 9**9**9 would hold the process for minutes or gigabytes
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise Refused(f"exponent {right} is beyond the template sandbox's limit of 64")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED:
+                        raise Refused(f"a product of {len(seq) * n} items is beyond the template sandbox's limit")
+            return super().call_binop(context, operator, left, right)
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                            add_generation_prompt=add_generation_prompt)
+    try:
+        text = env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                                add_generation_prompt=add_generation_prompt)
+    except Refused as e:
+        raise QbinError(source, f"the chat template refuses these messages: {e}") from None
+    except (Exception, RecursionError) as e:  # jinja2's errors, and Python's from inside the template
+        raise QbinError(source, f"the chat template fails ({type(e).__name__}: {str(e)[:200]}); "
+                                "fix the file's chat_template or pass a plain prompt") from None
+    if len(text) > MAX_RENDERED:
+        raise QbinError(source, f"the chat template rendered {len(text)} characters, beyond {MAX_RENDERED}")
+    return text
 
 
 @dataclass

@@ -13,23 +13,33 @@ from qformat.errors import QbinError
 class Tokenizer:
     """encode(text) -> ids, decode(ids) -> text, stream() -> StreamDecoder."""
 
-    def __init__(self, info: TokenizerInfo, data: bytes, bos_id: int | None = None):
+    def __init__(self, info: TokenizerInfo, data: bytes, bos_id: int | None = None,
+                 source: object = "tokenizer"):
+        """source: what the bytes came from (the qbin's path), named by the QbinError a tokenizer
+        that does not load raises."""
         self.info = info
         self.bos_id = bos_id
         self.kind = info.kind
         self.data = bytes(data)  # the file's tokenizer, as stored
-        if info.kind == "hf-json":
-            from tokenizers import Tokenizer as HfTokenizer
+        self._hf = self._sp = None
+        if info.kind not in ("hf-json", "sentencepiece"):
+            raise QbinError(source, f"unknown tokenizer kind {info.kind!r} (known: hf-json, sentencepiece)")
+        try:
+            if info.kind == "hf-json":
+                from tokenizers import Tokenizer as HfTokenizer
 
-            self._hf = HfTokenizer.from_str(data.decode("utf-8"))
-            self._sp = None
-        elif info.kind == "sentencepiece":
-            import sentencepiece
+                self._hf = HfTokenizer.from_str(self.data.decode("utf-8"))
+            else:
+                import sentencepiece
 
-            self._sp = sentencepiece.SentencePieceProcessor(model_proto=data)
-            self._hf = None
-        else:
-            raise ValueError(f"unknown tokenizer kind {info.kind!r} (known: hf-json, sentencepiece)")
+                self._sp = sentencepiece.SentencePieceProcessor(model_proto=self.data)
+            self.decode(self.encode("Hello, world", add_bos=False))  # an empty model loads, then fails here
+        except BaseException as e:
+            # the libraries raise their own types, and a Rust panic is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise QbinError(source, f"the stored {info.kind} tokenizer does not load ({type(e).__name__}: "
+                                    f"{str(e)[:200]}); re-convert the file from its checkpoint") from None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; a BOS id is prepended when add_bos (default: the file's setting)."""

@@ -8,6 +8,8 @@ widened to f32, and the q4 n:m tile layout).
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
@@ -19,6 +21,10 @@ from .threads import run_tasks
 # fastmath lets LLVM reassociate the float reductions (that is what vectorizes the inner loops);
 # it is restricted to the flags that only change summation order, not NaN/inf handling.
 FAST = {"reassoc", "contract", "nsz", "arcp"}
+# Numba cannot raise from its worker threads (numba#9380: a bounds check that fails in a prange
+# body leaves garbage and a SystemError); with NUMBA_BOUNDSCHECK=1 the kernels run serially, so
+# that an index out of bounds is an IndexError (the decode fuzzer, tests/fuzz/fuzz.py).
+PARALLEL = os.environ.get("NUMBA_BOUNDSCHECK", "") != "1"
 
 
 def half_table() -> np.ndarray:

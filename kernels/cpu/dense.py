@@ -13,13 +13,13 @@ from numba import njit, prange
 
 from qformat.schemes import Tensor
 
-from .base import FAST, IN, ROWS, CODES, CODE_BYTES, GROUP, LinearBase, new_row
+from .base import FAST, PARALLEL, IN, ROWS, CODES, CODE_BYTES, GROUP, LinearBase, new_row
 
 BLOCK = 16
 _F16_RESCALE = np.float32(2.0 ** 112)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def gemv_f32(w, x, out):
     """out = w @ x for float32 w (rows, k)."""
     rows, k = w.shape
@@ -30,7 +30,7 @@ def gemv_f32(w, x, out):
         out[r] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def gemv_f16(w, x, out):
     """out = w @ x for float16 w given as its uint16 bits (rows, k)."""
     rows, k = w.shape
@@ -48,7 +48,7 @@ def gemv_f16(w, x, out):
             out[r] = acc * _F16_RESCALE
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def gemv_bf16(w, x, out):
     """out = w @ x for bfloat16 w given as its uint16 bits (rows, k)."""
     rows, k = w.shape
@@ -65,7 +65,7 @@ def gemv_bf16(w, x, out):
             out[r] = acc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def widen16_rows(w, is_bf16, rows, out):
     """out[i] = float32 of 16-bit row rows[i] of w (uint16 bits of f16 or bf16)."""
     k = w.shape[1]

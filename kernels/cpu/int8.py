@@ -29,7 +29,7 @@ from qformat.schemes import Tensor
 
 from . import gemm_vnni
 from ..layouts import w8a8_static
-from .base import ACT, ACT_SCALE, H2F, LinearBase, Sidecars, grouped_row
+from .base import ACT, ACT_SCALE, H2F, PARALLEL, LinearBase, Sidecars, grouped_row
 from .features import VNNI
 from .grouped import GroupQuantOp
 from .sparse import SparseGroupQuantOp
@@ -88,7 +88,7 @@ def _dot_u8i8(crow, arow, k):
     return acc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def gemv_w8a8(codes, scales, zeros, has_zeros, h2f, xq, d, asum, k, out):
     """out (rows,) = W @ x for per-row q8 codes (rows, ≥k) and one token's int8 codes xq (k,)."""
     rows = codes.shape[0]
@@ -125,7 +125,7 @@ def _finish(s, z, d_i, asum_i, dot):
     return s * d_i * np.float32(dot - z * asum_i)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def gemm_w8a8(codes, scales, zeros, has_zeros, h2f, xq, d, asum, k, out):
     """out (n, rows) = x @ W.T for per-row q8 codes and n tokens' int8 codes xq (n, k).
 
@@ -214,7 +214,7 @@ def _tail_dot(crow, arow, j0, k):
     return acc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def gemv_w8a8_vnni(codes, scales, zeros, has_zeros, h2f, xq, d, asum, k, out):
     """gemv_w8a8 through vpdpbusd (AVX512-VNNI CPUs only), two rows per step."""
     rows = codes.shape[0]
@@ -234,7 +234,7 @@ def gemv_w8a8_vnni(codes, scales, zeros, has_zeros, h2f, xq, d, asum, k, out):
             out[r1] = h2f[scales[r1, 0]] * d * np.float32(d1 - z1 * asum)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def gemm_w8a8_vnni(codes, scales, zeros, has_zeros, h2f, xq, d, asum, k, out):
     """gemm_w8a8 through vpdpbusd (AVX512-VNNI CPUs only): 2 rows x 2 tokens per step."""
     rows = codes.shape[0]

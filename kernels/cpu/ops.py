@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .base import FAST
+from .base import FAST, PARALLEL
 from .threads import run_row_chunks, run_tasks
 
 # Queries per prefill-attention task: small blocks skip more of the causally masked keys.
@@ -87,7 +87,7 @@ def softcap(x, cap):
             x[i, j] = cap * np.tanh(x[i, j] * inv)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def attention_decode(q, k_cache, v_cache, slots, starts, stops, scale, softcap, out):
     """One query token of each of B sequences against its own cached keys.
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .base import FAST, NF4_TABLE
+from .base import FAST, PARALLEL, NF4_TABLE
 
 
 @njit(cache=True, fastmath=FAST)
@@ -151,7 +151,7 @@ def dot_bits(cg, xg, plen, bits):
 # Full groups and the partial tail group are separate loops so that the full-group trip count is
 # loop-invariant (that is what vectorizes).
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def gemv_q8(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
     """out = W @ x for 8-bit codes (one byte per element)."""
     rows, n_groups = scales.shape
@@ -174,7 +174,7 @@ def gemv_q8(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
         out[r] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def gemv_q4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
     """out = W @ x for 4-bit codes: byte j = element j | element S+j << 4."""
     rows, n_groups = scales.shape
@@ -197,7 +197,7 @@ def gemv_q4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
         out[r] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def gemv_q2(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
     """out = W @ x for 2-bit codes: byte j holds element j of four slices."""
     rows, n_groups = scales.shape
@@ -220,7 +220,7 @@ def gemv_q2(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
         out[r] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def gemv_q3(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
     """out = W @ x for 3-bit codes: a 2-bit plane then a 1-bit plane."""
     rows, n_groups = scales.shape
@@ -243,7 +243,7 @@ def gemv_q3(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
         out[r] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def _gemv_planes(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, bits, out):
     """out = W @ x for `bits`-bit codes stored in two planes (5 = 4+1, 6 = 4+2), float x."""
     rows, n_groups = scales.shape
@@ -276,7 +276,7 @@ def gemv_q6(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
     _gemv_planes(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, 6, out)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def gemv_nf4(codes, scales, zeros, has_zeros, h2f, xp, xs, k, group, out):
     """out = W @ x for NF4 codes (4-bit layout, value = scale * NF4_LEVELS[code]); zeros unused."""
     rows, n_groups = scales.shape
@@ -453,7 +453,7 @@ def _nibble_inputs(xq, k, group, bits, vnni):
     return np.zeros(1, np.int8), np.zeros(1, np.int8)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def gemv_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, out):
     """out = W @ x for `bits`-bit codes (2 to 6) and x quantized by `quantize_x` (xq, d, sums);
     group % 8 == 0. Groups of a multiple of 64 columns on group_vnni.rows (AVX512-VNNI CPUs);
@@ -579,7 +579,7 @@ def _scale_dots(dots, scales, zeros, has_zeros, h2f, d, sums, r, split, mid, acc
         out[t, r] = acc[t] + rest[t]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def gemm_rows_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, out):
     """out (n, rows) = W @ x_t for n tokens quantized by `quantize_x` (xq (n, n_groups, P), d and
     sums (n, n_groups)): a few tokens at once (batched decode), the weights read from memory once
@@ -694,7 +694,7 @@ def deq6(cg, og, plen, s, z):
 # (P = padded group length); columns past a group's real length hold s * (0 - z) and must meet
 # zeros in the activations (see pad_rows). Written out per width for the reason given above.
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def dequant_q8(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
     """Rows `rows` of 8-bit codes to float32 (len(rows), n_groups * P), padded layout."""
     n_groups = scales.shape[1]
@@ -714,7 +714,7 @@ def dequant_q8(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
                   plen, h2f[scales[r, g]], z)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def dequant_q4(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
     """Rows `rows` of 4-bit codes to float32 (len(rows), n_groups * P), padded layout."""
     n_groups = scales.shape[1]
@@ -734,7 +734,7 @@ def dequant_q4(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
                   plen, h2f[scales[r, g]], z)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def dequant_q2(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
     """Rows `rows` of 2-bit codes to float32 (len(rows), n_groups * P), padded layout."""
     n_groups = scales.shape[1]
@@ -754,7 +754,7 @@ def dequant_q2(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
                   plen, h2f[scales[r, g]], z)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def dequant_q3(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
     """Rows `rows` of 3-bit codes to float32 (len(rows), n_groups * P), padded layout."""
     n_groups = scales.shape[1]
@@ -774,7 +774,7 @@ def dequant_q3(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
                   plen, h2f[scales[r, g]], z)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def _dequant_planes(codes, scales, zeros, has_zeros, h2f, k, group, bits, rows, out):
     """Rows `rows` of 5- or 6-bit codes to float32 (len(rows), n_groups * P), padded layout."""
     n_groups = scales.shape[1]
@@ -810,7 +810,7 @@ def dequant_q6(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
     _dequant_planes(codes, scales, zeros, has_zeros, h2f, k, group, 6, rows, out)
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def dequant_nf4(codes, scales, zeros, has_zeros, h2f, k, group, rows, out):
     """Rows of NF4 codes to float32, padded layout (padding columns hold s * NF4[0])."""
     n_groups = scales.shape[1]

@@ -30,7 +30,7 @@ from qformat.packing import pack_codes, padded_len
 from qformat.schemes import KINDS, Tensor, unpack_nm_index
 
 from . import nm_vnni, quant
-from .base import (CODE_BITS, CODE_BYTES, CODES, FAST, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_GROUPS, N_TILES,
+from .base import (PARALLEL, CODE_BITS, CODE_BYTES, CODES, FAST, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_GROUPS, N_TILES,
                    NF4_TABLE, NM_INDEX, NM_INDEX_BYTES, NM_M, NM_N, NM_TILE, ROWS, SCALES, ZEROS, LinearBase,
                    Sidecars, new_row)
 from .features import VNNI_VBMI
@@ -266,7 +266,7 @@ TILES_N4 = nm_vnni.tiles_n4 if NM4_VNNI else _tiles_n4
 NM4_TABLES = 1 if NM4_VNNI else 0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def gemv_nm_q4_q8act(codes, scales, zeros, has_zeros, h2f, index, x, k, group, n, m, out):
     """out = W @ x for an n:m sparse q4 weight (m = 4 or 8) in the tile layout (tiled_q4's codes
     and positions, tile_rows of the scales' uint16 bits and of the zeros); x float32 (k,) in stored
@@ -293,7 +293,7 @@ def gemv_nm_q4_q8act(codes, scales, zeros, has_zeros, h2f, index, x, k, group, n
             _tiles_n8(codes, scales, zeros, has_zeros, h2f, index, cand, d, b0, b1, out, iscratch[i], fscratch[i])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def dequant_tiles_q4(codes, scales, zeros, has_zeros, h2f, index, k, group, n, m, ids, out):
     """out (len(ids), k) float32: dense rows `ids` (stored column order, pruned columns zero) of
     an n:m sparse q4 weight in the tile layout (the prefill path)."""
@@ -351,7 +351,7 @@ def _gather_row(irow, x, k, group, n, m, pc, xk, xs):
         xs[g] = s
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def gemv_nm(bits, nf4, codes, scales, zeros, has_zeros, h2f, index, x, k, group, n, m, out):
     """out = W @ x for an n:m sparse grouped weight of any kind (bits 8/6/5/4/3/2, nf4), float x (k,)
     in stored column order. `index`: planar_index's layout."""
@@ -385,7 +385,7 @@ def gemv_nm(bits, nf4, codes, scales, zeros, has_zeros, h2f, index, x, k, group,
 # ---------------------------------------------------------------------------- prefill
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=PARALLEL)
 def scatter_rows(vals, index, k, group, n, m, ids, out):
     """vals (len(ids), n_groups * Pc) dequantized kept values in the padded compressed layout ->
     out (len(ids), k) float32 dense rows (zeros where pruned)."""

@@ -1,0 +1,86 @@
+"""The fuzzers of tests/fuzz/ in short seeded passes (the long runs: README, Reliability), every
+input they ever found replayed, and the limits those findings led to."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qbin_testutil import rewrite_header, write_sample
+from qformat import QbinError, QbinReader
+from qformat.config import TokenizerInfo
+from qformat.runtime.chat import render_chat
+from qformat.runtime.tokenizer import Tokenizer
+
+FUZZ = Path(__file__).resolve().parent / "fuzz"
+pytest.importorskip("atheris")
+sys.path.insert(0, str(FUZZ))
+from fuzz import Targets  # noqa: E402
+from seeds import TEMPLATES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    work = tmp_path_factory.mktemp("fuzz")
+    subprocess.run([sys.executable, str(FUZZ / "fuzz.py"), "reader", "--seeds-only", "--work", str(work)],
+                   check=True, capture_output=True)
+    return work
+
+
+@pytest.mark.parametrize("target, runs", [("reader", 3000), ("tokenizer", 3000), ("template", 3000)])
+def test_short_fuzz_pass_finds_nothing(work, target, runs):
+    run = subprocess.run([sys.executable, str(FUZZ / "fuzz.py"), target, "--runs", str(runs), "--seed", "1",
+                          "--work", str(work)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"Done {runs} runs" in run.stderr
+
+
+def test_every_input_found_replays_cleanly(tmp_path):
+    targets = Targets(tmp_path)
+    found = sorted((FUZZ / "regressions").glob("*/*"))
+    assert found
+    for path in found:
+        getattr(targets, path.parent.name)(path.read_bytes())
+
+
+def test_group_size_past_32_bits_is_refused(tmp_path):
+    base, _ = write_sample(tmp_path / "s.qbin")
+
+    def huge(h):
+        h["tensors"]["layers.0.ffn.w3"]["group_size"] = 2**64 + 1
+
+    with pytest.raises(QbinError, match="group_size"):
+        QbinReader(rewrite_header(base, huge, out=tmp_path / "bad.qbin"))
+
+
+def test_a_tokenizer_that_loads_empty_is_refused():
+    with pytest.raises(QbinError, match="sentencepiece tokenizer does not load"):
+        Tokenizer(TokenizerInfo("sentencepiece", "tokenizer"), b"", source="x.qbin")
+    with pytest.raises(QbinError, match="hf-json tokenizer does not load"):
+        Tokenizer(TokenizerInfo("hf-json", "tokenizer"), b"\xff{", source="x.qbin")
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("{{ 'a' * 10**9 }}", "limit"),
+    ("{{ 10 ** 100000000 }}", "exponent"),
+    ("{% for a in range(2000) %}{% for b in range(2000) %}xx{% endfor %}{% endfor %}", "rendered"),
+    ("{{ raise_exception('roles must alternate') }}", "refuses these messages: roles must alternate"),
+    ("{% for %}", "TemplateSyntaxError"),
+    ("{{ messages.__class__.__mro__ }}", "fails"),
+])
+def test_chat_templates_past_the_sandbox_are_one_error(template, needle):
+    started = time.perf_counter()
+    with pytest.raises(QbinError, match=needle):
+        render_chat(template, [{"role": "user", "content": "hi"}], source="x.qbin")
+    assert time.perf_counter() - started < 5
+
+
+def test_templates_people_ship_still_render():
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for template in TEMPLATES:
+        assert "hi" in render_chat(template, messages, "<s>", "</s>")
+    np.testing.assert_equal(render_chat("{{ 2 ** 10 }}{{ 'ab' * 3 }}", []), "1024ababab")
