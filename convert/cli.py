@@ -1,6 +1,7 @@
 """qconvert: the command line over qformat.convert.convert(). It parses, validates and calls."""
 from __future__ import annotations
 
+import errno
 import shlex
 import sys
 from pathlib import Path
@@ -41,10 +42,10 @@ class OneLineCommand(click.Command):
             if standalone_mode:
                 sys.exit(2)
             raise
-        except click.Abort:
+        except click.Abort as e:  # click's form of Ctrl-C: 130 as a shell reports SIGINT
             click.echo("Aborted.", err=True)
             if standalone_mode:
-                sys.exit(1)
+                sys.exit(130 if isinstance(e.__context__, KeyboardInterrupt) else 1)
             raise
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
@@ -225,7 +226,12 @@ def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:
                              command=shlex.join((ctx.obj or {}).get("argv", ["qconvert"])))
     try:
         report = convert(src, dst, options=options)
-    except (ValueError, OSError) as e:  # ConvertError, CheckpointError, QbinError, missing files
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # the writer has removed its partial files
+            raise InputError(f"{dst}: {e.strerror} while writing; nothing was written. Free space on its disk "
+                             "(or raise the file-size limit) and run the conversion again") from None
+        raise InputError(str(e)) from None
+    except ValueError as e:  # ConvertError, CheckpointError, QbinError
         raise InputError(str(e)) from None
     if options.dry_run:
         for line in report.plan_lines():

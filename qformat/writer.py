@@ -141,10 +141,14 @@ class QbinWriter:
         if self.stage is Stage.FINISHED:
             return
         self.stage = Stage.ABORTED
-        self._scratch.close()
-        self._scratch_path.unlink(missing_ok=True)
-        if self._final_tmp is not None:
-            self._final_tmp.unlink(missing_ok=True)
+        try:
+            self._scratch.close()  # flushes, so on a full disk it raises again
+        except OSError:
+            pass
+        finally:
+            self._scratch_path.unlink(missing_ok=True)
+            if self._final_tmp is not None:
+                self._final_tmp.unlink(missing_ok=True)
 
     def _require(self, stage: Stage, what: str) -> None:
         if self.stage is not stage:

@@ -193,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: every bad input is one line on stderr and exit status 2."""
     try:
         cli.main(args=argv, prog_name="qrun", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("qrun: aborted", err=True)
-        sys.exit(1)
+    except click.exceptions.Abort as e:  # click's form of Ctrl-C (and of EOF at a prompt)
+        interrupted = isinstance(e.__context__, KeyboardInterrupt)
+        click.echo("qrun: interrupted" if interrupted else "qrun: aborted", err=True)
+        sys.exit(130 if interrupted else 1)
     except click.ClickException as e:
         click.echo(f"qrun: {e.format_message()}", err=True)
         sys.exit(EXIT_BAD_INPUT)

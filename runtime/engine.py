@@ -183,7 +183,7 @@ class Engine:
         if request.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {request.max_tokens}")
         pool = self.model.pool
-        if -(-len(ids) // pool.block_size) + 1 > pool.n_blocks:
+        if -(-(len(ids) + 1) // pool.block_size) > pool.n_blocks:  # the prompt and one answer, as admission counts
             raise ValueError(f"prompt of {len(ids)} tokens needs more KV blocks than the pool's {pool.n_blocks}")
         constraint = self.token_grammar().constraint(request.grammar) if request.grammar else None
         seq = Sequence(request, self.model.new_sequence(), self.tokenizer, next(self.ids))
