@@ -146,8 +146,9 @@ def check_sidecar_values(t: Tensor) -> None:
         ptr = a["outlier_rowptr"]
         if ptr[0] != 0 or ptr[-1] != a["outlier_cols"].shape[0] or np.any(np.diff(ptr) < 0):
             raise ValueError(f"tensor {t.name!r}: outlier_rowptr must rise from 0 to the number of outliers")
-        if a["outlier_cols"].size and int(a["outlier_cols"].max()) >= k:
-            raise ValueError(f"tensor {t.name!r}: an outlier column is >= in_features {k}")
+        cols = a["outlier_cols"]
+        if cols.size and (int(cols.min()) < 0 or int(cols.max()) >= k):
+            raise ValueError(f"tensor {t.name!r}: outlier columns must lie in 0..{k - 1}")
     if "fp_cols" in a and a["fp_cols"].size and (int(a["fp_cols"].min()) < 0 or int(a["fp_cols"].max()) >= k):
         raise ValueError(f"tensor {t.name!r}: fp_cols must lie in 0..{k - 1}")
     if t.sparsity is not None and "sparse_index" in a:

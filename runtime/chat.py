@@ -7,20 +7,34 @@ from qformat.errors import QbinError
 
 
 MAX_RENDERED = 1 << 20  # characters a product or a rendered template may reach (templates come with files)
+# jinja2's compiler takes superlinear time in the nesting ({{ x ++++...+ y }}: 200 levels, 2.6 s,
+# found by tests/fuzz/fuzz.py); real templates nest a few dozen levels
+MAX_DEPTH = 100
+
+
+def _depth(node) -> int:
+    """Levels of the template's syntax tree (iteratively: the tree may be deeper than the stack)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        stack.extend((child, d + 1) for child in node.iter_child_nodes())
+    return deepest
 
 
 def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
                 add_generation_prompt: bool = True, source: object = "chat template") -> str:
     """Render `messages` ([{"role", "content"}]) with a Hugging Face chat template, in jinja2's
     sandbox. A template that does not parse, raises (raise_exception) or runs past the sandbox's
-    limits gives one QbinError naming `source` (the qbin's path)."""
+    limits (MAX_DEPTH, MAX_RENDERED, exponents over 64) gives one QbinError naming `source` (the
+    qbin's path)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Refused(Exception):
         pass
 
     def raise_exception(message):
-        raise Refused(message)
+        raise Refused(f"the chat template refuses these messages: {message}")
 
     class Sandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**"])
@@ -28,25 +42,30 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_to
         def call_binop(self, context, operator, left, right):
             # "a" * 10**9 or 9**9**9 would hold the process for minutes or gigabytes
             if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-                raise Refused(f"exponent {right} is beyond the template sandbox's limit of 64")
+                raise Refused(f"the chat template's exponent {right} is past the sandbox's limit of 64")
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED:
-                        raise Refused(f"a product of {len(seq) * n} items is beyond the template sandbox's limit")
+                        raise Refused(f"the chat template's product of {len(seq) * n} items is past the "
+                                      f"sandbox's limit of {MAX_RENDERED}")
             return super().call_binop(context, operator, left, right)
 
     env = Sandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     try:
-        text = env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                                add_generation_prompt=add_generation_prompt)
+        tree = env.parse(template)
+        if _depth(tree) > MAX_DEPTH:
+            raise Refused(f"the chat template nests deeper than the sandbox's {MAX_DEPTH} levels")
+        text = env.from_string(tree).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                            add_generation_prompt=add_generation_prompt)
     except Refused as e:
-        raise QbinError(source, f"the chat template refuses these messages: {e}") from None
-    except (Exception, RecursionError) as e:  # jinja2's errors, and Python's from inside the template
+        raise QbinError(source, str(e)) from None
+    except Exception as e:  # jinja2's errors, and Python's from inside the template (RecursionError too)
         raise QbinError(source, f"the chat template fails ({type(e).__name__}: {str(e)[:200]}); "
                                 "fix the file's chat_template or pass a plain prompt") from None
     if len(text) > MAX_RENDERED:
-        raise QbinError(source, f"the chat template rendered {len(text)} characters, beyond {MAX_RENDERED}")
+        raise QbinError(source, f"the chat template rendered {len(text)} characters, past the sandbox's limit "
+                                f"of {MAX_RENDERED}")
     return text
 
 

@@ -14,7 +14,7 @@ def _tensor(kind: str):
     if kind == "sparse":
         return sparse_2of4("layers.0.ffn.w2", 8, 32, 16, "q4", False, rng)
     t = parse_scheme("int4-g16").quantize("layers.0.attn.wq", rng.standard_normal((8, 40)).astype(np.float32))
-    return {"perm": add_perm, "outliers": add_outliers, "fp": add_fp_cols}[kind](t, rng)
+    return {"perm": add_perm, "outliers": add_outliers, "outliers-negative": add_outliers, "fp": add_fp_cols}[kind](t, rng)
 
 
 def _break(t, kind: str) -> None:
@@ -24,6 +24,9 @@ def _break(t, kind: str) -> None:
         a["perm"][0] = a["perm"][1]  # a repeated channel
     elif kind == "outliers":
         a["outlier_cols"] = np.full_like(a["outlier_cols"], t.shape[1])  # past in_features
+    elif kind == "outliers-negative":  # a fuzzer's find: only the upper bound was checked
+        a["outlier_cols"] = a["outlier_cols"].copy()
+        a["outlier_cols"][0] = -16777179
     elif kind == "fp":
         a["fp_cols"] = a["fp_cols"].copy()
         a["fp_cols"][0] = -1
@@ -38,7 +41,7 @@ def _write(path, t) -> None:
         w.finish(**metadata())
 
 
-@pytest.mark.parametrize("kind", ["perm", "outliers", "fp", "sparse"])
+@pytest.mark.parametrize("kind", ["perm", "outliers", "outliers-negative", "fp", "sparse"])
 def test_writer_refuses_bad_sidecar(tmp_path, kind):
     t = _tensor(kind)
     _break(t, kind)
@@ -47,7 +50,7 @@ def test_writer_refuses_bad_sidecar(tmp_path, kind):
     assert not (tmp_path / "x.qbin").exists()
 
 
-@pytest.mark.parametrize("kind", ["perm", "outliers", "fp", "sparse"])
+@pytest.mark.parametrize("kind", ["perm", "outliers", "outliers-negative", "fp", "sparse"])
 def test_reader_refuses_bad_sidecar(tmp_path, kind):
     good = _tensor(kind)
     path = tmp_path / "x.qbin"
@@ -58,7 +61,8 @@ def test_reader_refuses_bad_sidecar(tmp_path, kind):
         offsets = {role: r.data_offset + e["offset"] for role, e in entry.items()}
     bad = _tensor(kind)
     _break(bad, kind)
-    role = {"perm": "perm", "outliers": "outlier_cols", "fp": "fp_cols", "sparse": "sparse_index"}[kind]
+    role = {"perm": "perm", "outliers": "outlier_cols", "outliers-negative": "outlier_cols", "fp": "fp_cols",
+            "sparse": "sparse_index"}[kind]
     raw = bytearray(path.read_bytes())
     data = np.ascontiguousarray(bad.arrays[role]).tobytes()
     raw[offsets[role]:offsets[role] + len(data)] = data  # same size, checksum not re-computed
