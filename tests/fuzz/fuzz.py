@@ -55,18 +55,9 @@ def seal(data: bytes) -> bytes:
     return PREAMBLE.pack(magic, major, minor, header_len, len(data), digest) + data[PREAMBLE_SIZE:]
 
 
-def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
-    """A structural mutation: one value of the JSON header replaced (a number nudged or made
-    extreme, a type swapped, a key dropped, a list grown), the rest of the file kept."""
-    from qformat.constants import PREAMBLE, PREAMBLE_SIZE
-
-    if len(data) < PREAMBLE_SIZE:
-        return None
-    magic, major, minor, header_len, _, _ = PREAMBLE.unpack_from(data)
-    try:
-        header = json.loads(data[PREAMBLE_SIZE:PREAMBLE_SIZE + header_len])
-    except ValueError:
-        return None
+def mutate_json(doc, rng: random.Random) -> bool:
+    """Replace one value inside the JSON document `doc` in place (a number nudged or made
+    extreme, a type swapped, a key dropped, a list grown or shortened); False if it has none."""
     slots = []
 
     def walk(node):
@@ -75,9 +66,9 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
             slots.append((node, key))
             walk(value)
 
-    walk(header)
+    walk(doc)
     if not slots:
-        return None
+        return False
     node, key = rng.choice(slots)
     value = node[key]
     choice = rng.randrange(8)
@@ -95,6 +86,22 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
         node[key] = value + value[:1] if rng.random() < 0.5 else value[:-1]
     elif isinstance(value, dict) and value:
         del value[rng.choice(list(value))]
+    return True
+
+
+def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
+    """A structural mutation of the JSON header (mutate_json), the rest of the file kept."""
+    from qformat.constants import PREAMBLE, PREAMBLE_SIZE
+
+    if len(data) < PREAMBLE_SIZE:
+        return None
+    magic, major, minor, header_len, _, _ = PREAMBLE.unpack_from(data)
+    try:
+        header = json.loads(data[PREAMBLE_SIZE:PREAMBLE_SIZE + header_len])
+    except ValueError:
+        return None
+    if not mutate_json(header, rng):
+        return None
     raw = json.dumps(header, allow_nan=True).encode()
     if rng.random() < 0.5:  # keep the data where it was (the header padded), or let it move
         pad = header_len - len(raw)
@@ -102,6 +109,22 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
             raw += b" " * pad
     rest = data[PREAMBLE_SIZE + header_len:]
     return PREAMBLE.pack(magic, major, minor, len(raw), 0, 0) + raw + rest
+
+
+def tokenizer_mutator(data: bytes, max_size: int, seed: int) -> bytes:
+    """Half the time one value of a tokenizer.json edited (mutate_json), else libFuzzer's own
+    mutations: bytes alone rarely stay JSON, and the parsers are native code libFuzzer cannot see."""
+    rng = random.Random(seed)
+    if data[:1] == b"\x00" and rng.random() < 0.5:
+        try:
+            doc = json.loads(data[1:])
+        except ValueError:
+            doc = None
+        if doc is not None and mutate_json(doc, rng):
+            out = b"\x00" + json.dumps(doc, ensure_ascii=False).encode()
+            if len(out) <= max_size:
+                return out
+    return atheris.Mutate(data, max_size)
 
 
 def mutate_data(data: bytes, rng: random.Random) -> bytes | None:
@@ -276,7 +299,7 @@ def main() -> None:
             "-timeout=2", "-rss_limit_mb=1024", f"-max_len={largest + 4096}", f"-artifact_prefix={artifacts}/",
             "-print_final_stats=1", *libfuzzer]
     # decode mutates the data only: header edits are the reader's (and nearly all are refused)
-    mutator = {"reader": qbin_mutator, "decode": data_mutator}.get(args.target)
+    mutator = {"reader": qbin_mutator, "decode": data_mutator, "tokenizer": tokenizer_mutator}.get(args.target)
     atheris.Setup(argv, target, custom_mutator=mutator)
     atheris.Fuzz()
 
