@@ -212,6 +212,8 @@ class XzKind(BytesKind):
         if len(t.shape) != 1:
             raise ValueError(f"tensor {t.name!r}: an xz tensor's shape is [length], not {list(t.shape)}")
         n = int(t.shape[0])
+        if n > MAX_XZ_BYTES:  # a fuzzer's find: a length past ssize_t overflowed the decoder
+            raise ValueError(f"tensor {t.name!r}: an xz tensor of {n} bytes is past the {MAX_XZ_BYTES}-byte limit")
         # the logical length bounds the output, so a corrupted stream cannot make us allocate more
         decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
         try:
@@ -222,6 +224,9 @@ class XzKind(BytesKind):
             raise ValueError(f"tensor {t.name!r}: xz stream decodes to {'more' if len(out) > n else 'less'} "
                              f"than the {n} bytes its shape records; the file is corrupted")
         return out
+
+
+MAX_XZ_BYTES = 1 << 30  # a stored file (a tokenizer) decompressed; real ones are a few MB
 
 
 def xz_tensor(name: str, data: bytes) -> Tensor:
