@@ -1,6 +1,7 @@
 """The file's chat template (Jinja, as transformers renders it) and a multi-turn conversation."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from qformat.errors import QbinError
@@ -22,19 +23,18 @@ def _depth(node) -> int:
     return deepest
 
 
-def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True, source: object = "chat template") -> str:
-    """Render `messages` ([{"role", "content"}]) with a Hugging Face chat template, in jinja2's
-    sandbox. A template that does not parse, raises (raise_exception) or runs past the sandbox's
-    limits (MAX_DEPTH, MAX_RENDERED, exponents over 64) gives one QbinError naming `source` (the
-    qbin's path)."""
+class _Refused(Exception):
+    """The template refused, or ran past a sandbox limit: its message is the whole problem."""
+
+
+def _raise_exception(message):
+    raise _Refused(f"the chat template refuses these messages: {message}")
+
+
+@functools.cache
+def _sandbox():
+    """The one sandboxed environment every render uses (jinja2 imported on first use)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Refused(Exception):
-        pass
-
-    def raise_exception(message):
-        raise Refused(f"the chat template refuses these messages: {message}")
 
     class Sandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**"])
@@ -42,23 +42,33 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_to
         def call_binop(self, context, operator, left, right):
             # "a" * 10**9 or 9**9**9 would hold the process for minutes or gigabytes
             if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-                raise Refused(f"the chat template's exponent {right} is past the sandbox's limit of 64")
+                raise _Refused(f"the chat template's exponent {right} is past the sandbox's limit of 64")
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED:
-                        raise Refused(f"the chat template's product of {len(seq) * n} items is past the "
-                                      f"sandbox's limit of {MAX_RENDERED}")
+                        raise _Refused(f"the chat template's product of {len(seq) * n} items is past the "
+                                       f"sandbox's limit of {MAX_RENDERED}")
             return super().call_binop(context, operator, left, right)
 
     env = Sandbox(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
+    env.globals["raise_exception"] = _raise_exception
+    return env
+
+
+def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
+                add_generation_prompt: bool = True, source: object = "chat template") -> str:
+    """Render `messages` ([{"role", "content"}]) with a Hugging Face chat template, in jinja2's
+    sandbox. A template that does not parse, raises (raise_exception) or runs past the sandbox's
+    limits (MAX_DEPTH, MAX_RENDERED, exponents over 64) gives one QbinError naming `source` (the
+    qbin's path)."""
+    env = _sandbox()
     try:
         tree = env.parse(template)
         if _depth(tree) > MAX_DEPTH:
-            raise Refused(f"the chat template nests deeper than the sandbox's {MAX_DEPTH} levels")
+            raise _Refused(f"the chat template nests deeper than the sandbox's {MAX_DEPTH} levels")
         text = env.from_string(tree).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
                                             add_generation_prompt=add_generation_prompt)
-    except Refused as e:
+    except _Refused as e:
         raise QbinError(source, str(e)) from None
     except Exception as e:  # jinja2's errors, and Python's from inside the template (RecursionError too)
         raise QbinError(source, f"the chat template fails ({type(e).__name__}: {str(e)[:200]}); "
