@@ -34,7 +34,7 @@ from .hf_tokenizer import read_tokenizer
 from .options import ConvertOptions
 from .outliers import KeepTally
 from .plan import ConvertError, plan, planned_sidecars, resolve_special, skipped
-from .provenance import CONVERTER, created_timestamp, file_sha256
+from .provenance import CONVERTER, SourceFiles, created_timestamp
 from .prune import magnitude_store, parse_pattern, plan_pruning
 from .report import ConvertReport, TensorReport
 from .rtn import BLOCK_ELEMENTS, QuantStats, quantize_weight
@@ -152,8 +152,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
     if options.dry_run and not options.allocating:
         return _dry_run(report, planned, prune_targets, tok.stored.nbytes, options, started)
 
-    files = [src / "config.json"] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files
-    source_files = {str(p.relative_to(src)): file_sha256(p) for p in sorted(set(files))}
+    sources = SourceFiles(src, [src / "config.json"] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files)
+    source_files = sources.sha256()
     calibration = None
     if options.calibrated:
         try:
@@ -209,6 +209,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
             tally.add(p.role, t)
             del t
         writer.add_tensor(tok.stored)
+        sources.check_unchanged()
         writer.finish(**finish, provenance=provenance)
     ckpt.close()
     if calibration is not None:

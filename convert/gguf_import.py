@@ -24,7 +24,7 @@ from qformat.writer import QbinWriter
 
 from .hf_tokenizer import TokenizerFiles, tokenizer_json_files
 from .plan import ConvertError
-from .provenance import CONVERTER, created_timestamp, file_sha256
+from .provenance import CONVERTER, SourceFiles, created_timestamp
 from .report import ConvertReport, TensorReport
 from .rtn import quantize_weight
 
@@ -361,6 +361,7 @@ def import_gguf(src: str | Path, dst: str | Path, scheme: str | None = None, *, 
     order = [(e, None) for e in T.TENSORS if not e.per_layer and e.role == "embed"]
     order += [(e, i) for i in range(args.n_layers) for e in T.TENSORS if e.per_layer]
     order += [(e, None) for e in T.TENSORS if not e.per_layer and e.role != "embed"]
+    sources = SourceFiles(path.parent, [path])
     with QbinWriter(dst, overwrite=force) as writer:
         for entry, layer in order:
             if not entry.present(args):
@@ -375,7 +376,8 @@ def import_gguf(src: str | Path, dst: str | Path, scheme: str | None = None, *, 
         method = f"gguf import: exact {described}" + (
             f"; requantized to {scheme}: " + ", ".join(f"{n} x{c}" for n, c in sorted(requantized.items()))
             if requantized else "")
-        provenance = Provenance(source=path.name, source_files={path.name: file_sha256(path)}, converter=CONVERTER,
+        sources.check_unchanged()
+        provenance = Provenance(source=path.name, source_files=sources.sha256(), converter=CONVERTER,
                                 command=command or f"qformat.convert.import_gguf({path.name!r}, {dst.name!r})",
                                 scheme="imported", method=method, created=created_timestamp())
         writer.add_tensor(tok.stored)

@@ -32,7 +32,7 @@ from .hf_config import architecture_of, generation_defaults, model_args
 from .hf_packing import awq_deinterleave, unpack_int32
 from .hf_tokenizer import read_tokenizer
 from .plan import ConvertError
-from .provenance import CONVERTER, created_timestamp, file_sha256
+from .provenance import CONVERTER, SourceFiles, created_timestamp
 from .report import ConvertReport, TensorReport
 
 
@@ -339,6 +339,7 @@ def import_hf_quantized(src: str | Path, dst: str | Path, *, force: bool = False
                            clip_search=False)
     worst = (0.0, "")
     quantized = 0
+    sources = SourceFiles(src, [src / "config.json"] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files)
     with QbinWriter(dst, overwrite=force) as writer:
         for entry, layer_index in T.file_order(args.n_layers, lambda e: e.present(args)):
             hf, name, role, shape = _RULES[entry].hf_name(layer_index), entry.name(layer_index), entry.role, entry.shape_of(args)
@@ -361,9 +362,9 @@ def import_hf_quantized(src: str | Path, dst: str | Path, *, force: bool = False
             writer.add_tensor(t)
             report.tensors.append(TensorReport(name, role, shape, label, t.nbytes))
         described = reader.describe()
-        files = [src / "config.json"] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files
+        sources.check_unchanged()
         provenance = Provenance(
-            source=src.resolve().name, source_files={str(p.relative_to(src)): file_sha256(p) for p in sorted(set(files))},
+            source=src.resolve().name, source_files=sources.sha256(),
             converter=CONVERTER, command=command or f"qformat.convert.import_hf_quantized({src.name!r}, {dst.name!r})",
             scheme="imported", method=f"{method} import: {described}", created=created_timestamp())
         writer.add_tensor(tok.stored)

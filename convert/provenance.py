@@ -22,6 +22,37 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class SourceFiles:
+    """A conversion's input files: what stat said of each when the conversion began, and their
+    SHA-256 for the provenance. `check_unchanged` before the output is committed catches a file
+    edited, truncated or replaced in the meantime, which would leave a file whose tensors and
+    recorded hashes describe different inputs."""
+
+    def __init__(self, root: Path, files: list[Path]):
+        self.root = root
+        self.files = sorted(set(files))
+        self.stamps = {p: self._stamp(p) for p in self.files}
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, ...] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def sha256(self) -> dict[str, str]:
+        """File name (relative to the root) -> hex SHA-256."""
+        return {str(p.relative_to(self.root)): file_sha256(p) for p in self.files}
+
+    def check_unchanged(self) -> None:
+        """Raise ConvertError naming the first input that changed since the conversion began."""
+        for path in self.files:
+            if self._stamp(path) != self.stamps[path]:
+                raise ConvertError(f"{path}: changed while it was being converted (edited, truncated or replaced); "
+                                   "nothing was written; convert again once the model folder is complete")
+
+
 def created_timestamp() -> str:
     """UTC ISO 8601 now, or SOURCE_DATE_EPOCH when set (reproducible builds convention)."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")

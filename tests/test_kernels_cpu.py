@@ -7,6 +7,11 @@ errors of order 1).
 """
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -313,23 +318,65 @@ def test_attention_matches_reference(window, cap):
     assert close(out[1], reference.attention(q2, k2, v2, start, window, 0.25, cap)[-1])
 
 
-def test_cache_dir_falls_back_when_package_is_read_only(tmp_path, monkeypatch):
-    from qformat.kernels.cpu import cache_dir, sources_key
+def test_cache_dir_falls_back_when_package_and_home_are_read_only(tmp_path, monkeypatch):
+    from qformat.kernels.cpu.cache import cache_dir, sources_key
 
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    ro = tmp_path / "pkg"
-    ro.mkdir()
-    (ro / "kernel.py").write_text("x = 1\n")
-    key = sources_key(ro)
-    ro.chmod(0o500)
-    try:
-        if not __import__("os").access(ro, __import__("os").W_OK):  # root ignores permissions
-            assert cache_dir(ro) == tmp_path / "xdg" / "qformat" / "numba" / key
-        assert cache_dir(tmp_path) == tmp_path / "__pycache__" / "numba" / sources_key(tmp_path)
-        monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
-        assert cache_dir(ro) is None  # the user's choice wins
-    finally:
-        ro.chmod(0o700)
-    (ro / "kernel.py").write_text("x = 2\n")
-    assert sources_key(ro) != key  # an edited kernel gets a fresh cache
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "kernel.py").write_text("x = 1\n")
+    key = sources_key(pkg)
+    assert cache_dir(pkg) == pkg / "__pycache__" / "numba" / key
+    # a regular file where a folder would go: unwritable even to root, which ignores permissions
+    shutil.rmtree(pkg / "__pycache__")
+    (pkg / "__pycache__").write_text("")
+    assert cache_dir(pkg) == tmp_path / "xdg" / "qformat" / "numba" / key
+    (tmp_path / "ro-home").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro-home"))
+    private = tmp_path / "tmp" / f"qformat-numba-{os.getuid()}"
+    assert cache_dir(pkg) == private / key and private.stat().st_mode & 0o777 == 0o700
+    private.chmod(0o777)  # shared with others: someone could plant compiled code there
+    with pytest.raises(RuntimeError, match="no writable folder for the compiled kernels .*set NUMBA_CACHE_DIR"):
+        cache_dir(pkg)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir(pkg) is None  # the user's choice wins
+    (pkg / "kernel.py").write_text("x = 2\n")
+    assert sources_key(pkg) != key  # an edited kernel gets a fresh cache
+
+
+def test_checked_cache_entries_are_bound_to_their_key_and_bytes():
+    from qformat.kernels.cpu.cache import seal, unseal
+
+    key = (("float32", "int64"), ("x86_64", "haswell", ""), ("abc", "def"))
+    sealed = seal(b"payload", key)
+    assert unseal(sealed, key) == b"payload"
+    assert unseal(sealed, key[:2]) is None  # another signature's entry
+    assert unseal(b"payload", key) is None  # plain numba's (or a truncated) entry
+    for i in range(len(sealed)):
+        flipped = bytearray(sealed)
+        flipped[i] ^= 1
+        assert unseal(bytes(flipped), key) is None
+    assert pickle.loads(seal(pickle.dumps([1, 2]), key)) == [1, 2]  # numba reads it
+
+
+def test_checked_cache_file_misses_on_damage_and_skips_failed_saves(tmp_path, capsys):
+    from qformat.kernels.cpu.cache import checked_cache_file
+
+    cache = checked_cache_file()(str(tmp_path), "f-1.py311", source_stamp=(1.0, 10))
+    cache.save(("sig", 1), {"code": b"\x00" * 64})
+    cache.save(("sig", 2), {"code": b"\x01" * 64})
+    assert cache.load(("sig", 1)) == {"code": b"\x00" * 64} and cache.load(("sig", 3)) is None
+    one, two = sorted(tmp_path.glob("*.nbc"))
+    one.write_bytes(two.read_bytes())  # the index names another signature's code: a miss, not it
+    assert cache.load(("sig", 1)) is None and cache.load(("sig", 2)) == {"code": b"\x01" * 64}
+    index = tmp_path / "f-1.py311.nbi"
+    index.write_bytes(index.read_bytes()[:-5])
+    assert cache.load(("sig", 2)) is None
+    (tmp_path / "file").write_text("")
+    unwritable = checked_cache_file()(str(tmp_path / "file" / "sub"), "f-1.py311", source_stamp=(1.0, 10))
+    checked_cache_file().warned = False
+    unwritable.save(("sig", 1), {"code": b""})  # a full or read-only disk: no error, one line
+    assert "cannot save a compiled kernel" in capsys.readouterr().err

@@ -12,64 +12,16 @@ The layouts it runs (the registry reads LINEAR_OPS) and where each one's decode 
 Prefill of q4 and W8A8 goes through gemm_vnni on VNNI CPUs, everything else through BLAS on
 dequantized rows (base.LinearBase.gemm). The decode step of a whole model is fused.py's.
 
-Numba reads its cache location when it is first imported, so it is chosen here, before the
-kernels import numba: beside the package when that directory is writable, otherwise in the
-user's cache directory, unless the user already set NUMBA_CACHE_DIR. Either way in a folder
-named by a hash of the sources the kernels are compiled from (this package's and the format
-core's, whose tables fused.py's constants come from): numba keys a cached function on its own
-file only, so a kernel that another module calls (sparse.gemv_nm_q4_q8act from
-fused.decode_step) would otherwise run stale after an edit.
+The kernels' numba cache (where, and how it survives damage) is cache.py's; it is set up here,
+before the kernels import numba.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
+from .cache import setup as _setup_cache
 
-def _user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "qformat" / "numba"
-
-
-def sources_key(package_dir: Path) -> str:
-    """16 hex digits of the SHA-256 of the Python sources of package_dir, of kernels/ above it and
-    of the format core (names and contents), and "-portable" under QFORMAT_PORTABLE_KERNELS=1
-    (kernels compiled without the AVX-512 paths)."""
-    from qformat import schemes
-
-    from .features import PORTABLE
-
-    h = hashlib.sha256()
-    for folder in (package_dir, package_dir.parent, Path(schemes.__file__).resolve().parent):
-        for path in sorted(folder.glob("*.py")):
-            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16] + ("-portable" if PORTABLE else "")
-
-
-def cache_dir(package_dir: Path) -> Path | None:
-    """Where numba should cache the kernels: None when the user set NUMBA_CACHE_DIR; else
-    package_dir/__pycache__/numba/<sources_key>, or the user cache directory's
-    qformat/numba/<sources_key> when the package directory is read-only."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return None
-    base = package_dir / "__pycache__" / "numba" if os.access(package_dir, os.W_OK) else _user_cache_dir()
-    return base / sources_key(package_dir)
-
-
-def _choose_cache_dir() -> None:
-    path = cache_dir(Path(__file__).resolve().parent)
-    if path is None:
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["NUMBA_CACHE_DIR"] = str(path)
-    import sys
-    if "numba" in sys.modules:  # imported before us: tell the already-loaded config as well
-        import numba
-        numba.config.CACHE_DIR = str(path)
-
-
-_choose_cache_dir()
+_setup_cache(Path(__file__).resolve().parent)
 
 # After the cache directory is chosen: these import numba.
 from qformat.schemes import FLOAT_KINDS, QUANT_KINDS  # noqa: E402
@@ -91,4 +43,4 @@ LINEAR_OPS = {
 }
 DEVICE_OPS = CPUOps()
 
-__all__ = ["DEVICE_OPS", "LINEAR_OPS", "build_decoder", "cache_dir", "set_threads", "sources_key"]
+__all__ = ["DEVICE_OPS", "LINEAR_OPS", "build_decoder", "set_threads"]
