@@ -149,7 +149,8 @@ def cached_self_sampled(model_dir: str | Path, tokenizer, samples: int, seqlen: 
     tokens = self_sampled(model_dir, tokenizer, samples, seqlen, seed)
     try:  # a cache that cannot be written costs time, never the conversion
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as f:
+        # hidden and not .npy until renamed: a conversion killed here leaves no entry to mistake
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False) as f:
             np.save(f, tokens.astype(np.int32))
         os.replace(f.name, path)
     except OSError:

@@ -52,6 +52,36 @@ def test_two_conversions_to_one_path_leave_one_whole_file(tiny_checkpoint, tmp_p
     assert _leftovers(tmp_path) == []
 
 
+def test_sigkill_at_random_moments_leaves_no_output_and_a_sound_calibration_cache(tiny_checkpoint, tmp_path):
+    import random
+
+    import numpy as np
+
+    env = dict(os.environ, QFORMAT_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out" / "m.qbin"
+    out.parent.mkdir()
+    cmd = [*QCONVERT, str(tiny_checkpoint()), str(out), "-s", "int4-g64", "--method", "gptq", "--calib", "mix",
+           "--calib-samples", "4", "--calib-seqlen", "32"]
+    rng = random.Random(22)
+    for moment in sorted(rng.uniform(0.5, 9.0) for _ in range(3)):  # a whole run takes about 10 s here
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            proc.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        proc.wait(timeout=60)
+        if proc.returncode == 0:  # finished first: then whole
+            QbinReader(out, verify=True).close()
+            out.unlink()
+        assert not out.exists(), moment
+        assert [n for n in os.listdir(out.parent) if not n.startswith(".")] == [], moment
+        for entry in (tmp_path / "cache" / "calib").glob("*.npy"):  # only whole entries under a cache name
+            assert np.load(entry).shape == (2, 32), (moment, entry)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    QbinReader(out, verify=True).close()
+
+
 def test_a_source_changed_during_the_conversion_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
     import shutil
 
