@@ -39,6 +39,18 @@ def test_short_fuzz_pass_finds_nothing(work, target, runs):
     assert f"Done {runs} runs" in run.stderr
 
 
+def test_a_parent_past_the_memory_limit_is_not_the_fuzzers_finding(work):
+    # Linux carries a parent's peak RSS into the fuzzer through fork and exec, and libFuzzer's
+    # limit reads that peak: this suite's own process passes 1 GB before it gets here
+    parent = ("import subprocess, sys, numpy as np\n"
+              "held = np.ones(1200 << 17)\n"  # 1.2 GB, touched
+              f"sys.exit(subprocess.run([sys.executable, {str(FUZZ / 'fuzz.py')!r}, 'template', '--runs', '1000', "
+              f"'--work', {str(work)!r}]).returncode)\n")
+    run = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Done 1000 runs" in run.stderr
+
+
 def test_every_input_found_replays_cleanly(tmp_path):
     targets = Targets(tmp_path)
     found = sorted((FUZZ / "regressions").glob("*/*"))

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -258,7 +259,19 @@ def data_mutator(data: bytes, max_size: int, seed: int) -> bytes:
     return out if out is not None and len(out) <= max_size else atheris.Mutate(data, max_size)
 
 
+def fresh_peak_rss() -> None:
+    """Re-run this script one process further down when it inherited a high peak RSS, and exit
+    with its status: libFuzzer's -rss_limit_mb reads getrusage's peak, which Linux carries from a
+    parent through fork and exec, so started by a test runner past 1 GB every input would look
+    out of memory. A child of this (still small) process counts afresh."""
+    if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < (512 << 10) or os.environ.get("QFORMAT_FUZZ_CHILD"):
+        return
+    child = subprocess.run([sys.executable, *sys.argv], env=dict(os.environ, QFORMAT_FUZZ_CHILD="1"))
+    sys.exit(child.returncode)
+
+
 def main() -> None:
+    fresh_peak_rss()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("target", choices=["reader", "decode", "tokenizer", "template"])
     p.add_argument("--runs", type=int, default=10000, help="inputs to try (-1: until a finding)")
