@@ -1,0 +1,129 @@
+"""qtune's parts: the frozen quantized linear that autograd runs through, LoRA beside it, and the
+QSGD codec and DDP hook (tune/)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from test_kernel_table import layouts, make  # noqa: E402
+from qformat.tune import QSGD, FrozenQuantLinear, LoraLinear  # noqa: E402
+from qformat.tune.qsgd import QSGDState, qsgd_hook  # noqa: E402
+
+
+@pytest.mark.parametrize("kind, form", layouts())
+def test_frozen_linear_gradients_are_a_float_linears_on_the_dequantized_weight(kind, form):
+    t = make(kind, form, seed=3)
+    w = torch.from_numpy(np.ascontiguousarray(t.dequantize(), np.float32))
+    bias = np.linspace(-1, 1, t.shape[0]).astype(np.float32)
+    layer = FrozenQuantLinear(t, bias, tile_rows=7)  # tiles that do not divide the rows
+    x = torch.randn(3, 5, t.shape[1], generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    grad_out = torch.randn(3, 5, t.shape[0], generator=torch.Generator().manual_seed(1))
+    y = layer(x)
+    y.backward(grad_out)
+    y_ref = torch.nn.functional.linear(x_ref, w, torch.from_numpy(bias))
+    y_ref.backward(grad_out)
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-4)
+    assert list(layer.parameters()) == []  # nothing of the base trains
+
+
+def test_lora_starts_at_the_base_and_trains_only_its_adapters():
+    t = make("q4", "dense", seed=4)
+    base = FrozenQuantLinear(t)
+    lora = LoraLinear(base, t.shape[1], t.shape[0], rank=4, alpha=8, dropout=0.0)
+    x = torch.randn(6, t.shape[1])
+    assert torch.equal(lora(x), base(x))  # B starts at zero, as peft's
+    torch.nn.init.normal_(lora.lora_B.weight)
+    loss = lora(x).square().sum()
+    loss.backward()
+    assert {n for n, p in lora.named_parameters() if p.grad is not None} == {"lora_A.weight", "lora_B.weight"}
+    expect = base(x) + x @ lora.delta_weight().T
+    assert torch.allclose(lora(x), expect, rtol=1e-5, atol=1e-4)
+    assert lora.scaling == 2.0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_qsgd_is_unbiased_within_the_papers_variance_bound(bits):
+    codec = QSGD(bits=bits, chunk=256)
+    gen = torch.Generator().manual_seed(bits)
+    v = torch.randn(1000, generator=gen) * torch.linspace(0.01, 3, 1000)  # a last, partial chunk
+    v[100:140] = 0  # zeros stay zeros
+    draws = torch.stack([codec.decode(codec.encode(v, gen), v.numel()) for _ in range(3000)])
+    assert torch.all(draws[:, 100:140] == 0)
+    s, mean = codec.levels, draws.mean(0)
+    for lo in range(0, 1000, 256):
+        chunk, q = v[lo:lo + 256], draws[:, lo:lo + 256]
+        d, norm2 = chunk.numel(), float(chunk.square().sum())
+        variance = float((q - chunk).square().sum(1).mean())
+        assert variance <= min(d / s**2, math.sqrt(d) / s) * norm2 * 1.05  # Lemma 3.1, sampling slack
+        # unbiased: each value's mean over the draws within 5 standard errors of the value, its
+        # variance the rounding's: (||v|| / s)^2 p (1 - p), p the fractional part of |v_i| s / ||v||
+        frac = chunk.abs() * s / math.sqrt(norm2) % 1
+        per_value_var = (math.sqrt(norm2) / s) ** 2 * frac * (1 - frac)
+        assert torch.all((mean[lo:lo + 256] - chunk).abs() <= 5 * (per_value_var / len(q)).sqrt() + 1e-5)
+
+
+def test_qsgd_codes_are_exact_on_their_grid_and_small_on_the_wire():
+    codec = QSGD(bits=4, chunk=512)
+    v = torch.zeros(512)
+    v[:49] = torch.tensor([1.0, -1.0] * 24 + [1.0])  # |v_i| / ||v|| * 7 = 1 exactly: on the grid
+    v[500] = 0.0
+    assert torch.equal(codec.decode(codec.encode(v), 512), v)
+    one_hot = torch.zeros(512)
+    one_hot[7] = -2.5
+    assert torch.equal(codec.decode(codec.encode(one_hot), 512), one_hot)
+    assert codec.encode(v).numel() == codec.wire_bytes(512) == 4 + 256
+    n = 1 << 20
+    assert 4 * n / codec.wire_bytes(n) > 7.7  # against float32: 4 bits and a norm per 512 values
+    with pytest.raises(ValueError, match="bits"):
+        QSGD(bits=3)
+
+
+def _ddp_rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 5))
+    ddp = DistributedDataParallel(model, bucket_cap_mb=1)
+    state = QSGDState(QSGD(bits=4, chunk=64), torch.Generator().manual_seed(100 + rank))
+    local, order = [], []
+
+    def recording_hook(state, bucket):
+        local.append(bucket.buffer().clone())
+        order.extend(bucket.parameters())  # the bucket's layout of the parameters
+        return qsgd_hook(state, bucket)
+
+    ddp.register_comm_hook(state, recording_hook)
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(rank))
+    ddp(x).square().sum().backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in order])
+    locals_all = [torch.empty_like(local[0]) for _ in range(world)]
+    dist.all_gather(locals_all, local[0])
+    codec = QSGD(bits=4, chunk=64)
+    expect = sum(codec.decode(codec.encode(g, torch.Generator().manual_seed(100 + r)), g.numel())
+                 for r, g in enumerate(locals_all)) / world
+    torch.save({"grads": grads, "expect": expect, "true": sum(locals_all) / world, "sent": state.bytes_sent,
+                "uncompressed": state.bytes_uncompressed, "buckets": len(local)}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_the_ddp_hook_averages_the_decoded_gradients_of_every_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank")
+    mp.spawn(_ddp_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.{r}") for r in (0, 1))
+    assert r0["buckets"] == 1  # the whole model in one bucket: its buffer is the gradient
+    assert torch.equal(r0["grads"], r1["grads"])  # every process steps with the same gradient
+    assert torch.allclose(r0["grads"], r0["expect"], atol=1e-6)
+    assert torch.allclose(r0["expect"], r1["expect"])
+    error = (r0["expect"] - r0["true"]).norm() / r0["true"].norm()
+    assert 0 < error < 0.5  # quantized, and near the true average
+    assert r0["uncompressed"] / r0["sent"] > 6

@@ -1,0 +1,109 @@
+"""QSGD (Alistarh et al., 2017): gradients quantized stochastically for what data-parallel
+processes exchange, so that the bytes on the wire shrink while the expected gradient stays exact.
+
+A vector is cut into chunks of `chunk` values; each chunk v is sent as its norm ||v||_2 (float32)
+and, per value, sign(v_i) * l_i with l_i in {0, ..., s}: |v_i| / ||v|| * s rounded up with
+probability equal to its fractional part, down otherwise. So E[Q(v)] = v, and
+E||Q(v) - v||^2 <= min(d / s^2, sqrt(d) / s) * ||v||^2 for a chunk of d values (the paper's Lemma
+3.1). A code takes `bits` bits (sign and level, offset by 2^(bits-1)), so s = 2^(bits-1) - 1:
+7 levels in 4 bits, 127 in 8.
+
+`qsgd_hook` is a DistributedDataParallel communication hook (register_comm_hook): each process
+encodes its bucket, the encoded bytes are all-gathered (differently scaled codes cannot be summed
+in flight, so an all-reduce does not apply) and every process decodes and averages them all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+BITS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class QSGD:
+    """The codec: `bits` per value (2, 4 or 8) and one float32 norm per `chunk` values."""
+
+    bits: int = 4
+    chunk: int = 512
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"QSGD codes take {', '.join(map(str, BITS))} bits, not {self.bits}")
+        if self.chunk < 1 or self.chunk % (8 // self.bits):
+            raise ValueError(f"the QSGD chunk ({self.chunk}) must be a positive multiple of {8 // self.bits}")
+
+    @property
+    def levels(self) -> int:
+        """s: the levels of |v_i| / ||v|| in (0, 1]."""
+        return (1 << (self.bits - 1)) - 1
+
+    def chunks(self, numel: int) -> int:
+        return -(-numel // self.chunk)
+
+    def wire_bytes(self, numel: int) -> int:
+        """Bytes of one encoded vector of `numel` values: its norms and its packed codes."""
+        n = self.chunks(numel)
+        return 4 * n + n * self.chunk * self.bits // 8
+
+    def encode(self, v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """v (any shape) as one uint8 tensor of wire_bytes(v.numel()): the norms, then the codes."""
+        flat = v.detach().reshape(-1).float()
+        n = self.chunks(flat.numel())
+        x = torch.zeros(n * self.chunk)
+        x[:flat.numel()] = flat
+        x = x.view(n, self.chunk)
+        norms = torch.linalg.vector_norm(x, dim=1)
+        scaled = x.abs() / torch.where(norms > 0, norms, 1.0)[:, None] * self.levels
+        low = scaled.floor()
+        level = low + (torch.rand(scaled.shape, generator=generator) < scaled - low)
+        codes = (torch.sign(x) * level).to(torch.int16) + (1 << (self.bits - 1))  # 1 .. 2^bits - 1
+        per_byte = 8 // self.bits
+        codes = codes.view(-1, per_byte).to(torch.uint8)
+        packed = torch.zeros(codes.shape[0], dtype=torch.uint8)
+        for j in range(per_byte):
+            packed |= codes[:, j] << (j * self.bits)
+        return torch.cat([norms.view(torch.uint8), packed])
+
+    def decode(self, data: torch.Tensor, numel: int) -> torch.Tensor:
+        """The float32 vector of `numel` values that encode() sent as `data`."""
+        n = self.chunks(numel)
+        norms = data[:4 * n].view(torch.float32)
+        packed = data[4 * n:]
+        per_byte, mask = 8 // self.bits, (1 << self.bits) - 1
+        codes = torch.stack([(packed >> (j * self.bits)) & mask for j in range(per_byte)], dim=1)
+        values = codes.reshape(n, self.chunk).float() - (1 << (self.bits - 1))
+        return (values * (norms / self.levels)[:, None]).reshape(-1)[:numel]
+
+
+@dataclass
+class QSGDState:
+    """What qsgd_hook keeps between buckets: the codec, the random stream of this process's
+    rounding, and the bytes it has sent (encoded) and would have sent (float32)."""
+
+    codec: QSGD
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    process_group: object = None
+    bytes_sent: int = 0
+    bytes_uncompressed: int = 0
+
+
+def qsgd_hook(state: QSGDState, bucket) -> torch.futures.Future:
+    """DDP communication hook: the bucket's gradient, QSGD-encoded, all-gathered, decoded and
+    averaged over the processes."""
+    import torch.distributed as dist
+
+    grad = bucket.buffer()
+    payload = state.codec.encode(grad, state.generator)
+    world = dist.get_world_size(state.process_group)
+    gathered = [torch.empty_like(payload) for _ in range(world)]
+    state.bytes_sent += payload.numel()
+    state.bytes_uncompressed += grad.numel() * 4
+    work = dist.all_gather(gathered, payload, group=state.process_group, async_op=True)
+
+    def average(_) -> torch.Tensor:
+        total = sum(state.codec.decode(p, grad.numel()) for p in gathered)
+        return grad.copy_((total / world).reshape(grad.shape).to(grad.dtype))
+
+    return work.get_future().then(average)
