@@ -93,6 +93,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([x * cos + rotated * sin, rest], dim=-1)
 
 
+def project(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T for a projection's weight tensor; a module (qtune's frozen quantized base with its
+    adapter, tune/) applies itself."""
+    return w(x) if isinstance(w, torch.nn.Module) else x @ w.T
+
+
 def tap(taps: dict | None, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y, the output of projection `name` on input x; recorded in `taps` (when given) as
     (x, y) with y's gradient retained (sensitivity.py reads both after a backward pass)."""
@@ -110,7 +116,7 @@ def attention(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, rop
     hd = args.head_dim
 
     def proj(name: str, bias: str, norm: str, heads: int) -> torch.Tensor:
-        y = tap(taps, name, xn, xn @ w[name].T)
+        y = tap(taps, name, xn, project(xn, w[name]))
         if bias in w:
             y = y + w[bias]
         if norm in w and not args.qk_norm_per_head:  # OLMo 2: over the whole projection
@@ -146,7 +152,7 @@ ACTIVATION = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh
 
 def ffn_act(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, taps: dict | None = None) -> torch.Tensor:
     """Gated hidden activations (SwiGLU or GeGLU): down_proj's input."""
-    return ACTIVATION[args.activation](tap(taps, W1, xn, xn @ w[W1].T)) * tap(taps, W3, xn, xn @ w[W3].T)
+    return ACTIVATION[args.activation](tap(taps, W1, xn, project(xn, w[W1]))) * tap(taps, W3, xn, project(xn, w[W3]))
 
 
 def moe_ffn(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs) -> torch.Tensor:
@@ -187,11 +193,11 @@ def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, 
     """Decoder layer `layer`: h = x + attn(norm1(x)); out = h + ffn(norm2(h)) (pre- and
     post-norms as the model has them); taps: see `tap`."""
     o_in = attention(pre_norm(x, w, ATTN_NORM, args), w, args, rope, layer, taps)
-    h = residual_add(x, tap(taps, WO, o_in, o_in @ w[WO].T), w, ATTN_POST_NORM, args)
+    h = residual_add(x, tap(taps, WO, o_in, project(o_in, w[WO])), w, ATTN_POST_NORM, args)
     if args.moe:
         return residual_add(h, moe_ffn(pre_norm(h, w, FFN_NORM, args), w, args), w, FFN_POST_NORM, args)
     act = ffn_act(pre_norm(h, w, FFN_NORM, args), w, args, taps)
-    return residual_add(h, tap(taps, W2, act, act @ w[W2].T), w, FFN_POST_NORM, args)
+    return residual_add(h, tap(taps, W2, act, project(act, w[W2])), w, FFN_POST_NORM, args)
 
 
 def embed(emb: torch.Tensor, tokens, args: ModelArgs) -> torch.Tensor:
@@ -202,7 +208,7 @@ def embed(emb: torch.Tensor, tokens, args: ModelArgs) -> torch.Tensor:
 
 def head_logits(hn: torch.Tensor, head: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     """The logits of the final normed states, soft-capped with final_softcap (Gemma 2)."""
-    logits = hn @ head.T
+    logits = project(hn, head)
     return logits if args.final_softcap is None else args.final_softcap * torch.tanh(logits / args.final_softcap)
 
 

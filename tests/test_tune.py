@@ -127,3 +127,67 @@ def test_the_ddp_hook_averages_the_decoded_gradients_of_every_process(tmp_path):
     error = (r0["expect"] - r0["true"]).norm() / r0["true"].norm()
     assert 0 < error < 0.5  # quantized, and near the true average
     assert r0["uncompressed"] / r0["sent"] > 6
+
+
+@pytest.fixture(scope="module")
+def tiny_qbins(tmp_path_factory):
+    """Factory: arch -> a tiny random model of that architecture converted at int4-g64."""
+    from tiny_models import make_tiny_checkpoint
+
+    from qformat.convert import convert
+
+    made = {}
+
+    def build(arch):
+        if arch not in made:
+            folder = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch=arch)
+            made[arch] = folder.parent / f"{arch}.qbin"
+            convert(folder, made[arch], "int4-g64", progress=False)
+        return made[arch]
+
+    return build
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "olmo2", "phi3"])
+def test_the_decoder_gives_the_runtimes_logits(tiny_qbins, arch):
+    import qformat
+    from qformat import QbinReader
+    from qformat.tune.model import QuantDecoder
+
+    path = tiny_qbins(arch)
+    tokens = [5, 17, 33, 2, 9, 100, 7, 8, 61, 3, 44, 12]
+    with QbinReader(path) as reader, torch.no_grad():
+        ours = QuantDecoder(reader, rank=4, alpha=8)(torch.tensor([tokens])).numpy()[0]
+    theirs = np.asarray(qformat.load(path, threads=1).logits(tokens))
+    assert np.abs(ours - theirs).max() <= 2e-3 * max(1.0, np.abs(theirs).max())
+
+
+def test_training_moves_only_the_adapters_and_lowers_the_loss(tiny_qbins):
+    from qformat import QbinReader
+    from qformat.tune.model import QuantDecoder
+
+    with QbinReader(tiny_qbins("llama")) as reader:
+        model = QuantDecoder(reader, targets=("q", "v", "down"), rank=4, alpha=8)
+        assert {n.split(".")[-1] for n in model.adapters()} == {"wq", "wv", "w2"}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(n.split(".")[-2] in ("lora_A", "lora_B")
+                                 for n, p in model.named_parameters() if p.requires_grad)
+        frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+        tokens = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(trainable, lr=3e-2)
+
+        def loss():
+            logits = model(tokens)
+            return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     tokens[:, 1:].reshape(-1))
+
+        with torch.no_grad():
+            first = float(loss())
+        for _ in range(20):  # one batch, memorized
+            opt.zero_grad()
+            step = loss()
+            step.backward()
+            opt.step()
+        with torch.no_grad():
+            assert float(loss()) < 0.9 * first
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
