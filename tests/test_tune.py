@@ -131,7 +131,8 @@ def test_the_ddp_hook_averages_the_decoded_gradients_of_every_process(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_qbins(tmp_path_factory):
-    """Factory: arch -> a tiny random model of that architecture converted at int4-g64."""
+    """Factory: arch -> a tiny random model of that architecture converted at int4-g64 (its
+    checkpoint folder beside it, named after the arch)."""
     from tiny_models import make_tiny_checkpoint
 
     from qformat.convert import convert
@@ -140,8 +141,8 @@ def tiny_qbins(tmp_path_factory):
 
     def build(arch):
         if arch not in made:
-            folder = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch=arch)
-            made[arch] = folder.parent / f"{arch}.qbin"
+            folder = make_tiny_checkpoint(tmp_path_factory.mktemp(arch) / arch, arch=arch)
+            made[arch] = folder.parent / f"{arch}.qbin"  # folder.parent / arch: the checkpoint
             convert(folder, made[arch], "int4-g64", progress=False)
         return made[arch]
 
@@ -191,3 +192,45 @@ def test_training_moves_only_the_adapters_and_lowers_the_loss(tiny_qbins):
         with torch.no_grad():
             assert float(loss()) < 0.9 * first
         assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_adapter_is_peft_s_and_peft_gives_the_same_logits_on_the_float_model(tiny_qbins, tmp_path, arch):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from qformat import QbinReader
+    from qformat.convert.architectures import TENSOR_MAP
+    from qformat.tune.adapter import load_adapter, save_adapter
+    from qformat.tune.model import QuantDecoder
+
+    path = tiny_qbins(arch)
+    tokens = torch.tensor([[5, 17, 33, 2, 9, 100, 7, 8, 61, 3]])
+    with QbinReader(path) as reader:
+        model = QuantDecoder(reader, targets=("q", "v", "o", "down"), rank=4, alpha=8)
+        gen = torch.Generator().manual_seed(5)
+        for lora in model.adapters().values():  # B away from zero: the adapter changes the logits
+            lora.lora_B.weight.data = 0.1 * torch.randn(lora.lora_B.weight.shape, generator=gen)
+        with torch.no_grad():
+            ours = model(tokens)
+        folder = save_adapter(model, tmp_path / "adapter", base_model=arch)
+        state = {}  # the float model transformers builds, on the file's dequantized weights
+        for rule in TENSOR_MAP:
+            for i in range(reader.model.n_layers) if rule.per_layer else [None]:
+                if rule.qbin_name(i) in reader:
+                    state[rule.hf_name(i)] = torch.from_numpy(reader[rule.qbin_name(i)].dequantize().copy())
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent / arch), dtype=torch.float32)
+        hf.load_state_dict(state, strict=False)
+        if hf.config.tie_word_embeddings:
+            hf.tie_weights()
+        peft_model = peft.PeftModel.from_pretrained(hf.eval(), str(folder))
+        with torch.no_grad():
+            theirs = peft_model(tokens).logits
+            with peft_model.disable_adapter():
+                base = peft_model(tokens).logits
+        assert torch.allclose(ours, theirs, atol=2e-3 * float(theirs.abs().max()))
+        assert not torch.allclose(base, theirs, atol=2e-2 * float(theirs.abs().max()))  # the adapter acts
+        fresh = QuantDecoder(reader, targets=("q", "v", "o", "down"), rank=4, alpha=8)
+        load_adapter(fresh, folder)
+        with torch.no_grad():
+            assert torch.equal(fresh(tokens), ours)

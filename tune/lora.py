@@ -20,7 +20,7 @@ class LoraLinear(torch.nn.Module):
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.rank, self.alpha, self.scaling, self.dropout_p = rank, alpha, alpha / rank, dropout
         self.lora_A = torch.nn.Linear(in_features, rank, bias=False)
         self.lora_B = torch.nn.Linear(rank, out_features, bias=False)
         torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
