@@ -234,3 +234,94 @@ def test_the_adapter_is_peft_s_and_peft_gives_the_same_logits_on_the_float_model
         load_adapter(fresh, folder)
         with torch.no_grad():
             assert torch.equal(fresh(tokens), ours)
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 and 3"},
+        {"role": "assistant", "content": "2 plus 3 is 5."}, {"role": "user", "content": "and 4 and 4?"},
+        {"role": "assistant", "content": "8."}]
+
+
+def _chat_file(path, n=48, seed=0):
+    import json
+    import random
+
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = r.randint(1, 9), r.randint(1, 9)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                                             {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}) + "\n")
+    return path
+
+
+def test_chat_examples_train_on_the_assistant_turns_only(tiny_qbins):
+    from qformat import QbinReader
+    from qformat.tune.data import Renderer
+
+    with QbinReader(tiny_qbins("llama")) as reader:
+        r = Renderer(reader)
+        ex = r.conversation(CHAT, "test")
+        tok = r.tokenizer
+        learned = tok.decode([i for i, m in zip(ex.ids, ex.loss) if m], skip_special=False)
+        ignored = tok.decode([i for i, m in zip(ex.ids, ex.loss) if not m], skip_special=False)
+    assert "2 plus 3 is 5." in learned and "8." in learned
+    assert "add 2 and 3" not in learned and "Be brief" not in learned and "and 4 and 4?" not in learned
+    assert "add 2 and 3" in ignored and "Be brief" in ignored
+    assert len(ex.ids) == len(ex.loss)
+
+
+def test_qtune_lowers_the_held_out_loss_and_peft_reads_its_adapter(tiny_qbins, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from qformat.tune.cli import main
+
+    data = _chat_file(tmp_path / "train.jsonl")
+    out = tmp_path / "adapter"
+    run = CliRunner().invoke(main, [str(tiny_qbins("llama")), "--data", str(data), "-o", str(out), "--context", "64",
+                                    "--batch-tokens", "512", "--steps", "30", "--lr", "5e-3", "--rank", "8", "-q"],
+                             standalone_mode=False)
+    assert run.exit_code == 0, run.output
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    curve = torch.load(out / "checkpoint.pt", weights_only=False)["curve"]
+    first, last = curve[0][2], curve[-1][2]
+    assert last < 0.9 * first, curve  # held-out conversations the adapter never saw
+
+
+def test_resume_continues_the_run_exactly(tiny_qbins, tmp_path, monkeypatch):
+    from qformat.tune import TuneOptions, tune
+    from qformat.tune.adapter import WEIGHTS
+
+    data = _chat_file(tmp_path / "train.jsonl")
+    options = TuneOptions(rank=4, steps=6, checkpoint_every=3, context=64, batch_tokens=256, lr=5e-3, dropout=0.1)
+    whole = tune(tiny_qbins("llama"), data, tmp_path / "whole", options, progress=False)
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def killed_in_step_four(self, *args, **kwargs):  # after the checkpoint of step 3 is in place
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", killed_in_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny_qbins("llama"), data, tmp_path / "cut", options, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = tune(tiny_qbins("llama"), data, tmp_path / "cut", options, resume=True, progress=False)
+    assert resumed.curve == whole.curve
+    assert (tmp_path / "cut" / WEIGHTS).read_bytes() == (tmp_path / "whole" / WEIGHTS).read_bytes()
+
+
+def test_bad_training_data_is_one_line(tiny_qbins, tmp_path):
+    from click.testing import CliRunner
+
+    from qformat.tune.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    for data, message in [(bad, "bad.jsonl:1: no assistant message"), (tmp_path / "none.jsonl", "no such file")]:
+        run = CliRunner().invoke(main, [str(tiny_qbins("llama")), "--data", str(data), "-o", str(tmp_path / "a")])
+        assert run.exit_code == 2 and message in run.output and "Traceback" not in run.output, run.output

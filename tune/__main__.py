@@ -1,0 +1,4 @@
+"""python -m qformat.tune: qtune."""
+from .cli import main
+
+main()
