@@ -1,0 +1,175 @@
+"""QLoRA on a qbin base against peft on the float model, on the same instruction data.
+
+    python bench/bench_tune.py BASE.qbin [--model MODEL_DIR] [--steps 60] [--out DIR] [--plot tune.png]
+
+The data is generated from what every Python install ships (PSF-licensed): for each public
+function of a set of standard-library modules with a docstring, the conversation "What does
+`module.function` do?" answered by the docstring's first paragraph; one in ten (by a hash of the
+name) is held out. qtune trains adapters on BASE.qbin (frozen quantized weights); with --model,
+peft trains the same adapters (rank, alpha, targets, learning rate, batches) on the float
+transformers model of MODEL_DIR. One line per evaluation; the held-out loss curves go to --plot.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+MODULES = ("os", "os.path", "shutil", "json", "re", "string", "textwrap", "collections", "itertools", "functools",
+           "math", "statistics", "random", "datetime", "pathlib", "glob", "fnmatch", "heapq", "bisect", "copy",
+           "pprint", "difflib", "csv", "base64", "hashlib", "zlib", "gzip", "tarfile", "zipfile", "tempfile",
+           "subprocess", "socket", "urllib.parse", "html", "email.utils", "calendar", "time", "operator",
+           "inspect", "typing", "dataclasses", "enum", "fractions", "decimal", "struct", "codecs", "unicodedata",
+           "locale", "logging", "argparse", "shlex", "platform", "sysconfig", "uuid", "secrets", "hmac")
+
+
+def instructions() -> list[tuple[str, dict]]:
+    """(name, {"messages": [...]}) for every documented public function of MODULES."""
+    out = {}
+    for mod_name in MODULES:
+        mod = importlib.import_module(mod_name)
+        for name, obj in sorted(vars(mod).items()):
+            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                continue
+            doc = inspect.getdoc(obj)
+            if not doc:
+                continue
+            answer = doc.split("\n\n")[0].replace("\n", " ").strip()
+            if not 20 <= len(answer) <= 600:
+                continue
+            key = f"{mod_name}.{name}"
+            out[key] = {"messages": [{"role": "user", "content": f"What does `{key}` do?"},
+                                     {"role": "assistant", "content": answer}]}
+    return sorted(out.items())
+
+
+def write_data(folder: Path) -> tuple[Path, Path, int, int]:
+    """train.jsonl and eval.jsonl in `folder`; one in ten held out by a hash of the name."""
+    train, held = [], []
+    for key, row in instructions():
+        (held if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10 == 0 else train).append(row)
+    paths = folder / "train.jsonl", folder / "eval.jsonl"
+    for path, rows in zip(paths, (train, held)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths[0], paths[1], len(train), len(held)
+
+
+def peft_curve(model_dir: Path, base: Path, train: Path, held: Path, options, eval_every: int) -> list:
+    """The same run through peft on the float transformers model: [(step, eval loss)]."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qformat import QbinReader
+    from qformat.tune.data import Renderer, pack, read_examples
+    from qformat.tune.model import TARGETS
+    from qformat.tune.train import masked_loss
+
+    with QbinReader(base) as reader:
+        renderer = Renderer(reader)
+        rows, mask = pack(read_examples(train, renderer), options.context)
+        eval_rows, eval_mask = pack(read_examples(held, renderer), options.context)
+    torch.manual_seed(options.seed)
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+             "down": "down_proj"}
+    model = get_peft_model(hf, LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                                          target_modules=[names[t] for t in options.targets if t in TARGETS]))
+
+    class Logits(torch.nn.Module):  # masked_loss calls model(tokens) -> logits
+        def forward(self, tokens):
+            return model(input_ids=tokens).logits
+
+    wrapped = Logits()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
+    steps = options.steps
+    warm = max(1, round(options.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    batch = max(1, options.batch_tokens // options.context)
+    gen = np.random.default_rng(options.seed)
+
+    def evaluate() -> float:
+        model.eval()
+        total = count = 0
+        with torch.no_grad():
+            for i in range(0, len(eval_rows), batch):
+                loss, n = masked_loss(wrapped, eval_rows[i:i + batch], eval_mask[i:i + batch])
+                total, count = total + float(loss) * n, count + n
+        return total / max(count, 1)
+
+    curve = [(0, evaluate())]
+    for step in range(1, steps + 1):
+        pick = gen.choice(len(rows), size=min(batch, len(rows)), replace=False)
+        model.train()
+        loss, _ = masked_loss(wrapped, rows[pick], mask[pick])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step == steps or step % eval_every == 0:
+            curve.append((step, evaluate()))
+            click.echo(f"peft step {step}: held-out loss {curve[-1][1]:.4f}")
+    return curve
+
+
+@click.command()
+@click.argument("base", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The float checkpoint BASE was converted from (for the peft curve).")
+@click.option("--steps", type=int, default=60, show_default=True)
+@click.option("--eval-every", type=int, default=10, show_default=True)
+@click.option("--rank", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--context", type=int, default=256, show_default=True)
+@click.option("--batch-tokens", type=int, default=2048, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-tune"), show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path))
+def main(base: Path, model_dir: Path | None, steps: int, eval_every: int, rank: int, lr: float, context: int,
+         batch_tokens: int, out: Path, plot: Path | None) -> None:
+    from qformat.tune import TuneOptions, tune
+
+    out.mkdir(parents=True, exist_ok=True)
+    train, held, n_train, n_held = write_data(out)
+    click.echo(f"data: {n_train} training and {n_held} held-out conversations from stdlib docstrings")
+    options = TuneOptions(rank=rank, alpha=2.0 * rank, steps=steps, lr=lr, context=context,
+                          batch_tokens=batch_tokens, eval_every=eval_every)
+    started = time.perf_counter()
+    report = tune(base, train, out / "adapter", options, eval_data=held, force=True)
+    seconds = time.perf_counter() - started
+    ours = [(s, e) for s, _, e in report.curve if e is not None]
+    for s, e in ours:
+        click.echo(f"qtune step {s}: held-out loss {e:.4f}")
+    first, last = ours[0][1], ours[-1][1]
+    click.echo(f"qtune: {report.steps} steps, {report.tokens} tokens, {seconds:.0f} s "
+               f"({report.tokens / seconds:.0f} tokens/s); held-out loss {first:.4f} -> {last:.4f} "
+               f"({100 * (last / first - 1):+.1f}%)")
+    theirs = peft_curve(model_dir, base, train, held, options, eval_every) if model_dir else None
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*ours), marker="o", label=f"qtune on {base.name}")
+        if theirs:
+            ax.plot(*zip(*theirs), marker="s", label="peft on the float model")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out loss (assistant tokens)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        click.echo(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()
