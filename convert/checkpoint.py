@@ -66,6 +66,7 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._names: dict[str, Path] = self._list_names()
         self._offsets: dict[str, float] = {}
+        self._lora: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}  # stored name -> (A, B, scale)
         self._parts: dict[str, tuple[str, int, int]] = {}  # a split tensor's part -> (fused name, row range)
         self._stacks: dict[str, list[str]] = {}  # a stacked tensor -> the tensors it stacks
         self._hidden: set[str] = set()  # stored names shown only as parts of split or stacked tensors
@@ -127,6 +128,17 @@ class Checkpoint:
         """Read the tensors `names` with `value` added to every element (Gemma's norms store
         w for a multiplication by 1 + w: qbin stores the factor itself)."""
         self._offsets.update({n: float(value) for n in names})
+
+    def add_lora(self, name: str, a: np.ndarray, b: np.ndarray, scale: float) -> None:
+        """Read the stored tensor `name` (out, in) with the LoRA update scale * b @ a added
+        (a: (rank, in), b: (out, rank)): an adapter merged before quantization."""
+        if name not in self._names:
+            raise CheckpointError(f"{self.folder}: the adapter changes {name}, which the checkpoint lacks")
+        shape = self.shape(name)
+        if len(shape) != 2 or a.shape[1] != shape[1] or b.shape[0] != shape[0] or a.shape[0] != b.shape[1]:
+            raise CheckpointError(f"{self.folder}: the adapter's {name} is {tuple(b.shape)} @ {tuple(a.shape)}, "
+                                  f"which does not fit its {shape}")
+        self._lora[name] = (np.asarray(a, np.float32), np.asarray(b, np.float32), float(scale))
 
     # -- access ------------------------------------------------------------
     def _open(self, path: Path):
@@ -200,10 +212,10 @@ class Checkpoint:
 
             with safe_open(str(path), framework="pt") as handle:
                 source = handle.get_slice(stored)
-                yield LazyRows(source, self.shape(name), path, name, offset, row0)
+                yield LazyRows(source, self.shape(name), path, name, offset, row0, self._lora.get(stored))
         else:
             t = self._torch(path)[stored]
-            yield LazyRows(t, self.shape(name), path, name, offset, row0)
+            yield LazyRows(t, self.shape(name), path, name, offset, row0, self._lora.get(stored))
 
     def close(self) -> None:
         self._handles.clear()
@@ -214,12 +226,13 @@ class LazyRows:
     """A 2-D (or 1-D) checkpoint tensor read on demand: `shape`, and row slices as float32 numpy."""
 
     def __init__(self, source, shape: tuple[int, ...], path: Path, name: str, offset: float = 0.0,
-                 row0: int | None = None):
+                 row0: int | None = None, lora: tuple[np.ndarray, np.ndarray, float] | None = None):
         self._source = source  # a safetensors slice or a (memory-mapped) torch tensor
         self.shape = shape
         self._where = f"{path}: tensor {name}"
         self._offset = offset
         self._row0 = row0  # where the rows begin in `source` when the tensor is a part of a split one
+        self._lora = lora  # (A, B, scale) of the stored tensor's merged adapter
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         import torch
@@ -231,7 +244,11 @@ class LazyRows:
         if not t.is_floating_point():
             raise CheckpointError(f"{self._where} has dtype {t.dtype}; expected a float weight")
         t = t.to(torch.float32)
-        return (t + self._offset if self._offset else t).numpy()
+        out = (t + self._offset if self._offset else t).numpy()
+        if self._lora is not None:  # rows of the stored tensor: B's rows are the same ones
+            a, b, scale = self._lora
+            out = out + scale * (b[rows] @ a)
+        return out
 
     def read(self) -> np.ndarray:
         """The whole tensor as float32."""

@@ -201,6 +201,8 @@ SPECIAL_HELP = (
 @click.option("--force", is_flag=True, help="Replace OUT.qbin if it exists.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept a pytorch_model.bin-only checkpoint (loaded with torch.load(weights_only=True)).")
+@click.option("--merge-lora", type=click.Path(file_okay=False), default=None, metavar="ADAPTER_DIR",
+              help="Merge a peft LoRA adapter (qtune's, or peft's for this model) into the weights, then quantize.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:

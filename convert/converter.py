@@ -33,6 +33,7 @@ from .hf_import import import_hf_quantized
 from .hf_tokenizer import read_tokenizer
 from .options import ConvertOptions
 from .outliers import KeepTally
+from .lora_merge import merge_lora
 from .plan import ConvertError, plan, planned_sidecars, resolve_special, skipped
 from .provenance import CONVERTER, SourceFiles, created_timestamp
 from .prune import magnitude_store, parse_pattern, plan_pruning
@@ -152,7 +153,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, scheme: str | None =
     if options.dry_run and not options.allocating:
         return _dry_run(report, planned, prune_targets, tok.stored.nbytes, options, started)
 
-    sources = SourceFiles(src, [src / "config.json"] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files)
+    merged = merge_lora(ckpt, options.merge_lora) if options.merge_lora is not None else {}
+    sources = SourceFiles(src, [src / "config.json"] + ([gen_path] if gen else []) + ckpt.weight_files + tok.files,
+                          merged)
     source_files = sources.sha256()
     calibration = None
     if options.calibrated:

@@ -69,6 +69,7 @@ class ConvertOptions:
     force: bool = False
     dry_run: bool = False
     allow_pickle: bool = False
+    merge_lora: str | None = None  # a peft LoRA adapter folder merged into the float weights (lora_merge.py)
     progress: bool = True
     command: str | None = None
     method: str = "rtn"

@@ -28,9 +28,10 @@ class SourceFiles:
     edited, truncated or replaced in the meantime, which would leave a file whose tensors and
     recorded hashes describe different inputs."""
 
-    def __init__(self, root: Path, files: list[Path]):
-        self.root = root
-        self.files = sorted(set(files))
+    def __init__(self, root: Path, files: list[Path], others: dict[str, Path] | None = None):
+        """files: inputs inside root (named relative to it); others: inputs elsewhere, by name."""
+        self.names = {str(p.relative_to(root)): p for p in sorted(set(files))} | dict(others or {})
+        self.files = list(self.names.values())
         self.stamps = {p: self._stamp(p) for p in self.files}
 
     @staticmethod
@@ -42,8 +43,8 @@ class SourceFiles:
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
     def sha256(self) -> dict[str, str]:
-        """File name (relative to the root) -> hex SHA-256."""
-        return {str(p.relative_to(self.root)): file_sha256(p) for p in self.files}
+        """File name -> hex SHA-256."""
+        return {name: file_sha256(p) for name, p in self.names.items()}
 
     def check_unchanged(self) -> None:
         """Raise ConvertError naming the first input that changed since the conversion began."""

@@ -325,3 +325,55 @@ def test_bad_training_data_is_one_line(tiny_qbins, tmp_path):
     for data, message in [(bad, "bad.jsonl:1: no assistant message"), (tmp_path / "none.jsonl", "no such file")]:
         run = CliRunner().invoke(main, [str(tiny_qbins("llama")), "--data", str(data), "-o", str(tmp_path / "a")])
         assert run.exit_code == 2 and message in run.output and "Traceback" not in run.output, run.output
+
+
+
+@pytest.mark.parametrize("scheme", ["f16", "int4-g64"])
+def test_merge_lora_converts_what_peft_merges(tiny_qbins, tmp_path, scheme):
+    peft = pytest.importorskip("peft")
+    import shutil
+
+    import transformers
+
+    from qformat import QbinReader
+    from qformat.convert import convert
+
+    folder = tiny_qbins("llama").parent / "llama"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(9)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = 0.2 * torch.randn(p.shape, generator=gen)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    merged = tmp_path / "merged"  # what peft merges, saved as a checkpoint of its own
+    model.merge_and_unload().save_pretrained(str(merged))
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, merged / f.name)
+    convert(folder, tmp_path / "a.qbin", scheme, merge_lora=str(tmp_path / "adapter"), progress=False)
+    convert(merged, tmp_path / "b.qbin", scheme, progress=False)
+    convert(folder, tmp_path / "base.qbin", scheme, progress=False)
+    with QbinReader(tmp_path / "a.qbin") as a, QbinReader(tmp_path / "b.qbin") as b, \
+            QbinReader(tmp_path / "base.qbin") as base:
+        assert "lora/adapter_model.safetensors" in a.provenance.source_files
+        for name in a.names():
+            if name == "tokenizer":
+                continue
+            wa, wb = a[name].dequantize(), b[name].dequantize()
+            step = np.abs(wb).max() / (7 if scheme == "int4-g64" else 1000)
+            # float32 summation order may differ from peft's by an ulp: at most a rounding step apart
+            assert np.abs(wa - wb).max() <= step, name
+            assert np.mean(wa == wb) > 0.99, name
+        changed = [n for n in a.names() if n != "tokenizer" and not np.array_equal(a[n].dequantize(), base[n].dequantize())]
+    assert sorted(changed) == sorted(f"layers.{i}.{k}" for i in range(2) for k in ("attn.wq", "attn.wv", "ffn.w2"))
+
+
+def test_merge_lora_refuses_what_it_cannot_merge(tiny_qbins, tmp_path):
+    from qformat.convert import ConvertError, convert
+
+    folder = tiny_qbins("llama").parent / "llama"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConvertError, match="not a peft LoRA adapter"):
+        convert(folder, tmp_path / "x.qbin", "int8", merge_lora=str(tmp_path / "empty"), progress=False)
+    assert not (tmp_path / "x.qbin").exists()
