@@ -377,3 +377,39 @@ def test_merge_lora_refuses_what_it_cannot_merge(tiny_qbins, tmp_path):
     with pytest.raises(ConvertError, match="not a peft LoRA adapter"):
         convert(folder, tmp_path / "x.qbin", "int8", merge_lora=str(tmp_path / "empty"), progress=False)
     assert not (tmp_path / "x.qbin").exists()
+
+
+def _tune_rank(rank: int, world: int, port: int, base: str, data: str, out: str, compression: str) -> None:
+    import os
+
+    from qformat.tune import TuneOptions, tune
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    options = TuneOptions(rank=8, steps=20, context=64, batch_tokens=256, lr=5e-3, grad_compression=compression)
+    report = tune(base, data, out, options, progress=False)
+    torch.save({"curve": report.curve, "sent": report.bytes_sent, "uncompressed": report.bytes_uncompressed,
+                "processes": report.processes}, f"{out}.rank{rank}")
+
+
+@pytest.mark.parametrize("compression", ["qsgd:4", "none"])
+def test_two_processes_train_together_on_compressed_gradients(tiny_qbins, tmp_path, compression):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = _chat_file(tmp_path / "train.jsonl")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "adapter")
+    mp.spawn(_tune_rank, args=(2, port, str(tiny_qbins("llama")), str(data), out, compression), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.rank{r}", weights_only=False) for r in (0, 1))
+    held = [[(step, e) for step, _, e in r["curve"] if e is not None] for r in (r0, r1)]
+    assert r0["processes"] == 2 and held[0] == held[1]  # one model: one held-out curve (each its own batches)
+    first, last = r0["curve"][0][2], r0["curve"][-1][2]
+    assert last < 0.95 * first, r0["curve"]
+    ratio = r0["uncompressed"] / r0["sent"]
+    assert ratio > 6 if compression == "qsgd:4" else ratio == 1
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

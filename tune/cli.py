@@ -7,6 +7,7 @@ from qformat.convert.cli import InputError, OneLineCommand
 from qformat.errors import QbinError
 
 from .data import DataError
+from .distributed import COMPRESSIONS
 from .model import TARGETS
 from .train import TuneOptions, tune
 
@@ -45,6 +46,8 @@ def _targets(ctx, param, value: str) -> tuple[str, ...]:
               default=DEFAULTS.eval_fraction, show_default=True)
 @click.option("--eval-every", type=click.IntRange(0), default=DEFAULTS.eval_every, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(0), default=DEFAULTS.checkpoint_every, show_default=True)
+@click.option("--grad-compression", type=click.Choice(COMPRESSIONS), default=DEFAULTS.grad_compression,
+              show_default=True, help="Gradients between processes under torchrun (QSGD bits, float16 or none).")
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --output.")
 @click.option("--force", is_flag=True, help="Replace an existing --output.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
@@ -59,8 +62,11 @@ def main(base: str, data: str, eval_data: str | None, output: str, resume: bool,
         raise InputError(str(e)) from None
     except FileNotFoundError as e:
         raise InputError(f"{e.filename}: no such file") from None
-    if not quiet:
+    if not quiet and report.adapter.exists():
         first, last = report.eval_losses[0], report.eval_losses[-1]
         click.echo(f"{report.adapter}: {report.steps} steps, {report.tokens} tokens in {report.seconds:.1f} s; "
                    f"held-out loss {first:.4f} -> {last:.4f} ({100 * (last / first - 1):+.1f}%), "
                    f"{report.train_rows} training and {report.eval_rows} held-out sequences")
+        if report.processes > 1:
+            click.echo(f"{report.processes} processes; gradients sent per process: {report.bytes_sent} bytes "
+                       f"({report.bytes_uncompressed / max(report.bytes_sent, 1):.1f}x fewer than float32)")

@@ -89,9 +89,9 @@ class QSGDState:
     bytes_uncompressed: int = 0
 
 
-def qsgd_hook(state: QSGDState, bucket) -> torch.futures.Future:
+def qsgd_hook(state: QSGDState, bucket):  # no return annotation: DDP checks it, and this module's are strings
     """DDP communication hook: the bucket's gradient, QSGD-encoded, all-gathered, decoded and
-    averaged over the processes."""
+    averaged over the processes; returns the Future of that average (torch.futures.Future)."""
     import torch.distributed as dist
 
     grad = bucket.buffer()

@@ -18,6 +18,7 @@ from qformat.reader import QbinReader
 
 from .adapter import save_adapter
 from .data import DataError, Renderer, pack, read_examples
+from .distributed import data_parallel, world
 from .model import TARGETS, QuantDecoder
 
 CHECKPOINT = "checkpoint.pt"  # beside the adapter: what --resume reads
@@ -40,6 +41,7 @@ class TuneOptions:
     eval_fraction: float = 0.1  # of the examples, when no eval file is given
     eval_every: int = 0  # steps between evaluations (0: at the start and the end only)
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end only)
+    grad_compression: str = "qsgd:4"  # across processes (torchrun): qsgd:BITS, fp16 or none
     seed: int = 0
 
 
@@ -53,6 +55,9 @@ class TuneReport:
     steps: int
     tokens: int = 0
     seconds: float = 0.0
+    processes: int = 1
+    bytes_sent: int = 0  # gradient bytes this process sent (all processes send alike)
+    bytes_uncompressed: int = 0  # what float32 gradients would have been
     curve: list[tuple[int, float | None, float | None]] = field(default_factory=list)
 
     @property
@@ -110,12 +115,14 @@ def tune(base: str | Path, data: str | Path, out: str | Path, options: TuneOptio
         batch = max(1, options.batch_tokens // options.context)
         steps = options.steps or max(1, math.ceil(options.epochs * len(rows) / batch))
         model = QuantDecoder(reader, options.targets, options.rank, options.alpha, options.dropout)
+        rank, processes = world()
+        net, comm = data_parallel(model, options.grad_compression, options.seed, rank) if processes > 1 else (model, None)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
         warm = max(1, round(options.warmup * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        report = TuneReport(out, len(rows), len(eval_rows), steps)
+        report = TuneReport(out, len(rows), len(eval_rows), steps, processes=processes)
         gen = np.random.default_rng(options.seed)
         step = 0
         ckpt = out / CHECKPOINT
@@ -134,22 +141,25 @@ def tune(base: str | Path, data: str | Path, out: str | Path, options: TuneOptio
         else:
             report.curve.append((0, None, evaluate(model, eval_rows, eval_mask, batch)))
         bar = None
-        if progress:
+        if progress and rank == 0:
             from tqdm import tqdm
 
             bar = tqdm(total=steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True, desc="qtune")
         tick = time.perf_counter()
         while step < steps:
-            pick = gen.choice(len(rows), size=min(batch, len(rows)), replace=False)
+            # one draw for all processes (so the stream resumes alike), each taking its share
+            pick = gen.choice(len(rows), size=min(batch * processes, len(rows)), replace=False)[rank::processes]
             model.train()
-            loss, n = masked_loss(model, rows[pick], mask[pick])
+            loss, n = masked_loss(net, rows[pick], mask[pick])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             model.eval()
             step += 1
-            report.tokens += int(rows[pick].shape[0] * options.context)
+            report.tokens += int(rows[pick].shape[0] * options.context) * processes
+            if comm is not None:
+                report.bytes_sent, report.bytes_uncompressed = comm.bytes_sent, comm.bytes_uncompressed
             last = step == steps
             e = (evaluate(model, eval_rows, eval_mask, batch)
                  if last or (options.eval_every and step % options.eval_every == 0) else None)
@@ -158,7 +168,7 @@ def tune(base: str | Path, data: str | Path, out: str | Path, options: TuneOptio
                 rate = report.tokens / max(time.perf_counter() - tick, 1e-9)
                 bar.set_postfix(loss=f"{loss.item():.3f}", eval=f"{report.eval_losses[-1]:.3f}", tok_s=f"{rate:.0f}")
                 bar.update(1)
-            if last or (options.checkpoint_every and step % options.checkpoint_every == 0):
+            if rank == 0 and (last or (options.checkpoint_every and step % options.checkpoint_every == 0)):
                 save_adapter(model, out, base_model=Path(base).name, force=True)
                 state = {"options": dataclasses.asdict(options), "step": step, "curve": report.curve,
                          "tokens": report.tokens, "adapters": {k: v for k, v in model.state_dict().items() if "lora_" in k},
@@ -169,5 +179,9 @@ def tune(base: str | Path, data: str | Path, out: str | Path, options: TuneOptio
                 scratch.replace(ckpt)
         if bar is not None:
             bar.close()
+        if processes > 1:  # the others wait for rank 0's adapter
+            import torch.distributed as dist
+
+            dist.barrier()
     report.seconds = time.perf_counter() - started
     return report
