@@ -129,7 +129,7 @@ def tune(base: str | Path, data: str | Path, out: str | Path, options: TuneOptio
         if resume:
             if not ckpt.is_file():
                 raise DataError(f"{ckpt}: no checkpoint to resume; start without --resume")
-            state = torch.load(ckpt, weights_only=False)
+            state = torch.load(ckpt, weights_only=True)  # plain data and tensors: nothing a pickle could run
             if state["options"] != dataclasses.asdict(options):
                 raise DataError(f"{ckpt}: was written with other options ({state['options']}); resume with the same")
             model.load_state_dict(state["adapters"], strict=False)
