@@ -6,7 +6,8 @@ if __name__ == "kernels":
     # This folder is qformat.kernels. Run from the repository root (python -m, pytest), the root
     # is on sys.path, so the folder also answers `import kernels` and shadows Hugging Face's
     # `kernels` package, which transformers (>= 5.25) imports: hand that import to the installed
-    # package, or fail as a missing module would.
+    # package. Without one this stays an empty module with no version, which transformers'
+    # availability check (it imports the name as a last resort) takes for "not installed".
     import importlib.machinery
     import importlib.util
     import os
@@ -14,12 +15,9 @@ if __name__ == "kernels":
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or ".") != root])
-    if spec is None:
-        del sys.modules["kernels"]
-        raise ModuleNotFoundError("No module named 'kernels' (the folder kernels/ here is qformat.kernels)",
-                                  name="kernels")
-    sys.modules["kernels"] = module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if spec is not None:
+        sys.modules["kernels"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
 else:
     from .registry import LinearOp, backend, device_ops, fused_decoder, linear_op, registered
 

@@ -83,12 +83,15 @@ def sources_key(package_dir: Path) -> str:
     return h.hexdigest()[:16] + ("-portable" if PORTABLE else "")
 
 
-def cache_candidates(package_dir: Path) -> list[Path]:
-    """The folders the kernels may be cached in, in order of preference."""
+def cache_candidates(package_dir: Path):
+    """The folders the kernels may be cached in, in order of preference (the private temporary
+    one is made only when the others are passed over)."""
     key = sources_key(package_dir)
-    bases = [package_dir / "__pycache__" / "numba", _user_cache_dir()]
+    yield package_dir / "__pycache__" / "numba" / key
+    yield _user_cache_dir() / key
     temp = _private_temp_dir()
-    return [base / key for base in bases + ([temp] if temp is not None else [])]
+    if temp is not None:
+        yield temp / key
 
 
 def cache_dir(package_dir: Path) -> Path | None:
@@ -97,12 +100,13 @@ def cache_dir(package_dir: Path) -> Path | None:
     when none is."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return None
-    candidates = cache_candidates(package_dir)
-    for path in candidates:
+    tried = []
+    for path in cache_candidates(package_dir):
         if _writable(path):
             return path
-    raise RuntimeError("qformat: no writable folder for the compiled kernels (tried "
-                       + ", ".join(map(str, candidates)) + "); set NUMBA_CACHE_DIR to one")
+        tried.append(str(path))
+    raise RuntimeError(f"qformat: no writable folder for the compiled kernels (tried {', '.join(tried)}); "
+                       "set NUMBA_CACHE_DIR to one")
 
 
 def setup(package_dir: Path) -> None:
@@ -110,7 +114,7 @@ def setup(package_dir: Path) -> None:
     and make numba's cache files CheckedCacheFile."""
     path = cache_dir(package_dir)
     if path is not None:
-        if path.parent == _private_temp_dir():
+        if path.parent.name == f"qformat-numba-{os.getuid()}":  # the last resort: say so
             print(f"qformat: the package folder and {_user_cache_dir()} are read-only; the kernels are cached "
                   f"in {path} until the temporary folder is cleared (or set NUMBA_CACHE_DIR)", file=sys.stderr)
         os.environ["NUMBA_CACHE_DIR"] = str(path)
