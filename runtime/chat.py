@@ -8,9 +8,10 @@ from qformat.errors import QbinError
 
 
 MAX_RENDERED = 1 << 20  # characters a product or a rendered template may reach (templates come with files)
-# jinja2's compiler takes superlinear time in the nesting ({{ x ++++...+ y }}: 200 levels, 2.6 s,
-# found by tests/fuzz/fuzz.py); real templates nest a few dozen levels
-MAX_DEPTH = 100
+# jinja2's compiler takes superlinear time in the nesting ({{ x ++++...+ y }}: 200 levels, 2.6 s;
+# 90 levels, 0.5 s on a loaded machine: both found by tests/fuzz/fuzz.py); the templates models
+# ship nest 7 to 11 levels (tests/fuzz/seeds.py's, SmolLM2's)
+MAX_DEPTH = 50
 
 
 def _depth(node) -> int:
