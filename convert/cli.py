@@ -232,6 +232,9 @@ def main(ctx: click.Context, src: str, dst: str, quiet: bool, **fields) -> None:
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # the writer has removed its partial files
             raise InputError(f"{dst}: {e.strerror} while writing; nothing was written. Free space on its disk "
                              "(or raise the file-size limit) and run the conversion again") from None
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename and Path(e.filename).parent == Path(dst).parent:
+            raise InputError(f"{dst}: its folder is not writable ({e.strerror}); nothing was written. Choose an "
+                             "output folder you can write to") from None
         raise InputError(str(e)) from None
     except ValueError as e:  # ConvertError, CheckpointError, QbinError
         raise InputError(str(e)) from None

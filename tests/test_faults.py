@@ -169,6 +169,19 @@ def _read_only_prefix(folders: list[str]) -> list[str] | None:
     return prefix if probe.returncode == 0 else None
 
 
+def test_a_read_only_output_folder_is_one_line(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    prefix = _read_only_prefix([str(out)])
+    if prefix is None:
+        pytest.skip("this machine allows no private read-only mount")
+    run = subprocess.run([*prefix, *QCONVERT, str(tiny_checkpoint()), str(out / "m.qbin"), "-s", "int8", "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "its folder is not writable" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert list(out.iterdir()) == []
+
+
 def test_two_first_runs_share_an_empty_kernel_cache_then_survive_its_damage(qbin, tmp_path):
     """Two `qrun` at once on an empty numba cache (with the package folder and home mounted
     read-only where the machine allows it), then a cache with damaged entries."""
