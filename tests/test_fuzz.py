@@ -31,7 +31,7 @@ def work(tmp_path_factory):
     return work
 
 
-@pytest.mark.parametrize("target, runs", [("reader", 3000), ("tokenizer", 3000), ("template", 3000)])
+@pytest.mark.parametrize("target, runs", [("reader", 3000), ("tokenizer", 3000), ("template", 3000), ("gguf", 500)])
 def test_short_fuzz_pass_finds_nothing(work, target, runs):
     run = subprocess.run([sys.executable, str(FUZZ / "fuzz.py"), target, "--runs", str(runs), "--seed", "1",
                           "--work", str(work)], capture_output=True, text=True, timeout=600)

@@ -10,8 +10,10 @@ TARGET is one of
              Numba's bounds checks on (NUMBA_BOUNDSCHECK=1, kernels cached apart in --work)
   tokenizer  a tokenizer blob (first byte: the kind) built, self-tested, encoding and decoding
   template   a chat template rendered over a conversation
+  gguf       a GGUF file imported (convert/gguf_import.py, gguf-py's reader) into a scratch .qbin,
+             which is then read back with its checksums verified
 
-A finding is an exception other than QbinError, a crash, a hang over 2 s (-timeout=2) or memory
+A finding is an exception other than QbinError (ConvertError for gguf), a crash, a hang over 2 s (-timeout=2) or memory
 over 1 GB (-rss_limit_mb=1024); libFuzzer saves the input under --work/artifacts/ and exits
 non-zero. Inputs that once failed live in tests/fuzz/regressions/TARGET/ and are replayed by
 tests/test_fuzz.py. The seed corpus (seeds.py) is built under --work on the first run.
@@ -192,6 +194,19 @@ class Targets:
             return False
         return True
 
+    def gguf(self, data: bytes) -> bool:
+        from qformat import QbinReader
+        from qformat.convert import ConvertError, import_gguf
+
+        source, out = self.path.with_suffix(".gguf"), self.path.with_suffix(".out.qbin")
+        source.write_bytes(data)
+        try:
+            import_gguf(source, out, force=True)
+        except ConvertError:
+            return False
+        with QbinReader(out, verify=True):  # what the importer writes, the reader takes whole
+            return True
+
     def decode(self, data: bytes) -> bool:
         import qformat
 
@@ -273,7 +288,7 @@ def fresh_peak_rss() -> None:
 def main() -> None:
     fresh_peak_rss()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("target", choices=["reader", "decode", "tokenizer", "template"])
+    p.add_argument("target", choices=["reader", "decode", "tokenizer", "template", "gguf"])
     p.add_argument("--runs", type=int, default=10000, help="inputs to try (-1: until a finding)")
     p.add_argument("--seed", type=int, default=1, help="libFuzzer's seed: equal seeds, equal runs")
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qformat" / "fuzz",
@@ -290,10 +305,10 @@ def main() -> None:
 
         seeds.build(work / "seeds")
         return
-    if not (work / "seeds" / "decode").is_dir():  # built apart: it imports torch, and this process
+    if not (work / "seeds" / "gguf").is_dir():  # built apart: it imports torch, and this process
         subprocess.run([sys.executable, __file__, args.target, "--seeds-only", "--work", str(work)], check=True)
     # instrumented before anything imports them, so that libFuzzer sees their branches
-    include = ["qformat", "jinja2"] if args.target == "template" else ["qformat"]
+    include = {"template": ["qformat", "jinja2"], "gguf": ["qformat", "gguf"]}.get(args.target, ["qformat"])
     # (the Numba kernels load lazily, after this block: numba compiles their bytecode as written)
     with atheris.instrument_imports(include=include):
         import qformat.qinfo  # noqa: F401
@@ -301,7 +316,10 @@ def main() -> None:
         import qformat.runtime.chat  # noqa: F401
         import qformat.runtime.tokenizer  # noqa: F401
         import jinja2.sandbox  # noqa: F401  (render_chat imports it lazily)
-    corpus = {t: sorted((work / "seeds" / t).iterdir()) for t in ("reader", "decode", "tokenizer", "template")}
+        if args.target == "gguf":
+            import gguf  # noqa: F401
+            import qformat.convert.gguf_import  # noqa: F401
+    corpus = {t: sorted((work / "seeds" / t).iterdir()) for t in ("reader", "decode", "tokenizer", "template", "gguf")}
     targets = Targets(work)
     target = counted(getattr(targets, args.target), work / f"outcomes-{args.target}-{os.getpid()}.json")
     if args.target == "decode":  # compile every kernel the seeds use before the 2 s clock runs

@@ -24,7 +24,9 @@ from qbin_testutil import TOKENIZER_BYTES, add_fp_cols, add_offsets, add_perm, m
 from qformat import QbinWriter, parse_scheme  # noqa: E402
 from qformat.schemes import xz_tensor  # noqa: E402
 
-TARGETS = ("reader", "decode", "tokenizer", "template")
+TARGETS = ("reader", "decode", "tokenizer", "template", "gguf")
+# decode seeds exported as GGUF files (the gguf target), with the GGUF type to requantize to
+GGUF_SEEDS = {"llama-f16.qbin": None}  # the tiny models' rows (80) are no multiple of GGUF's blocks of 32
 TOKENIZER_KINDS = ("hf-json", "sentencepiece")
 
 # (arch, scheme, convert() options)
@@ -108,6 +110,11 @@ def build(dst: Path) -> dict[str, list[Path]]:
                 # the first byte chooses the kind (fuzz.py's tokenizer target)
                 (dirs["tokenizer"] / f"{kind}.bin").write_bytes(bytes([TOKENIZER_KINDS.index(kind)])
                                                                 + (ckpt / source).read_bytes())
+    if not any(dirs["gguf"].iterdir()):
+        from qformat.convert import export_gguf
+
+        for name, requantize in GGUF_SEEDS.items():
+            export_gguf(dirs["decode"] / name, dirs["gguf"] / name.replace(".qbin", ".gguf"), requantize)
     for path in dirs["decode"].iterdir():  # the runnable files are reader seeds too
         link = dirs["reader"] / path.name
         if not link.exists():
