@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import math
 import time
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def peft_curve(model_dir: Path, base: Path, train: Path, held: Path, options, ev
     from qformat import QbinReader
     from qformat.tune.data import Renderer, pack, read_examples
     from qformat.tune.model import TARGETS
-    from qformat.tune.train import masked_loss
+    from qformat.tune.train import cosine_schedule, evaluate, masked_loss
 
     with QbinReader(base) as reader:
         renderer = Renderer(reader)
@@ -91,22 +90,15 @@ def peft_curve(model_dir: Path, base: Path, train: Path, held: Path, options, ev
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
     steps = options.steps
-    warm = max(1, round(options.warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = cosine_schedule(opt, steps, options.warmup)
     batch = max(1, options.batch_tokens // options.context)
     gen = np.random.default_rng(options.seed)
 
-    def evaluate() -> float:
+    def held_out() -> float:
         model.eval()
-        total = count = 0
-        with torch.no_grad():
-            for i in range(0, len(eval_rows), batch):
-                loss, n = masked_loss(wrapped, eval_rows[i:i + batch], eval_mask[i:i + batch])
-                total, count = total + float(loss) * n, count + n
-        return total / max(count, 1)
+        return evaluate(wrapped, eval_rows, eval_mask, batch)
 
-    curve = [(0, evaluate())]
+    curve = [(0, held_out())]
     for step in range(1, steps + 1):
         pick = gen.choice(len(rows), size=min(batch, len(rows)), replace=False)
         model.train()
@@ -116,7 +108,7 @@ def peft_curve(model_dir: Path, base: Path, train: Path, held: Path, options, ev
         opt.step()
         sched.step()
         if step == steps or step % eval_every == 0:
-            curve.append((step, evaluate()))
+            curve.append((step, held_out()))
             click.echo(f"peft step {step}: held-out loss {curve[-1][1]:.4f}")
     return curve
 

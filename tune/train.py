@@ -65,6 +65,13 @@ class TuneReport:
         return [e for _, _, e in self.curve if e is not None]
 
 
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate rising linearly over the first `warmup` of the steps, then a cosine to zero."""
+    warm = max(1, round(warmup * steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
 def masked_loss(model: QuantDecoder, rows: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, int]:
     """Mean next-token cross entropy over the masked targets of `rows`, and their count."""
     logits = model(torch.from_numpy(rows[:, :-1]))
@@ -119,9 +126,7 @@ def tune(base: str | Path, data: str | Path, out: str | Path, options: TuneOptio
         net, comm = data_parallel(model, options.grad_compression, options.seed, rank) if processes > 1 else (model, None)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
-        warm = max(1, round(options.warmup * steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        sched = cosine_schedule(opt, steps, options.warmup)
         report = TuneReport(out, len(rows), len(eval_rows), steps, processes=processes)
         gen = np.random.default_rng(options.seed)
         step = 0
