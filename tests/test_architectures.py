@@ -142,13 +142,21 @@ def test_f16_logits_match_transformers(folders, files, arch, backend, request, m
 def test_quantized_logits_match_transformers_on_the_dequantized_weights(folders, files, arch, scheme, decode_tol):
     qbin = files(arch, scheme)
     ids = prompt(qbin, seed=6)
-    ours = run_logits(Transformer(QbinReader(qbin)), ids)
+    model = Transformer(QbinReader(qbin))
+    ours = run_logits(model, ids)
     theirs = hf_logits(hf_model(folders(arch), qbin), ids)
     scale = np.abs(theirs).max()
     prefill, decode = (np.abs(ours - theirs)[rows].max() / scale for rows in (slice(PREFILL), slice(PREFILL, None)))
     print(f"{arch} {scheme}: max |ours - transformers| / max |logit|: prefill {prefill:.2e}, decode {decode:.2e}")
-    assert prefill <= 1e-4
+    assert prefill <= (decode_tol if prefills_on_int8(model) else 1e-4)
     assert decode <= decode_tol
+
+
+def prefills_on_int8(model: Transformer) -> bool:
+    """Whether some projection runs a prompt's rows on int8 activations as it runs decode rows
+    (q4 on AVX512-VNNI CPUs, kernels/cpu/gemm_vnni.py): the prompt then has decode's error."""
+    return any(getattr(getattr(step, "op", None), "act_group", None) is not None
+               for layer in model.layers for step in layer.steps)
 
 
 # The emulated CUDA device runs a decode step of these models in about 1.4 s (a std::thread per

@@ -26,8 +26,9 @@ from seeds import TEMPLATES  # noqa: E402
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("fuzz")
-    subprocess.run([sys.executable, str(FUZZ / "fuzz.py"), "reader", "--seeds-only", "--work", str(work)],
-                   check=True, capture_output=True)
+    built = subprocess.run([sys.executable, str(FUZZ / "fuzz.py"), "reader", "--seeds-only", "--work", str(work)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
     return work
 
 
