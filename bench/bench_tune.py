@@ -7,7 +7,8 @@ function of a set of standard-library modules with a docstring, the conversation
 `module.function` do?" answered by the docstring's first paragraph; one in ten (by a hash of the
 name) is held out. qtune trains adapters on BASE.qbin (frozen quantized weights); with --model,
 peft trains the same adapters (rank, alpha, targets, learning rate, batches) on the float
-transformers model of MODEL_DIR. One line per evaluation; the held-out loss curves go to --plot.
+transformers model of MODEL_DIR, and qtune's adapter is loaded by peft onto that model and evaluated
+on the same held-out rows. One line per evaluation; the held-out loss curves go to --plot.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def instructions() -> list[tuple[str, dict]]:
 
 def write_data(folder: Path) -> tuple[Path, Path, int, int]:
     """train.jsonl and eval.jsonl in `folder`; one in ten held out by a hash of the name."""
+    import torch  # noqa: F401  (torch.package replaces inspect.getfile, undocumented, on import: the data
+    # must not depend on whether torch came first)
     train, held = [], []
     for key, row in instructions():
         (held if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10 == 0 else train).append(row)
@@ -99,6 +102,7 @@ def peft_curve(model_dir: Path, base: Path, train: Path, held: Path, options, ev
         return evaluate(wrapped, eval_rows, eval_mask, batch)
 
     curve = [(0, held_out())]
+    click.echo(f"peft step 0: held-out loss {curve[0][1]:.4f}")
     for step in range(1, steps + 1):
         pick = gen.choice(len(rows), size=min(batch, len(rows)), replace=False)
         model.train()
@@ -111,6 +115,36 @@ def peft_curve(model_dir: Path, base: Path, train: Path, held: Path, options, ev
             curve.append((step, held_out()))
             click.echo(f"peft step {step}: held-out loss {curve[-1][1]:.4f}")
     return curve
+
+
+def peft_with_our_adapter(model_dir: Path, base: Path, adapter: Path, held: Path, options,
+                          dequantized: bool) -> float:
+    """The held-out loss of qtune's adapter loaded by peft (PeftModel.from_pretrained) onto the
+    float transformers model: on BASE's dequantized weights (the base qtune trained on), or on
+    the checkpoint's own (what a user who takes the adapter elsewhere gets)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qformat import QbinReader
+    from qformat.tune.adapter import dequantized_state
+    from qformat.tune.data import Renderer, pack, read_examples
+    from qformat.tune.train import evaluate
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with QbinReader(base) as reader:
+        rows, mask = pack(read_examples(held, Renderer(reader)), options.context)
+        if dequantized:
+            hf.load_state_dict(dequantized_state(reader), strict=False)
+            if hf.config.tie_word_embeddings:
+                hf.tie_weights()
+    model = PeftModel.from_pretrained(hf, str(adapter)).eval()
+
+    class Logits(torch.nn.Module):
+        def forward(self, tokens):
+            return model(input_ids=tokens).logits
+
+    return evaluate(Logits(), rows, mask, max(1, options.batch_tokens // options.context))
 
 
 @click.command()
@@ -144,6 +178,11 @@ def main(base: Path, model_dir: Path | None, steps: int, eval_every: int, rank: 
     click.echo(f"qtune: {report.steps} steps, {report.tokens} tokens, {seconds:.0f} s "
                f"({report.tokens / seconds:.0f} tokens/s); held-out loss {first:.4f} -> {last:.4f} "
                f"({100 * (last / first - 1):+.1f}%)")
+    for dequantized in (True, False) if model_dir else ():
+        loaded = peft_with_our_adapter(model_dir, base, out / "adapter", held, options, dequantized)
+        on = f"{base.name}'s dequantized weights" if dequantized else "the checkpoint's own weights"
+        click.echo(f"peft with qtune's adapter on the float model, {on}: held-out loss {loaded:.4f} "
+                   f"({100 * (loaded / last - 1):+.2f}% of qtune's {last:.4f})")
     theirs = peft_curve(model_dir, base, train, held, options, eval_every) if model_dir else None
     if plot:
         import matplotlib

@@ -35,7 +35,7 @@ class Architecture:
     layer_pattern_key: str | None = None
     norm_offset: float = 0.0  # added to every norm weight at conversion: Gemma's norms multiply by (1 + w)
     embed_scale: bool = False  # the embeddings' rows are multiplied by sqrt(hidden_size) (Gemma)
-    renames: tuple[tuple[T.TensorName, str], ...] = ()  # HF names that differ from _HF_NAMES'
+    renames: tuple[tuple[T.TensorName, str], ...] = ()  # HF names that differ from T.HF_NAMES'
     # fused HF tensors split at conversion into the tensors listed, stacked along the rows in
     # that order, each with the ModelArgs field giving its rows (Phi-3's qkv_proj, gate_up_proj)
     splits: tuple[tuple[str, tuple[tuple[T.TensorName, str], ...]], ...] = ()
@@ -47,14 +47,14 @@ class Architecture:
 
     def split_parts(self, args, layer: int) -> list[tuple[str, list[tuple[str, int]]]]:
         """(fused HF name, [(HF name of a part, its rows), ...]) of each split tensor of a layer."""
-        names = {**_HF_NAMES, **dict(self.renames)}
+        names = {**T.HF_NAMES, **dict(self.renames)}
         return [(fused.format(i=layer), [(names[t].format(i=layer), int(getattr(args, rows))) for t, rows in parts])
                 for fused, parts in self.splits]
 
     def stack_parts(self, args, layer: int) -> list[tuple[str, list[str]]]:
         """(the stacked tensor's HF-side name, its experts' HF names in order) of each stacked
         tensor of a layer."""
-        names = {**_HF_NAMES, **dict(self.renames)}
+        names = {**T.HF_NAMES, **dict(self.renames)}
         return [(names[t].format(i=layer), [part.format(i=layer, e=e) for e in range(args.n_experts)])
                 for t, part in self.stacks]
 
@@ -126,30 +126,7 @@ class TensorRule:
         return self.tensor.per_layer
 
 
-# Every qbin tensor in the order of qformat.tensors.TENSORS (the file's byte order).
-_HF_NAMES = {
-    T.TOK_EMBEDDINGS: "model.embed_tokens.weight",
-    T.ATTN_NORM: "model.layers.{i}.input_layernorm.weight",
-    T.ATTN_Q: "model.layers.{i}.self_attn.q_proj.weight",
-    T.ATTN_Q_BIAS: "model.layers.{i}.self_attn.q_proj.bias",
-    T.ATTN_K: "model.layers.{i}.self_attn.k_proj.weight",
-    T.ATTN_K_BIAS: "model.layers.{i}.self_attn.k_proj.bias",
-    T.ATTN_V: "model.layers.{i}.self_attn.v_proj.weight",
-    T.ATTN_V_BIAS: "model.layers.{i}.self_attn.v_proj.bias",
-    T.ATTN_OUT: "model.layers.{i}.self_attn.o_proj.weight",
-    T.ATTN_Q_NORM: "model.layers.{i}.self_attn.q_norm.weight",
-    T.ATTN_K_NORM: "model.layers.{i}.self_attn.k_norm.weight",
-    T.ATTN_POST_NORM: "",  # only under an architecture's renames
-    T.FFN_NORM: "model.layers.{i}.post_attention_layernorm.weight",
-    T.FFN_ROUTER: "",
-    T.FFN_GATE: "model.layers.{i}.mlp.gate_proj.weight",
-    T.FFN_UP: "model.layers.{i}.mlp.up_proj.weight",
-    T.FFN_DOWN: "model.layers.{i}.mlp.down_proj.weight",
-    T.FFN_POST_NORM: "",
-    T.OUTPUT_NORM: "model.norm.weight",
-    T.OUTPUT: "lm_head.weight",
-}
-TENSOR_MAP: tuple[TensorRule, ...] = tuple(TensorRule(_HF_NAMES[t], t) for t in T.TENSORS)
+TENSOR_MAP: tuple[TensorRule, ...] = tuple(TensorRule(T.HF_NAMES[t], t) for t in T.TENSORS)
 
 # Checkpoint entries that carry no weights (old Llama checkpoints saved RoPE's inverse
 # frequencies as a buffer); they are recomputed from the config and never read.
@@ -177,5 +154,5 @@ def tensor_rules(arch: Architecture, n_layers: int) -> list[tuple[str, str, str]
     def exists(t: T.TensorName) -> bool:
         return t.flag is None or bool(getattr(arch, t.flag))
 
-    names = {**_HF_NAMES, **dict(arch.renames)}
+    names = {**T.HF_NAMES, **dict(arch.renames)}
     return [(names[t].format(i=layer), t.name(layer), t.role) for t, layer in T.file_order(n_layers, exists)]

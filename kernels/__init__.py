@@ -19,6 +19,6 @@ if __name__ == "kernels":
         sys.modules["kernels"] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
 else:
-    from .registry import LinearOp, backend, device_ops, fused_decoder, linear_op, registered
+    from .registry import LinearOp, backend, device_ops, fused_decoder, linear_op, lora_op, registered
 
-    __all__ = ["LinearOp", "backend", "device_ops", "fused_decoder", "linear_op", "registered"]
+    __all__ = ["LinearOp", "backend", "device_ops", "fused_decoder", "linear_op", "lora_op", "registered"]

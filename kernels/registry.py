@@ -78,6 +78,12 @@ def linear_op(device: str, tensor: Tensor) -> LinearOp:
     return factory(tensor)
 
 
+def lora_op(device: str, op: LinearOp, a: np.ndarray, b: np.ndarray) -> LinearOp:
+    """`op` with a LoRA adapter beside it on `device`: W x + B (A x) for A (r, in) and B (out, r)
+    float32, the adapter's scale already in B (kernels/lora.py)."""
+    return backend(device).LoraOp(op, a, b, backend(device).DEVICE_OPS)
+
+
 def fused_decoder(device: str, blocks: list, reader, args, cache, cos, sin, linears: dict):
     """A callable (embedding, position) -> logits running a whole decode step of `blocks`
     (qformat.block.decoder(args)) in one call, or None where the device has none or some tensor

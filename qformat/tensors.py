@@ -72,6 +72,31 @@ TENSORS: tuple[TensorName, ...] = (
     ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_ROUTER, FFN_GATE, FFN_UP, FFN_DOWN, FFN_POST_NORM,
     OUTPUT_NORM, OUTPUT,
 )
+# The Hugging Face name of every entry, as transformers' Llama family spells it ("{i}" the layer);
+# an architecture renames some (convert/architectures.py) but never a projection, so that an adapter
+# in peft's layout finds its projection by these names (runtime/lora.py).
+HF_NAMES = {
+    TOK_EMBEDDINGS: "model.embed_tokens.weight",
+    ATTN_NORM: "model.layers.{i}.input_layernorm.weight",
+    ATTN_Q: "model.layers.{i}.self_attn.q_proj.weight",
+    ATTN_Q_BIAS: "model.layers.{i}.self_attn.q_proj.bias",
+    ATTN_K: "model.layers.{i}.self_attn.k_proj.weight",
+    ATTN_K_BIAS: "model.layers.{i}.self_attn.k_proj.bias",
+    ATTN_V: "model.layers.{i}.self_attn.v_proj.weight",
+    ATTN_V_BIAS: "model.layers.{i}.self_attn.v_proj.bias",
+    ATTN_OUT: "model.layers.{i}.self_attn.o_proj.weight",
+    ATTN_Q_NORM: "model.layers.{i}.self_attn.q_norm.weight",
+    ATTN_K_NORM: "model.layers.{i}.self_attn.k_norm.weight",
+    ATTN_POST_NORM: "",  # only under an architecture's renames
+    FFN_NORM: "model.layers.{i}.post_attention_layernorm.weight",
+    FFN_ROUTER: "",
+    FFN_GATE: "model.layers.{i}.mlp.gate_proj.weight",
+    FFN_UP: "model.layers.{i}.mlp.up_proj.weight",
+    FFN_DOWN: "model.layers.{i}.mlp.down_proj.weight",
+    FFN_POST_NORM: "",
+    OUTPUT_NORM: "model.norm.weight",
+    OUTPUT: "lm_head.weight",
+}
 # The bias of each projection that has one (qkv_bias).
 BIAS_OF = {ATTN_Q: ATTN_Q_BIAS, ATTN_K: ATTN_K_BIAS, ATTN_V: ATTN_V_BIAS}
 # The name of the bytes tensor the converter stores the tokenizer file in.

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 
-def load(path, device: str = "cpu", threads: int | None = None, context: int | None = None,
-         verify: bool = False):
-    """Open a .qbin file for generation on `device` ("cpu", "cuda" or "auto"); see
-    qformat.runtime.api.load and Model."""
+def load(path, device: str = "cpu", **kwargs):
+    """Open a .qbin file for generation on `device` ("cpu", "cuda" or "auto"); the other
+    arguments (threads, context, verify, kv_blocks, lora, lora_scale) are
+    qformat.runtime.api.load's."""
     from .api import load as _load
 
-    return _load(path, device=device, threads=threads, context=context, verify=verify)
+    return _load(path, device=device, **kwargs)
 
 
 __all__ = ["load"]

@@ -14,6 +14,7 @@ from .chat import Conversation, render_chat
 from .engine import Engine, Request
 from .generate import GenerationStats, Session, generate
 from .grammar import json_schema_grammar
+from .lora import LoraPair, read_adapter
 from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -25,7 +26,7 @@ class Model:
     """A qbin model ready to generate. Weights stay in the memory map; nothing is copied."""
 
     def __init__(self, reader: QbinReader, device: str = "cpu", context: int | None = None,
-                 kv_blocks: int | None = None):
+                 kv_blocks: int | None = None, lora: dict[str, LoraPair] | None = None):
         self.reader = reader
         self.args = reader.model
         self.device = device
@@ -35,7 +36,7 @@ class Model:
         self.tokenizer = Tokenizer(info, reader.raw_bytes(info.tensor), bos_id=self.args.bos_token_id,
                                    source=reader.path)
         self.tokenizer.selftest(reader.path)
-        self.transformer = Transformer(reader, device, context, kv_blocks=kv_blocks)
+        self.transformer = Transformer(reader, device, context, kv_blocks=kv_blocks, lora=lora)
         self.engine = Engine(self.transformer, self.tokenizer, max_batch=1)
         self.stats = GenerationStats()  # of the last generate() call
         self.chat_template = reader.chat_template
@@ -120,11 +121,21 @@ def resolve_device(device: str) -> tuple[str, str]:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-         context: int | None = None, verify: bool = False, kv_blocks: int | None = None) -> Model:
+         context: int | None = None, verify: bool = False, kv_blocks: int | None = None,
+         lora: str | os.PathLike | None = None, lora_scale: float = 1.0) -> Model:
     """Open a .qbin file and build its model on `device`: "cpu", "cuda" (an NVIDIA GPU through
     CuPy) or "auto" (the GPU when there is one; `Model.device` says which). threads: CPU kernel
     threads (default: all cores). context: positions per sequence (default: the model's
-    max_seq_len). kv_blocks: blocks of the KV pool (default: one sequence of the whole context)."""
+    max_seq_len). kv_blocks: blocks of the KV pool (default: one sequence of the whole context).
+    lora: a LoRA adapter folder in peft's layout (qtune's output, or peft's own) run beside the
+    file's projections, its product times lora_scale (the CPU's one-call decode step runs it too;
+    on a GPU, decode then runs per operation)."""
     device, _ = resolve_device(device)
     device_ops(device).set_threads(threads)
-    return Model(QbinReader(path, verify=verify), device, context, kv_blocks)
+    reader = QbinReader(path, verify=verify)
+    try:
+        adapter = read_adapter(lora, reader, lora_scale) if lora is not None else None
+        return Model(reader, device, context, kv_blocks, adapter)
+    except BaseException:
+        reader.close()
+        raise

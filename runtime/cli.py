@@ -4,6 +4,7 @@ perplexity.
     qrun model.qbin --prompt "The capital of France is"
     echo "Hello" | qrun model.qbin --chat --system "Be brief."
     qrun model.qbin --ppl-default --reference f16.qbin
+    qrun model.qbin --lora adapter/ --chat --prompt "add 2 and 3"
 
 Bad input (a file that is not a valid qbin, an unknown option, an empty or too long prompt) is
 reported on one line and exits with status 2.
@@ -51,6 +52,10 @@ class BadInput(click.ClickException):
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where to run: the CPU, an NVIDIA GPU (CuPy), or the GPU when there is one.")
 @click.option("--context", type=click.IntRange(min=1), default=None, help="KV cache length [model's maximum].")
+@click.option("--lora", type=click.Path(path_type=Path), default=None,
+              help="A LoRA adapter folder in peft's layout (qtune -o) to run beside the file's projections.")
+@click.option("--lora-scale", type=float, default=1.0, show_default=True,
+              help="With --lora: multiply the adapter's product by this (0: the base model).")
 @click.option("--quiet", "-q", is_flag=True, help="No timings on stderr.")
 @click.option("--ppl", "ppl_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Measure perplexity on this text file (EVAL.md protocol) instead of generating.")
@@ -62,8 +67,8 @@ class BadInput(click.ClickException):
 @click.option("--window", type=click.IntRange(min=2), default=512, show_default=True,
               help="With --ppl: tokens per window.")
 def cli(file, prompt, prompt_file, chat, system, max_tokens, temperature, top_k, top_p, min_p,
-        repeat_penalty, seed, stop, schema_file, threads, device, context, quiet, ppl_file, ppl_default, reference, windows,
-        window):
+        repeat_penalty, seed, stop, schema_file, threads, device, context, lora, lora_scale, quiet, ppl_file, ppl_default,
+        reference, windows, window):
     """Run the .qbin model FILE."""
     if reference is not None and not (ppl_file or ppl_default):
         raise BadInput("--reference only applies to --ppl/--ppl-default")
@@ -75,7 +80,9 @@ def cli(file, prompt, prompt_file, chat, system, max_tokens, temperature, top_k,
         raise BadInput(f"--{e}") from None
     if not quiet and why != "asked for":
         click.echo(f"device: {device} ({why})", err=True)
-    model = load(file, device=device, threads=threads, context=context)
+    if lora is None and lora_scale != 1.0:
+        raise BadInput("--lora-scale only applies with --lora")
+    model = load(file, device=device, threads=threads, context=context, lora=lora, lora_scale=lora_scale)
     if ppl_file or ppl_default:
         _perplexity(model, ppl_file, reference, threads, windows, window, quiet)
         return

@@ -17,12 +17,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from qformat import block as B
-from qformat.kernels import device_ops, fused_decoder, linear_op, reference
+from qformat.kernels import device_ops, fused_decoder, linear_op, lora_op, reference
 from qformat.reader import QbinReader
 from qformat.rope import model_rope_tables
 from qformat.tensors import TOK_EMBEDDINGS
 
 from .kvcache import BLOCK_SIZE, BlockPool, SequenceKV
+from .lora import LoraPair
 
 # Prompts shorter than this run through the fused decode step (when there is one).
 FUSED_PROMPT_TOKENS = 8
@@ -38,8 +39,10 @@ class Model:
     ops by tensor name (each built once, so a tied head shares the embeddings' op), the RoPE
     tables (one per qformat.rope.rope_variants entry) and the KV pool."""
 
-    def __init__(self, reader: QbinReader, device: str, context: int, pool: BlockPool):
+    def __init__(self, reader: QbinReader, device: str, context: int, pool: BlockPool,
+                 lora: dict[str, LoraPair] | None = None):
         self.reader = reader
+        self.lora = lora or {}
         self.args = reader.model
         self.device = device
         self.ops = device_ops(device)
@@ -58,7 +61,10 @@ class Model:
                 whole = self.reader[stacked]
                 rows = whole.shape[0] // self.args.n_experts
                 tensor = whole.row_range(e * rows, (e + 1) * rows, name)
-            self.linears[name] = linear_op(self.device, tensor)
+            op = linear_op(self.device, tensor)
+            if name in self.lora:
+                op = lora_op(self.device, op, self.lora[name].a, self.lora[name].b)
+            self.linears[name] = op
         return self.linears[name]
 
     def vector(self, name: str):
@@ -305,16 +311,17 @@ class Transformer:
     sequences; forward(tokens, pos) runs its own default sequence (one at a time)."""
 
     def __init__(self, reader: QbinReader, device: str = "cpu", context: int | None = None, fused: bool = True,
-                 kv_blocks: int | None = None):
+                 kv_blocks: int | None = None, lora: dict[str, LoraPair] | None = None):
         """context: positions per sequence (default the model's max_seq_len); kv_blocks: the
-        pool's blocks (default: one sequence of the whole context)."""
+        pool's blocks (default: one sequence of the whole context); lora: an adapter beside the
+        projections it names (runtime/lora.py read_adapter)."""
         args = reader.model
         self.args = args
         self.context = min(args.max_seq_len, context or args.max_seq_len)
         self.ops = device_ops(device)
         per_sequence = -(-self.context // BLOCK_SIZE)
         self.pool = BlockPool(args, kv_blocks or per_sequence, self.context, device)
-        model = Model(reader, device, self.context, self.pool)
+        model = Model(reader, device, self.context, self.pool, lora)
         self.description = B.decoder(args)  # every layer's block, then the output block
         with self.ops.loading(reader):  # a GPU copies the weights up here, layer by layer
             self.tok_embeddings = model.linear(TOK_EMBEDDINGS.name())  # (vocab, dim)

@@ -505,13 +505,14 @@ class Server:
 
 def build_server(path: str | Path, parallel: int = 8, context: int | None = None, threads: int | None = None,
                  device: str = "cpu", api_key: str | None = None, name: str | None = None,
-                 limits: Limits | None = None) -> Server:
-    """A Server for the .qbin at path: a KV pool of `parallel` sequences of `context` positions."""
+                 limits: Limits | None = None, lora: str | Path | None = None, lora_scale: float = 1.0) -> Server:
+    """A Server for the .qbin at path: a KV pool of `parallel` sequences of `context` positions;
+    lora: a LoRA adapter folder (peft's layout) every request runs with."""
     limits = limits or Limits(parallel=parallel)
     longest = QbinReader(path).model.max_seq_len
     context = min(longest, context or longest)
     model = load(path, device=device, threads=threads, context=context,
-                 kv_blocks=-(-context // BLOCK_SIZE) * limits.parallel)
+                 kv_blocks=-(-context // BLOCK_SIZE) * limits.parallel, lora=lora, lora_scale=lora_scale)
     return Server(model, name or Path(path).stem, limits, api_key)
 
 
@@ -530,9 +531,13 @@ def build_server(path: str | Path, parallel: int = 8, context: int | None = None
 @click.option("--model-name", default=None, help="The model id clients send [the file's name without .qbin].")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds a request may run before it is cut.")
+@click.option("--lora", type=click.Path(path_type=Path), default=None,
+              help="A LoRA adapter folder in peft's layout (qtune -o) to serve the model with.")
+@click.option("--lora-scale", type=float, default=1.0, show_default=True, help="With --lora: the adapter's weight.")
 @click.option("--drain", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM: seconds running requests may finish in; no new ones are accepted.")
-def main(file, host, port, parallel, max_queue, context, threads, device, api_key, model_name, timeout, drain):
+def main(file, host, port, parallel, max_queue, context, threads, device, api_key, model_name, timeout, lora,
+         lora_scale, drain):
     """Serve FILE over the OpenAI API (chat, completions, embeddings, models)."""
     import uvicorn
 
@@ -541,7 +546,7 @@ def main(file, host, port, parallel, max_queue, context, threads, device, api_ke
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         server = build_server(file, parallel, context, threads, device, api_key, model_name,
-                              Limits(parallel=parallel, max_queue=max_queue, timeout_s=timeout))
+                              Limits(parallel=parallel, max_queue=max_queue, timeout_s=timeout), lora, lora_scale)
     except (QbinError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     log.info("serving %s as %r on http://%s:%d (%d sequences of %d positions, %d KV blocks)", file, server.name,

@@ -151,6 +151,8 @@ def tiny_qbins(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "olmo2", "phi3"])
 def test_the_decoder_gives_the_runtimes_logits(tiny_qbins, arch):
+    from test_architectures import prefills_on_int8
+
     import qformat
     from qformat import QbinReader
     from qformat.tune.model import QuantDecoder
@@ -159,8 +161,12 @@ def test_the_decoder_gives_the_runtimes_logits(tiny_qbins, arch):
     tokens = [5, 17, 33, 2, 9, 100, 7, 8, 61, 3, 44, 12]
     with QbinReader(path) as reader, torch.no_grad():
         ours = QuantDecoder(reader, rank=4, alpha=8)(torch.tensor([tokens])).numpy()[0]
-    theirs = np.asarray(qformat.load(path, threads=1).logits(tokens))
-    assert np.abs(ours - theirs).max() <= 2e-3 * max(1.0, np.abs(theirs).max())
+    runtime = qformat.load(path, threads=1)
+    theirs = np.asarray(runtime.logits(tokens))
+    # the torch model multiplies float activations; the runtime's q4 prompt rows are int8 on
+    # AVX512-VNNI CPUs (measured there: up to 1.9e-2 of the largest logit, Gemma 2)
+    tol = 5e-2 if prefills_on_int8(runtime.transformer) else 2e-3
+    assert np.abs(ours - theirs).max() <= tol * max(1.0, np.abs(theirs).max())
 
 
 def test_training_moves_only_the_adapters_and_lowers_the_loss(tiny_qbins):
@@ -197,10 +203,9 @@ def test_training_moves_only_the_adapters_and_lowers_the_loss(tiny_qbins):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_the_adapter_is_peft_s_and_peft_gives_the_same_logits_on_the_float_model(tiny_qbins, tmp_path, arch):
     peft = pytest.importorskip("peft")
-    import transformers
+    from tiny_models import float_model_on
 
     from qformat import QbinReader
-    from qformat.convert.architectures import TENSOR_MAP
     from qformat.tune.adapter import load_adapter, save_adapter
     from qformat.tune.model import QuantDecoder
 
@@ -214,16 +219,7 @@ def test_the_adapter_is_peft_s_and_peft_gives_the_same_logits_on_the_float_model
         with torch.no_grad():
             ours = model(tokens)
         folder = save_adapter(model, tmp_path / "adapter", base_model=arch)
-        state = {}  # the float model transformers builds, on the file's dequantized weights
-        for rule in TENSOR_MAP:
-            for i in range(reader.model.n_layers) if rule.per_layer else [None]:
-                if rule.qbin_name(i) in reader:
-                    state[rule.hf_name(i)] = torch.from_numpy(reader[rule.qbin_name(i)].dequantize().copy())
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent / arch), dtype=torch.float32)
-        hf.load_state_dict(state, strict=False)
-        if hf.config.tie_word_embeddings:
-            hf.tie_weights()
-        peft_model = peft.PeftModel.from_pretrained(hf.eval(), str(folder))
+        peft_model = peft.PeftModel.from_pretrained(float_model_on(path.parent / arch, path), str(folder))
         with torch.no_grad():
             theirs = peft_model(tokens).logits
             with peft_model.disable_adapter():

@@ -167,3 +167,20 @@ def make_tiny_checkpoint(dst_dir, arch: str = "llama", tied: bool = True, dtype:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(dst, max_shard_size=max(total // 3, 1) if sharded else "50GB")
     return dst
+
+
+def float_model_on(folder, qbin):
+    """transformers' float32 model of the checkpoint `folder` with the qbin file's dequantized
+    weights (what peft runs on when it is compared with a qbin model)."""
+    import torch
+    import transformers
+
+    from qformat import QbinReader
+    from qformat.tune.adapter import dequantized_state
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with QbinReader(qbin) as reader:
+        model.load_state_dict(dequantized_state(reader), strict=False)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

@@ -17,14 +17,19 @@ WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what peft's PeftModel puts before the base model's module names
 
 
+def _architecture(args):
+    arch = next((a for a in ARCHITECTURES.values() if a.arch == args.arch), None)
+    if arch is None:
+        raise ValueError(f"architecture {args.arch!r} has no Hugging Face module names")
+    return arch
+
+
 def hf_modules(model: QuantDecoder) -> dict[str, str]:
     """Adapted tensor (layers.{i}.<key>) -> the Hugging Face module it adapts. ValueError for an
     architecture whose projections are not one module each in transformers (Phi-3's fused
     qkv_proj and gate_up_proj are split in the file)."""
     args = model.args
-    arch = next((a for a in ARCHITECTURES.values() if a.arch == args.arch), None)
-    if arch is None:
-        raise ValueError(f"architecture {args.arch!r} has no Hugging Face module names")
+    arch = _architecture(args)
     names = {qbin: hf for hf, qbin, _ in tensor_rules(arch, args.n_layers)}
     fused = {part for layer in range(args.n_layers) for _, parts in arch.split_parts(args, layer) for part, _ in parts}
     out = {}
@@ -35,6 +40,19 @@ def hf_modules(model: QuantDecoder) -> dict[str, str]:
                              "adapt it alone")
         out[name] = hf.removesuffix(".weight")
     return out
+
+
+def dequantized_state(reader) -> dict[str, torch.Tensor]:
+    """{Hugging Face name: float32 tensor} of every weight of the qbin file, dequantized: loaded
+    into the float transformers model (load_state_dict(..., strict=False)), it makes peft run on
+    exactly the base qtune trained on. ValueError for an architecture without HF names or with
+    fused HF tensors (Phi-3)."""
+    args = reader.model
+    arch = _architecture(args)
+    if arch.splits:
+        raise ValueError(f"{arch.hf_name} fuses tensors the file splits; its weights have no one-to-one HF names")
+    return {hf: torch.from_numpy(reader[name].dequantize().copy())
+            for hf, name, _ in tensor_rules(arch, args.n_layers) if name in reader}
 
 
 def save_adapter(model: QuantDecoder, folder: str | Path, base_model: str = "", *, force: bool = False) -> Path:

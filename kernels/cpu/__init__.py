@@ -10,7 +10,8 @@ The layouts it runs (the registry reads LINEAR_OPS) and where each one's decode 
                                                      VNNI+VBMI CPUs); others: gemv_nm
   any grouped kind, W8A8      int8.W8A8Op            per-channel q8: int8.GEMV (vpdpbusd)
 Prefill of q4 and W8A8 goes through gemm_vnni on VNNI CPUs, everything else through BLAS on
-dequantized rows (base.LinearBase.gemm). The decode step of a whole model is fused.py's.
+dequantized rows (base.LinearBase.gemm). The decode step of a whole model is fused.py's; a LoRA
+adapter beside any of these is lora.py's LoraOp.
 
 The kernels' numba cache (where, and how it survives damage) is cache.py's; it is set up here,
 before the kernels import numba.
@@ -32,6 +33,7 @@ from .device import CPUOps  # noqa: E402
 from .fused import build as build_decoder  # noqa: E402
 from .grouped import GroupQuantOp  # noqa: E402
 from .int8 import W8A8Op  # noqa: E402
+from .lora import CpuLoraOp as LoraOp  # noqa: E402
 from .sparse import SparseGroupQuantOp  # noqa: E402
 from .threads import set_threads  # noqa: E402
 
@@ -43,4 +45,4 @@ LINEAR_OPS = {
 }
 DEVICE_OPS = CPUOps()
 
-__all__ = ["DEVICE_OPS", "LINEAR_OPS", "build_decoder", "set_threads"]
+__all__ = ["DEVICE_OPS", "LINEAR_OPS", "LoraOp", "build_decoder", "set_threads"]

@@ -69,7 +69,10 @@ ACT, ACT_SCALE = range(23, 25)
 CODE_BITS, IS_NF4 = range(25, 27)
 # offsets (spec §4.2): the float16 minimum per group, as uint16 bits (0: none)
 OFFSETS = 27
-WIDTH = 28
+# a LoRA adapter beside the weight (kernels/cpu/lora.py): its rank (0: none), the addresses of
+# A (rank, in) and Bᵀ (rank, rows), float32
+LORA_RANK, LORA_A, LORA_B = range(28, 31)
+WIDTH = 31
 
 
 def new_row(routine: str) -> list[int]:

@@ -15,8 +15,8 @@ an int64 table costs nothing), one row per linear layer, filled by the op that r
 Norm weights, biases and q/k norms are small and are gathered into stacked float32 arrays.
 
 Sidecars run here too: a permutation gathers x once per linear layer (spec §6.1), sparse outliers
-(§6.2) and 16-bit columns (§6.4) are added after the GEMV from the unpermuted x, and n:m sparse
-weights (§6.3) dispatch to sparse.py. Per-channel q8 weights with 8-bit activations (W8A8, §6.5)
+(§6.2), 16-bit columns (§6.4) and a LoRA adapter's B (A x) (lora.py) are added after the GEMV
+from the unpermuted x, and n:m sparse weights (§6.3) dispatch to sparse.py. Per-channel q8 weights with 8-bit activations (W8A8, §6.5)
 run the integer GEMV of int8.py; an op that fills no row (another W8A8 layout, input_scale)
 makes `build` return None and the model uses the per-operation path.
 
@@ -37,9 +37,10 @@ from qformat.config import ACTIVATIONS
 
 from . import dense, int8, ops, quant, sparse
 from .base import (ACT, ACT_SCALE, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, GROUP, H2F, HAS_ZEROS, IN, IS_NF4, N_FP,
-                   N_GROUPS, N_TILES, NM_INDEX, NM_INDEX_BYTES, NM_M, NM_N, NM_TILE, OFFSETS, OUT_COLS, OUT_PTR,
-                   OUT_VALS, PERM, ROUTINE, ROUTINE_COL, ROUTINES, ROWS, SCALES, ZEROS, add_offsets,
-                   add_offsets_q8)
+                   LORA_A, LORA_B, LORA_RANK, N_GROUPS, N_TILES, NM_INDEX, NM_INDEX_BYTES, NM_M, NM_N, NM_TILE,
+                   OFFSETS, OUT_COLS, OUT_PTR, OUT_VALS, PERM, ROUTINE, ROUTINE_COL, ROUTINES, ROWS, SCALES, ZEROS,
+                   add_offsets, add_offsets_q8)
+from .lora import lora_add
 
 # Step codes: a step's index in qformat.block.STEP_TYPES.
 NORM, HEAD_NORM, LINEAR, ATTENTION, GLU, SOFTCAP, MOE = (
@@ -239,9 +240,19 @@ def _gemv_q8act(table, i, h2f, x, out):
 
 @njit(cache=True)
 def gemv_row(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4, q8act, nm, nm_q4_q8act, w8a8):
-    """out = W_i @ x for the weight in row i of the table, sidecars included. The arguments after
-    `out` are 0 for each routine some row may name and None for the others (see the module
-    docstring), in the order of base.ROUTINES."""
+    """out = W_i @ x for the weight in row i of the table, sidecars and a LoRA adapter included.
+    The arguments after `out` are 0 for each routine some row may name and None for the others
+    (see the module docstring), in the order of base.ROUTINES."""
+    _gemv_weight(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4, q8act, nm, nm_q4_q8act, w8a8)
+    r = table[i, LORA_RANK]
+    if r != 0:
+        lora_add(carray(_address(table[i, LORA_A]), (r, table[i, IN]), np.float32),
+                 carray(_address(table[i, LORA_B]), (r, table[i, ROWS]), np.float32), x, out)
+
+
+@njit(cache=True)
+def _gemv_weight(table, i, h2f, x, out, f32, f16, bf16, q8, q6, q5, q4, q3, q2, nf4, q8act, nm, nm_q4_q8act, w8a8):
+    """gemv_row's product of the weight itself, sidecars included."""
     r = table[i, ROUTINE_COL]
     w = table[i, CODES]
     rows, k = table[i, ROWS], table[i, IN]

@@ -22,6 +22,7 @@ import numpy as np
 from qformat.block import GATE, LOGITS, UP, X, Attention, Block, Glu, HeadNorm, Linear, Moe, Norm, Softcap, expert_name
 
 from .. import reference
+from ..lora import LoraOp
 from . import module
 from .device import CHUNK, THREADS, CUDAOps
 
@@ -177,11 +178,14 @@ class CudaDecodeStep:
         return cp.asnumpy(self.bufs[LOGITS])
 
 
-def build(blocks: list[Block], reader, args, cache, cos, sin, linears: dict) -> CudaDecodeStep:
+def build(blocks: list[Block], reader, args, cache, cos, sin, linears: dict) -> CudaDecodeStep | None:
     """The GPU decode step of `blocks` over the Transformer's own ops (`linears`: tensor name ->
-    op); the blocks' norm weights and biases are copied up here."""
-    cp = module.cupy()
+    op); the blocks' norm weights and biases are copied up here. None with a LoRA adapter: the
+    step fuses the weights' own kernels, so an adapter's products run on the per-operation path."""
     weights = {n for b in blocks for n in b.ops()}
+    if any(isinstance(linears[n], LoraOp) for n in weights):
+        return None
+    cp = module.cupy()
     vectors = {n: cp.asarray(np.asarray(reader[n].arrays["data"], np.float32))
                for b in blocks for n in b.tensors() if n not in weights}
     return CudaDecodeStep(blocks, args, linears, vectors, cache, cp.asarray(cos), cp.asarray(sin))
