@@ -16,9 +16,10 @@ Norm weights, biases and q/k norms are small and are gathered into stacked float
 
 Sidecars run here too: a permutation gathers x once per linear layer (spec §6.1), sparse outliers
 (§6.2), 16-bit columns (§6.4) and a LoRA adapter's B (A x) (lora.py) are added after the GEMV
-from the unpermuted x, and n:m sparse weights (§6.3) dispatch to sparse.py. Per-channel q8 weights with 8-bit activations (W8A8, §6.5)
-run the integer GEMV of int8.py; an op that fills no row (another W8A8 layout, input_scale)
-makes `build` return None and the model uses the per-operation path.
+from the unpermuted x, and n:m sparse weights (§6.3) dispatch to sparse.py. Per-channel q8
+weights with 8-bit activations (W8A8, §6.5) run the integer GEMV of int8.py; an op that fills
+no row (another W8A8 layout, input_scale) makes `build` return None and the model uses the
+per-operation path.
 
 Only what a model uses is compiled: `gemv_row` takes one argument per GEMV routine
 (base.ROUTINES), None for the routines no row of the model names, and numba drops the branches
