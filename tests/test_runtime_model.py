@@ -137,8 +137,14 @@ CUDA_FILES = {
 CALIB_TEXT = "Language models predict the next token. The weather is sunny today; 42 + 7 = 49. " * 60
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CUDA_FILES))
+# The emulated device (10-20 s a file) runs the files whose decode step differs most: q4 on shared
+# int8 activations with a permutation and outliers, n:m sparsity, W8A8 with 16-bit columns; every
+# layout's op is checked there against its reference (test_kernel_table.py), and a GPU runs all.
+EMULATED_FILES = ("int4-gptq-outliers", "int3-g32-2:4", "w8a8-decomposed")
+
+
+@pytest.mark.parametrize("case, backend", [(c, "emulated") for c in EMULATED_FILES]
+                         + [pytest.param(c, "gpu", marks=pytest.mark.gpu) for c in CUDA_FILES])
 def test_cuda_quantized_model_matches_cpu(built, case, backend, request, monkeypatch, tmp_path):
     """Quantized files on the CUDA path against the CPU backend: decode computes the CPU's
     numbers (q4 on int8 activations, the rest in float), prefill float16 activations where the

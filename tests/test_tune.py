@@ -47,9 +47,10 @@ def test_lora_starts_at_the_base_and_trains_only_its_adapters():
     assert lora.scaling == 2.0
 
 
+@pytest.mark.parametrize("norm", ["l2", "max"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_qsgd_is_unbiased_within_the_papers_variance_bound(bits):
-    codec = QSGD(bits=bits, chunk=256)
+def test_qsgd_is_unbiased_within_the_papers_variance_bound(bits, norm):
+    codec = QSGD(bits=bits, chunk=256, norm=norm)
     gen = torch.Generator().manual_seed(bits)
     v = torch.randn(1000, generator=gen) * torch.linspace(0.01, 3, 1000)  # a last, partial chunk
     v[100:140] = 0  # zeros stay zeros
@@ -59,19 +60,22 @@ def test_qsgd_is_unbiased_within_the_papers_variance_bound(bits):
     for lo in range(0, 1000, 256):
         chunk, q = v[lo:lo + 256], draws[:, lo:lo + 256]
         d, norm2 = chunk.numel(), float(chunk.square().sum())
+        scale = float(chunk.abs().max()) if norm == "max" else math.sqrt(norm2)
         variance = float((q - chunk).square().sum(1).mean())
         assert variance <= min(d / s**2, math.sqrt(d) / s) * norm2 * 1.05  # Lemma 3.1, sampling slack
+        assert variance <= d * (scale / s) ** 2 / 4 * 1.05  # no value's rounding exceeds step^2 / 4
         # unbiased: each value's mean over the draws within 5 standard errors of the value, its
         # variance the rounding's: (||v|| / s)^2 p (1 - p), p the fractional part of |v_i| s / ||v||
-        frac = chunk.abs() * s / math.sqrt(norm2) % 1
-        per_value_var = (math.sqrt(norm2) / s) ** 2 * frac * (1 - frac)
+        frac = chunk.abs() * s / scale % 1
+        per_value_var = (scale / s) ** 2 * frac * (1 - frac)
         assert torch.all((mean[lo:lo + 256] - chunk).abs() <= 5 * (per_value_var / len(q)).sqrt() + 1e-5)
 
 
-def test_qsgd_codes_are_exact_on_their_grid_and_small_on_the_wire():
-    codec = QSGD(bits=4, chunk=512)
+@pytest.mark.parametrize("norm", ["l2", "max"])
+def test_qsgd_codes_are_exact_on_their_grid_and_small_on_the_wire(norm):
+    codec = QSGD(bits=4, chunk=512, norm=norm)
     v = torch.zeros(512)
-    v[:49] = torch.tensor([1.0, -1.0] * 24 + [1.0])  # |v_i| / ||v|| * 7 = 1 exactly: on the grid
+    v[:49] = torch.tensor([1.0, -1.0] * 24 + [1.0])  # |v_i| / ||v|| * 7 = 1 (l2), 7 (max): on the grid
     v[500] = 0.0
     assert torch.equal(codec.decode(codec.encode(v), 512), v)
     one_hot = torch.zeros(512)
@@ -82,6 +86,8 @@ def test_qsgd_codes_are_exact_on_their_grid_and_small_on_the_wire():
     assert 4 * n / codec.wire_bytes(n) > 7.7  # against float32: 4 bits and a norm per 512 values
     with pytest.raises(ValueError, match="bits"):
         QSGD(bits=3)
+    with pytest.raises(ValueError, match="norm"):
+        QSGD(norm="l1")
 
 
 def _ddp_rank(rank: int, world: int, init: str, out: str) -> None:
@@ -109,8 +115,27 @@ def _ddp_rank(rank: int, world: int, init: str, out: str) -> None:
     codec = QSGD(bits=4, chunk=64)
     expect = sum(codec.decode(codec.encode(g, torch.Generator().manual_seed(100 + r)), g.numel())
                  for r, g in enumerate(locals_all)) / world
+    # error feedback, two steps: what each encoding left out goes into the next gradient
+    model2 = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 5))
+    ddp2 = DistributedDataParallel(model2, bucket_cap_mb=1)
+    ef = QSGDState(QSGD(bits=4, chunk=64), torch.Generator().manual_seed(200 + rank), error_feedback=True)
+    local2: list = []
+
+    def recording_ef(state, bucket):  # DDP checks the parameter names
+        local2.append(bucket.buffer().clone())
+        return qsgd_hook(state, bucket)
+
+    ddp2.register_comm_hook(ef, recording_ef)
+    for step in range(2):
+        ddp2.zero_grad()
+        ddp2(x * (step + 1)).square().sum().backward()
+    mine, residual = torch.Generator().manual_seed(200 + rank), torch.zeros_like(local2[0])
+    for g in local2:  # this process's own encodings, replayed
+        sent = g + residual
+        residual = sent - codec.decode(codec.encode(sent, mine), sent.numel())
     torch.save({"grads": grads, "expect": expect, "true": sum(locals_all) / world, "sent": state.bytes_sent,
-                "uncompressed": state.bytes_uncompressed, "buckets": len(local)}, f"{out}.{rank}")
+                "uncompressed": state.bytes_uncompressed, "buckets": len(local), "ef_residual": ef.residuals[0],
+                "ef_expect": residual}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -127,6 +152,8 @@ def test_the_ddp_hook_averages_the_decoded_gradients_of_every_process(tmp_path):
     error = (r0["expect"] - r0["true"]).norm() / r0["true"].norm()
     assert 0 < error < 0.5  # quantized, and near the true average
     assert r0["uncompressed"] / r0["sent"] > 6
+    for r in (r0, r1):  # error feedback keeps exactly what the rounding left out
+        assert torch.allclose(r["ef_residual"], r["ef_expect"], atol=1e-6) and r["ef_residual"].abs().max() > 0
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,8 @@ def _targets(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--checkpoint-every", type=click.IntRange(0), default=DEFAULTS.checkpoint_every, show_default=True)
 @click.option("--grad-compression", type=click.Choice(COMPRESSIONS), default=DEFAULTS.grad_compression,
               show_default=True, help="Gradients between processes under torchrun (QSGD bits, float16 or none).")
+@click.option("--error-feedback", is_flag=True,
+              help="With QSGD: carry each bucket's rounding residual into its next gradient.")
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --output.")
 @click.option("--force", is_flag=True, help="Replace an existing --output.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)

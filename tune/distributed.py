@@ -10,7 +10,8 @@ import torch
 
 from .qsgd import QSGD, QSGDState, qsgd_hook
 
-COMPRESSIONS = ("qsgd:2", "qsgd:4", "qsgd:8", "fp16", "none")
+# qsgd:N scales each chunk by its largest magnitude, qsgd-l2:N by its 2-norm (tune/qsgd.py)
+COMPRESSIONS = ("qsgd:2", "qsgd:4", "qsgd:8", "qsgd-l2:2", "qsgd-l2:4", "qsgd-l2:8", "fp16", "none")
 
 
 @dataclass
@@ -34,20 +35,25 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def data_parallel(model: torch.nn.Module, compression: str, seed: int, rank: int):
+def data_parallel(model: torch.nn.Module, compression: str, seed: int, rank: int, error_feedback: bool = False):
     """(the model wrapped in DistributedDataParallel with the compression's hook, the hook's
-    state, whose bytes_sent / bytes_uncompressed count what this process sent)."""
+    state, whose bytes_sent / bytes_uncompressed count what this process sent); error_feedback:
+    QSGD carries each bucket's rounding residual into its next gradient."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
     if compression not in COMPRESSIONS:
         raise ValueError(f"--grad-compression {compression!r}: choose from {', '.join(COMPRESSIONS)}")
     ddp = DistributedDataParallel(model, forward_sync_buffers=False)  # the buffers are the frozen base's
-    if compression.startswith("qsgd:"):
+    if compression.startswith("qsgd"):
         gen = torch.Generator().manual_seed(seed * 1000 + rank)  # each process rounds on its own stream
-        state = QSGDState(QSGD(bits=int(compression.split(":")[1])), gen)
+        name, bits = compression.split(":")
+        state = QSGDState(QSGD(bits=int(bits), norm="l2" if name == "qsgd-l2" else "max"), gen,
+                          error_feedback=error_feedback)
         ddp.register_comm_hook(state, qsgd_hook)
         return ddp, state
+    if error_feedback:
+        raise ValueError(f"--error-feedback applies to QSGD, not --grad-compression {compression}")
     counted = Counted(2 if compression == "fp16" else 4)
     inner = default_hooks.fp16_compress_hook if compression == "fp16" else default_hooks.allreduce_hook
 

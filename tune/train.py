@@ -42,6 +42,7 @@ class TuneOptions:
     eval_every: int = 0  # steps between evaluations (0: at the start and the end only)
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end only)
     grad_compression: str = "qsgd:4"  # across processes (torchrun): qsgd:BITS, fp16 or none
+    error_feedback: bool = False  # QSGD: each bucket's rounding residual goes into its next gradient
     seed: int = 0
 
 
@@ -123,7 +124,8 @@ def tune(base: str | Path, data: str | Path, out: str | Path, options: TuneOptio
         steps = options.steps or max(1, math.ceil(options.epochs * len(rows) / batch))
         model = QuantDecoder(reader, options.targets, options.rank, options.alpha, options.dropout)
         rank, processes = world()
-        net, comm = data_parallel(model, options.grad_compression, options.seed, rank) if processes > 1 else (model, None)
+        net, comm = data_parallel(model, options.grad_compression, options.seed, rank,
+                                   options.error_feedback) if processes > 1 else (model, None)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
         sched = cosine_schedule(opt, steps, options.warmup)
