@@ -1,6 +1,6 @@
 """Two processes training one adapter: QSGD-compressed gradients against uncompressed ones.
 
-    python bench/bench_qsgd.py BASE.qbin [--seeds 0,1,2] [--compressions none,qsgd:4,qsgd-l2:4,qsgd:4+ef] [--steps 10]
+    python bench/bench_qsgd.py BASE.qbin [--seeds 0,1,2] [--compressions none,qsgd:4,qsgd:4+c512,qsgd:4+ef] [--steps 10]
                                [--out DIR] [--plot qsgd.png]
 
 For every seed and compression, `torchrun --nproc-per-node 2 -m qformat.tune` trains on
@@ -27,16 +27,18 @@ from bench_tune import write_data  # noqa: E402
 def run(base: Path, train: Path, held: Path, out: Path, seed: int, compression: str, steps: int, eval_every: int,
         batch_tokens: int, context: int) -> tuple[list[tuple[int, float]], int, int]:
     """One 2-process run: ([(step, held-out loss)], bytes sent per process, float32's bytes);
-    compression "qsgd:4+ef" adds --error-feedback."""
+    compression "qsgd:4+ef" adds --error-feedback, "qsgd:4+c512" --qsgd-chunk 512 (both:
+    "qsgd:4+ef+c512")."""
     import torch
 
-    compression, _, extra = compression.partition("+")
+    compression, *extras = compression.split("+")
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "qformat.tune", str(base),
            "--data", str(train), "--eval", str(held), "-o", str(out), "--steps", str(steps), "--eval-every",
            str(eval_every), "--batch-tokens", str(batch_tokens), "--context", str(context), "--seed", str(seed),
            "--grad-compression", compression, "--force", "--lr", "5e-4"]
-    cmd += ["--error-feedback"] if extra == "ef" else []
+    for extra in extras:
+        cmd += ["--error-feedback"] if extra == "ef" else ["--qsgd-chunk", extra.removeprefix("c")]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one core per process
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
     if done.returncode != 0:
@@ -92,7 +94,7 @@ def main(base: Path, seeds: str, compressions: str, steps: int, eval_every: int,
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for (compression, curves), colour in zip(results.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        for (compression, curves), colour in zip(results.items(), [f"C{i}" for i in range(len(results))]):
             for i, curve in enumerate(curves):
                 ax.plot(*zip(*curve), color=colour, marker="o", alpha=0.7, label=compression if i == 0 else None)
         ax.set_xlabel("step")

@@ -50,6 +50,8 @@ def _targets(ctx, param, value: str) -> tuple[str, ...]:
               show_default=True, help="Gradients between processes under torchrun (QSGD bits, float16 or none).")
 @click.option("--error-feedback", is_flag=True,
               help="With QSGD: carry each bucket's rounding residual into its next gradient.")
+@click.option("--qsgd-chunk", type=click.IntRange(min=1), default=DEFAULTS.qsgd_chunk, show_default=True,
+              help="With QSGD: values that share one norm (smaller: less rounding noise, more bytes).")
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --output.")
 @click.option("--force", is_flag=True, help="Replace an existing --output.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)

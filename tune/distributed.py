@@ -35,10 +35,12 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def data_parallel(model: torch.nn.Module, compression: str, seed: int, rank: int, error_feedback: bool = False):
+def data_parallel(model: torch.nn.Module, compression: str, seed: int, rank: int, error_feedback: bool = False,
+                  chunk: int = 128):
     """(the model wrapped in DistributedDataParallel with the compression's hook, the hook's
     state, whose bytes_sent / bytes_uncompressed count what this process sent); error_feedback:
-    QSGD carries each bucket's rounding residual into its next gradient."""
+    QSGD carries each bucket's rounding residual into its next gradient; chunk: QSGD's values per
+    norm."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
@@ -48,7 +50,7 @@ def data_parallel(model: torch.nn.Module, compression: str, seed: int, rank: int
     if compression.startswith("qsgd"):
         gen = torch.Generator().manual_seed(seed * 1000 + rank)  # each process rounds on its own stream
         name, bits = compression.split(":")
-        state = QSGDState(QSGD(bits=int(bits), norm="l2" if name == "qsgd-l2" else "max"), gen,
+        state = QSGDState(QSGD(bits=int(bits), chunk=chunk, norm="l2" if name == "qsgd-l2" else "max"), gen,
                           error_feedback=error_feedback)
         ddp.register_comm_hook(state, qsgd_hook)
         return ddp, state

@@ -43,6 +43,7 @@ class TuneOptions:
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end only)
     grad_compression: str = "qsgd:4"  # across processes (torchrun): qsgd:BITS, fp16 or none
     error_feedback: bool = False  # QSGD: each bucket's rounding residual goes into its next gradient
+    qsgd_chunk: int = 128  # QSGD: values per norm (128: 7.5x fewer bytes than float32 in 4 bits)
     seed: int = 0
 
 
@@ -124,8 +125,8 @@ def tune(base: str | Path, data: str | Path, out: str | Path, options: TuneOptio
         steps = options.steps or max(1, math.ceil(options.epochs * len(rows) / batch))
         model = QuantDecoder(reader, options.targets, options.rank, options.alpha, options.dropout)
         rank, processes = world()
-        net, comm = data_parallel(model, options.grad_compression, options.seed, rank,
-                                   options.error_feedback) if processes > 1 else (model, None)
+        net, comm = data_parallel(model, options.grad_compression, options.seed, rank, options.error_feedback,
+                                   options.qsgd_chunk) if processes > 1 else (model, None)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
         sched = cosine_schedule(opt, steps, options.warmup)
