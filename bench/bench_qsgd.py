@@ -6,8 +6,9 @@
 For every seed and compression, `torchrun --nproc-per-node 2 -m qformat.tune` trains on
 bench_tune.py's standard-library conversations (one thread per process, gloo), then the run's
 held-out curve is read from its checkpoint and its bytes sent per process from its report. One
-line per run (recorded in its folder: --reuse takes it instead of rerunning); then per compression the mean final held-out loss and the seed-to-seed spread,
-and the bytes against float32's. --plot draws every run's curve, one colour per compression.
+line per run (recorded in its folder: --reuse takes it instead of rerunning); then per
+compression the mean final held-out loss and the seed-to-seed spread, and the bytes against
+float32's. --plot draws every run's curve, one colour per compression.
 """
 from __future__ import annotations
 

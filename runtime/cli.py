@@ -67,8 +67,8 @@ class BadInput(click.ClickException):
 @click.option("--window", type=click.IntRange(min=2), default=512, show_default=True,
               help="With --ppl: tokens per window.")
 def cli(file, prompt, prompt_file, chat, system, max_tokens, temperature, top_k, top_p, min_p,
-        repeat_penalty, seed, stop, schema_file, threads, device, context, lora, lora_scale, quiet, ppl_file, ppl_default,
-        reference, windows, window):
+        repeat_penalty, seed, stop, schema_file, threads, device, context, lora, lora_scale, quiet, ppl_file,
+        ppl_default, reference, windows, window):
     """Run the .qbin model FILE."""
     if reference is not None and not (ppl_file or ppl_default):
         raise BadInput("--reference only applies to --ppl/--ppl-default")

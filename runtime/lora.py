@@ -6,9 +6,9 @@ saves from a float model) added beside the projections it adapts,
 
 with A (r, in) and B (out, r). The base weights stay quantized in the memory map; the adapter's
 float32 matrices run beside each projection's op (qformat.kernels.lora_op: the CPU's own kernel,
-in the fused decode step too, or CuPy's products), so no torch is needed. Only plain LoRA on the decoder's projections is
-taken: DoRA, trained biases, fully saved modules or a module this file does not have are refused
-by name, never silently dropped.
+in the fused decode step too, or CuPy's products), so no torch is needed. Only plain LoRA on the
+decoder's projections is taken: DoRA, trained biases, fully saved modules or a module this file
+does not have are refused by name, never silently dropped.
 """
 from __future__ import annotations
 
