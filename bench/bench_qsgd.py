@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tune import write_data  # noqa: E402
+from bench_tune import plot_curves, write_data  # noqa: E402
 
 
 def run(base: Path, train: Path, held: Path, out: Path, seed: int, compression: str, steps: int, eval_every: int,
@@ -44,12 +44,11 @@ def run(base: Path, train: Path, held: Path, out: Path, seed: int, compression: 
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
     if done.returncode != 0:
         raise click.ClickException(f"{compression} seed {seed}: {done.stderr.strip().splitlines()[-3:]}")
-    sent = re.search(r"gradients sent per process: (\d+) bytes", done.stdout)
+    report = re.search(r"gradients sent per process: (\d+) bytes \(([\d.]+)x fewer than float32\)", done.stdout)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     curve = [(int(s), float(e)) for s, _, e in state["curve"] if e is not None]
-    full = int(sent[1]) if sent else 0
-    ratio = re.search(r"\(([\d.]+)x fewer than float32\)", done.stdout)
-    return curve, full, int(full * float(ratio[1])) if ratio else 0
+    sent = int(report[1]) if report else 0
+    return curve, sent, int(sent * float(report[2])) if report else 0
 
 
 @click.command()
@@ -88,23 +87,10 @@ def main(base: Path, seeds: str, compressions: str, steps: int, eval_every: int,
         final = np.array([c[-1][1] for c in curves])
         click.echo(f"{compression}: final held-out loss {final.mean():.4f} (seeds {final.min():.4f}-{final.max():.4f}, "
                    f"spread {final.max() - final.min():.4f})")
-    if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for (compression, curves), colour in zip(results.items(), [f"C{i}" for i in range(len(results))]):
-            for i, curve in enumerate(curves):
-                ax.plot(*zip(*curve), color=colour, marker="o", alpha=0.7, label=compression if i == 0 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out loss (assistant tokens)")
-        ax.set_title(f"2 processes, {base.name}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(plot, dpi=120)
-        click.echo(f"plot: {plot}")
+    if plot:  # one colour per compression, one line per seed
+        plot_curves(plot, [(curve, {"color": f"C{k}", "marker": "o", "alpha": 0.7, "label": name if i == 0 else None})
+                           for k, (name, curves) in enumerate(results.items()) for i, curve in enumerate(curves)],
+                    title=f"2 processes, {base.name}")
 
 
 if __name__ == "__main__":

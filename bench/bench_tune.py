@@ -63,6 +63,41 @@ def write_data(folder: Path) -> tuple[Path, Path, int, int]:
     return paths[0], paths[1], len(train), len(held)
 
 
+def logits_of(model):
+    """A module mapping tokens to a transformers model's logits (what masked_loss and evaluate call)."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens):
+            return self.model(input_ids=tokens).logits
+
+    return Logits()
+
+
+def plot_curves(path: Path, curves: list[tuple[list, dict]], title: str | None = None) -> None:
+    """Held-out loss curves [(step, loss)] with their matplotlib keywords (label, marker, ...), to path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for curve, style in curves:
+        ax.plot(*zip(*curve), **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss (assistant tokens)")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    click.echo(f"plot: {path}")
+
+
 def peft_curve(model_dir: Path, base: Path, train: Path, held: Path, options, eval_every: int) -> list:
     """The same run through peft on the float transformers model: [(step, eval loss)]."""
     import torch
@@ -85,11 +120,7 @@ def peft_curve(model_dir: Path, base: Path, train: Path, held: Path, options, ev
     model = get_peft_model(hf, LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
                                           target_modules=[names[t] for t in options.targets if t in TARGETS]))
 
-    class Logits(torch.nn.Module):  # masked_loss calls model(tokens) -> logits
-        def forward(self, tokens):
-            return model(input_ids=tokens).logits
-
-    wrapped = Logits()
+    wrapped = logits_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
     steps = options.steps
@@ -127,7 +158,7 @@ def peft_with_our_adapter(model_dir: Path, base: Path, adapter: Path, held: Path
     from transformers import AutoModelForCausalLM
 
     from qformat import QbinReader
-    from qformat.tune.adapter import dequantized_state
+    from qformat.tune.adapter import load_dequantized
     from qformat.tune.data import Renderer, pack, read_examples
     from qformat.tune.train import evaluate
 
@@ -135,16 +166,9 @@ def peft_with_our_adapter(model_dir: Path, base: Path, adapter: Path, held: Path
     with QbinReader(base) as reader:
         rows, mask = pack(read_examples(held, Renderer(reader)), options.context)
         if dequantized:
-            hf.load_state_dict(dequantized_state(reader), strict=False)
-            if hf.config.tie_word_embeddings:
-                hf.tie_weights()
+            load_dequantized(hf, reader)
     model = PeftModel.from_pretrained(hf, str(adapter)).eval()
-
-    class Logits(torch.nn.Module):
-        def forward(self, tokens):
-            return model(input_ids=tokens).logits
-
-    return evaluate(Logits(), rows, mask, max(1, options.batch_tokens // options.context))
+    return evaluate(logits_of(model), rows, mask, max(1, options.batch_tokens // options.context))
 
 
 @click.command()
@@ -185,21 +209,8 @@ def main(base: Path, model_dir: Path | None, steps: int, eval_every: int, rank: 
                    f"({100 * (loaded / last - 1):+.2f}% of qtune's {last:.4f})")
     theirs = peft_curve(model_dir, base, train, held, options, eval_every) if model_dir else None
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(*zip(*ours), marker="o", label=f"qtune on {base.name}")
-        if theirs:
-            ax.plot(*zip(*theirs), marker="s", label="peft on the float model")
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out loss (assistant tokens)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(plot, dpi=120)
-        click.echo(f"plot: {plot}")
+        plot_curves(plot, [(ours, {"marker": "o", "label": f"qtune on {base.name}"})]
+                    + ([(theirs, {"marker": "s", "label": "peft on the float model"})] if theirs else []))
 
 
 if __name__ == "__main__":

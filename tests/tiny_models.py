@@ -176,11 +176,9 @@ def float_model_on(folder, qbin):
     import transformers
 
     from qformat import QbinReader
-    from qformat.tune.adapter import dequantized_state
+    from qformat.tune.adapter import load_dequantized
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     with QbinReader(qbin) as reader:
-        model.load_state_dict(dequantized_state(reader), strict=False)
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
+        load_dequantized(model, reader)
     return model.eval()

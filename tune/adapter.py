@@ -55,6 +55,14 @@ def dequantized_state(reader) -> dict[str, torch.Tensor]:
             for hf, name, _ in tensor_rules(arch, args.n_layers) if name in reader}
 
 
+def load_dequantized(hf_model, reader) -> None:
+    """Replace the transformers model's weights by the qbin file's dequantized ones (ties the head
+    again when the embeddings are tied): peft on it runs on exactly the base qtune trained on."""
+    hf_model.load_state_dict(dequantized_state(reader), strict=False)
+    if hf_model.config.tie_word_embeddings:
+        hf_model.tie_weights()
+
+
 def save_adapter(model: QuantDecoder, folder: str | Path, base_model: str = "", *, force: bool = False) -> Path:
     """Write the model's adapters to `folder` in peft's layout; the folder appears only when
     complete (written beside it, then renamed)."""
