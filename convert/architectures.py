@@ -44,6 +44,12 @@ class Architecture:
     moe: bool = False
     stacks: tuple[tuple[T.TensorName, str], ...] = ()
     norm_topk_key: str | None = None
+    shared_ffn_key: str | None = None  # config key of a shared expert's intermediate size (Qwen2-MoE)
+
+    @property
+    def shared_expert(self) -> bool:
+        """Whether its mixtures have a shared expert (the flag of the shared expert's tensors)."""
+        return self.shared_ffn_key is not None
 
     def split_parts(self, args, layer: int) -> list[tuple[str, list[tuple[str, int]]]]:
         """(fused HF name, [(HF name of a part, its rows), ...]) of each split tensor of a layer."""
@@ -94,6 +100,13 @@ ARCHITECTURES: dict[str, Architecture] = {
                              (T.FFN_DOWN, "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight"))),
         Architecture("Qwen3MoeForCausalLM", "qwen3_moe", qk_norm=True, moe=True, norm_topk_key="norm_topk_prob",
                      sliding_window_key="sliding_window", sliding_window_switch="use_sliding_window",
+                     renames=((T.FFN_ROUTER, "model.layers.{i}.mlp.gate.weight"),),
+                     stacks=((T.FFN_GATE, "model.layers.{i}.mlp.experts.{e}.gate_proj.weight"),
+                             (T.FFN_UP, "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
+                             (T.FFN_DOWN, "model.layers.{i}.mlp.experts.{e}.down_proj.weight"))),
+        Architecture("Qwen2MoeForCausalLM", "qwen2_moe", qkv_bias=True, moe=True, norm_topk_key="norm_topk_prob",
+                     sliding_window_key="sliding_window", sliding_window_switch="use_sliding_window",
+                     shared_ffn_key="shared_expert_intermediate_size",
                      renames=((T.FFN_ROUTER, "model.layers.{i}.mlp.gate.weight"),),
                      stacks=((T.FFN_GATE, "model.layers.{i}.mlp.experts.{e}.gate_proj.weight"),
                              (T.FFN_UP, "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),

@@ -186,13 +186,15 @@ def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None,
         vocab = int(config["vocab_size"])
         n_experts = int(config.get("num_local_experts") or config["num_experts"]) if arch.moe else 0
         per_token = int(config["num_experts_per_tok"]) if arch.moe else 0
+        shared_ffn_dim = int(config[arch.shared_ffn_key] or 0) if arch.shared_ffn_key else 0
     except KeyError as e:
         raise ValueError(f"config.json lacks required key {e.args[0]!r}") from None
     if arch.moe and (config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1):
         raise ValueError("config.json gives some layers a dense MLP (mlp_only_layers / decoder_sparse_step); "
                          "only models whose every layer is a mixture of experts are supported")
-    if arch.moe and (config.get("shared_expert_intermediate_size") or config.get("n_shared_experts")):
-        raise ValueError("config.json has shared experts, which are not supported yet")
+    if not arch.shared_ffn_key and (config.get("shared_expert_intermediate_size") or config.get("n_shared_experts")):
+        raise ValueError(f"config.json gives {arch.hf_name} shared experts, which it runs without; "
+                         "only Qwen2-MoE's shared expert is supported")
     act_key = "hidden_activation" if config.get("hidden_activation") else "hidden_act"
     act = config.get(act_key, "silu")
     if act not in _ACTIVATIONS:
@@ -238,6 +240,7 @@ def model_args(config: dict[str, Any], generation: dict[str, Any] | None = None,
         rotary_dim=rotary_dim,
         n_experts=n_experts,
         experts_per_token=per_token,
+        shared_ffn_dim=shared_ffn_dim,
         norm_topk=bool(config.get(arch.norm_topk_key, False)) if arch.norm_topk_key else True,
         bos_token_id=_first_id(_either(config, generation, "bos_token_id")),
         eos_token_ids=eos,

@@ -34,6 +34,8 @@ from qformat.schemes import Scheme, Tensor
     t.key for t in (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_Q_BIAS, T.ATTN_K_BIAS,
                     T.ATTN_V_BIAS, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM, T.FFN_NORM, T.FFN_ROUTER,
                     T.FFN_GATE, T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM))
+SW1, SW3, SW2, SHARED_ROUTER = (t.key for t in (T.FFN_SHARED_GATE, T.FFN_SHARED_UP, T.FFN_SHARED_DOWN,
+                                                 T.FFN_SHARED_ROUTER))
 QKV, GATE_UP = [WQ, WK, WV], [W1, W3]  # the projections that read one input
 # Sequences per forward chunk: bounds the attention scores' memory (heads x T x T per sequence).
 CHUNK = 8
@@ -158,7 +160,8 @@ def ffn_act(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, taps:
 def moe_ffn(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs) -> torch.Tensor:
     """A mixture of experts' output for its inputs xn (B, T, dim), as transformers computes it:
     softmax routing, the top experts (renormalized with norm_topk), expert e's rows of the
-    stacked w1/w3/w2, the outputs added in ascending expert order."""
+    stacked w1/w3/w2, the outputs added in ascending expert order; plus a shared expert's output
+    under its sigmoid gate when the model has one."""
     b, t, d = xn.shape
     x = xn.reshape(-1, d)
     probs = torch.softmax((x @ w[ROUTER].T).float(), dim=-1)
@@ -174,7 +177,14 @@ def moe_ffn(xn: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs) -> to
         xe = x[tok]
         h = ACTIVATION[args.activation](xe @ w[W1][e * f:(e + 1) * f].T) * (xe @ w[W3][e * f:(e + 1) * f].T)
         out.index_add_(0, tok, (h @ w[W2][e * d:(e + 1) * d].T) * top[tok, slot, None])
+    if args.shared_expert:
+        out = out + torch.sigmoid(x @ w[SHARED_ROUTER].T) * (shared_act(x, w, args) @ w[SW2].T)
     return out.reshape(b, t, d)
+
+
+def shared_act(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs) -> torch.Tensor:
+    """A shared expert's gated hidden activations: its down projection's input."""
+    return ACTIVATION[args.activation](x @ w[SW1].T) * (x @ w[SW3].T)
 
 
 def pre_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, args: ModelArgs) -> torch.Tensor:
@@ -413,8 +423,27 @@ def moe_stage(h: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, meth
         out[n] = Tensor.stack_rows(n, parts[n])
         refs[n] = torch.cat(part_refs[n])
         report.linears.append(LinearReport(n, float(np.mean(errs[n]))))
+    if args.shared_expert:
+        shared_stage(x, w, args, method, schemes, report, out, refs)
     return torch.cat([residual_add(hc, moe_ffn(pre_norm(hc, w, FFN_NORM, args), w, args), w, FFN_POST_NORM, args)
                       for hc in h.split(CHUNK)])
+
+
+def shared_stage(x: torch.Tensor, w: dict[str, torch.Tensor], args: ModelArgs, method: LayerMethod,
+                 schemes: dict[str, Scheme], report: LayerReport, out: dict, refs: dict) -> None:
+    """A shared expert quantized as a dense MLP on all the layer's tokens x (N, dim): a method
+    that folds (AWQ) folds down's scales into the shared up's rows (the norm before also feeds
+    the router and the experts), then gate/up on x, then down on their quantized activations."""
+    if method.folds and SW2 in schemes:
+        method.fold_scales([SW2], input_stats([shared_act(x, w, args)]), w, SW3, schemes)
+    for stage, inputs in (([SW1, SW3], lambda: x), ([SW2], lambda: shared_act(x, w, args))):
+        stage = [n for n in stage if n in schemes]
+        if not stage:
+            continue
+        stats = input_stats([inputs()])
+        refs.update({n: w[n].clone() for n in stage})
+        out.update(method.quantize(stage, stats, w, schemes))
+        report.linears.extend(LinearReport(n, _rel_err(refs[n], w[n], stats.gram)) for n in stage)
 
 
 def calibrated_stream(ckpt, args: ModelArgs, planned: list, tokens: np.ndarray, method: LayerMethod,

@@ -53,6 +53,12 @@ def softcap(x: np.ndarray, cap: float) -> np.ndarray:
     return (cap * np.tanh(np.asarray(x, np.float64) / cap)).astype(np.float32)
 
 
+def sigmoid_gate(src: np.ndarray, gate: np.ndarray) -> np.ndarray:
+    """sigmoid(gate) · src per row: src (n, d), gate (n, 1) (qformat.block.SigmoidGate's term)."""
+    g = np.asarray(gate, np.float64)
+    return (np.asarray(src, np.float64) / (1.0 + np.exp(-g))).astype(np.float32)
+
+
 def route(logits: np.ndarray, top_k: int, norm_topk: bool) -> tuple[np.ndarray, np.ndarray]:
     """A mixture's routing (qformat.block.Moe) of logits (n, n_experts): (experts (n, top_k)
     int64, their weights (n, top_k) float32), each token's experts in descending probability

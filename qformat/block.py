@@ -13,7 +13,8 @@ of ModelArgs that choose steps or fill their fields here, never branches in a ba
     xn = ffn_norm(x);  gate, up = w1·xn, w3·xn;  x += w2·(act(gate)·up)   [post_norms: likewise]
 
 without pre_norms (OLMo 2) the projections read x itself; a mixture of experts (Mixtral,
-Qwen3-MoE) replaces the MLP's three projections and gate by one Moe step; the output block is the
+Qwen3-MoE) replaces the MLP's three projections and gate by one Moe step, and a shared expert
+(Qwen2-MoE) follows it as a dense MLP whose output a SigmoidGate adds; the output block is the
 final norm, the head, and with final_softcap the logits' soft cap (Gemma 2).
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .rope import rope_variants
 # on its way through a post-norm.
 X, XN, Q, K, V, ATT, GATE, UP, O, LOGITS = "x", "xn", "q", "k", "v", "att", "gate", "up", "o", "logits"
 ROUTER = "router"  # a mixture's router logits
+# a shared expert's hidden activations (its own width) and its gate's logit
+SHARED_GATE, SHARED_UP, SHARED_P = "shared_gate", "shared_up", "shared_p"
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,16 @@ class Softcap:
     cap: float
 
 
+@dataclass(frozen=True)
+class SigmoidGate:
+    """dst += sigmoid(gate) · src per token, gate one value per token (a shared expert's output
+    under its gate, Qwen2-MoE)."""
+
+    src: str
+    gate: str
+    dst: str
+
+
 def expert_name(tensor: str, expert: int) -> str:
     """The op name of one expert's rows of a stacked MoE tensor (no file holds this name)."""
     return f"{tensor}#{expert}"
@@ -138,8 +151,8 @@ class Moe:
 
 
 # Every kind of step, in a fixed order (a backend that encodes steps as integers uses this index).
-STEP_TYPES = (Norm, HeadNorm, Linear, Attention, Glu, Softcap, Moe)
-Step = Norm | HeadNorm | Linear | Attention | Glu | Softcap | Moe
+STEP_TYPES = (Norm, HeadNorm, Linear, Attention, Glu, Softcap, Moe, SigmoidGate)
+Step = Norm | HeadNorm | Linear | Attention | Glu | Softcap | Moe | SigmoidGate
 
 
 @dataclass(frozen=True)
@@ -189,7 +202,15 @@ def decoder_block(args: ModelArgs, layer: int) -> Block:
         moe = Moe(name(T.FFN_ROUTER), name(T.FFN_GATE), name(T.FFN_UP), name(T.FFN_DOWN), src,
                   O if args.post_norms else X, ROUTER, args.n_experts, args.experts_per_token, args.norm_topk,
                   args.activation, residual=not args.post_norms)
-        return (moe, Norm(name(T.FFN_POST_NORM), O, X, residual=True)) if args.post_norms else (moe,)
+        if args.post_norms:  # (ModelArgs refuses a shared expert with post-norms)
+            return moe, Norm(name(T.FFN_POST_NORM), O, X, residual=True)
+        return (moe, *shared_expert()) if args.shared_expert else (moe,)
+
+    def shared_expert() -> tuple[Step, ...]:
+        # its gate's logit beside gate and up: linear steps that read one buffer run together
+        return (Linear(name(T.FFN_SHARED_GATE), src, SHARED_GATE), Linear(name(T.FFN_SHARED_UP), src, SHARED_UP),
+                Linear(name(T.FFN_SHARED_ROUTER), src, SHARED_P), Glu(SHARED_GATE, SHARED_UP, args.activation),
+                Linear(name(T.FFN_SHARED_DOWN), SHARED_GATE, O), SigmoidGate(O, SHARED_P, X))
 
     def projection(t: T.TensorName, dst: str) -> Linear:
         bias = T.BIAS_OF.get(t)
@@ -209,8 +230,10 @@ def decoder_block(args: ModelArgs, layer: int) -> Block:
         *mlp(),
     )
     widths = {X: args.dim, XN: args.dim, Q: args.q_dim, K: args.kv_dim, V: args.kv_dim, ATT: args.q_dim,
-              GATE: args.ffn_dim, UP: args.ffn_dim, O: args.dim, ROUTER: args.n_experts}
-    used = {b for s in steps for b in (getattr(s, f, None) for f in ("src", "dst", "buf", "q", "k", "v", "logits"))}
+              GATE: args.ffn_dim, UP: args.ffn_dim, O: args.dim, ROUTER: args.n_experts,
+              SHARED_GATE: args.shared_ffn_dim, SHARED_UP: args.shared_ffn_dim, SHARED_P: 1}
+    fields = ("src", "dst", "buf", "q", "k", "v", "logits", "gate", "up")
+    used = {b for s in steps for b in (getattr(s, f, None) for f in fields)}
     used |= {GATE, UP}  # the MLP's hidden activations (a Moe step's, one expert at a time)
     return Block(steps, {b: w for b, w in widths.items() if b in used})
 

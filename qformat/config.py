@@ -59,7 +59,7 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 class ModelArgs:
     """Hyper-parameters of a decoder-only transformer of the Llama family."""
 
-    arch: str  # "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "smollm3", "phi3"
+    arch: str  # "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "smollm3", "phi3", "mixtral", ...
     vocab_size: int
     dim: int
     n_layers: int
@@ -95,6 +95,9 @@ class ModelArgs:
     n_experts: int = 0
     experts_per_token: int = 0
     norm_topk: bool = True
+    # a shared expert beside the routed ones (Qwen2-MoE): a SwiGLU MLP of shared_ffn_dim that every
+    # token runs, its output times sigmoid(shared_gate · x); 0: none
+    shared_ffn_dim: int = 0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -106,7 +109,7 @@ class ModelArgs:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{name} must be a number or null")
-        for name in ("n_experts", "experts_per_token", "rotary_dim"):
+        for name in ("n_experts", "experts_per_token", "rotary_dim", "shared_ffn_dim"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer")
@@ -129,6 +132,8 @@ class ModelArgs:
                              f"{self.rope_dim // 2} values")
         if self.moe and not 0 < self.experts_per_token <= self.n_experts:
             raise ValueError(f"experts_per_token must be 1..n_experts ({self.n_experts})")
+        if self.shared_ffn_dim and (not self.moe or self.post_norms):
+            raise ValueError("shared_ffn_dim needs a mixture of experts without post-norms")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 
@@ -146,6 +151,16 @@ class ModelArgs:
     def moe(self) -> bool:
         """Whether the MLPs are mixtures of experts."""
         return self.n_experts > 0
+
+    @property
+    def shared_expert(self) -> bool:
+        """Whether each mixture has a shared expert (shared_ffn_dim > 0)."""
+        return self.shared_ffn_dim > 0
+
+    @property
+    def shared_gate_rows(self) -> int:
+        """Rows of the shared expert's gate: one logit per token."""
+        return 1
 
     @property
     def gate_rows(self) -> int:

@@ -189,6 +189,7 @@ def render(info: dict) -> str:
         (f"rotary dims {m.get('rotary_dim')}", m.get("rotary_dim") is not None),
         (f"{m.get('n_experts')} experts, {m.get('experts_per_token')} per token"
          + ("" if m.get("norm_topk", True) else " (not renormalized)"), bool(m.get("n_experts"))),
+        (f"a shared expert of {m.get('shared_ffn_dim')}", bool(m.get("shared_ffn_dim"))),
     ) if on]
     bpw = info["bits_per_weight"]
     lines = [

@@ -62,6 +62,11 @@ FFN_ROUTER = TensorName("ffn.router", ("n_experts", "dim"), "router", "mlp", fla
 FFN_GATE = TensorName("ffn.w1", ("gate_rows", "dim"), "linear", "mlp")
 FFN_UP = TensorName("ffn.w3", ("gate_rows", "dim"), "linear", "mlp")
 FFN_DOWN = TensorName("ffn.w2", ("down_rows", "ffn_dim"), "linear", "mlp")
+# a shared expert (Qwen2-MoE): a dense SwiGLU MLP every token runs, gated by sigmoid(shared_gate · x)
+FFN_SHARED_GATE = TensorName("ffn.shared_w1", ("shared_ffn_dim", "dim"), "linear", "mlp", flag="shared_expert")
+FFN_SHARED_UP = TensorName("ffn.shared_w3", ("shared_ffn_dim", "dim"), "linear", "mlp", flag="shared_expert")
+FFN_SHARED_DOWN = TensorName("ffn.shared_w2", ("dim", "shared_ffn_dim"), "linear", "mlp", flag="shared_expert")
+FFN_SHARED_ROUTER = TensorName("ffn.shared_gate", ("shared_gate_rows", "dim"), "router", "mlp", flag="shared_expert")
 FFN_POST_NORM = TensorName("ffn_post_norm", ("dim",), "norm", "norms", flag="post_norms")
 OUTPUT_NORM = TensorName("norm", ("dim",), "norm", "norms", per_layer=False)
 OUTPUT = TensorName("output", ("vocab_size", "dim"), "head", "head", per_layer=False)
@@ -69,8 +74,8 @@ OUTPUT = TensorName("output", ("vocab_size", "dim"), "head", "head", per_layer=F
 # Every entry, in the order a converter writes them (embeddings, each layer's, then the rest).
 TENSORS: tuple[TensorName, ...] = (
     TOK_EMBEDDINGS, ATTN_NORM, ATTN_Q, ATTN_Q_BIAS, ATTN_K, ATTN_K_BIAS, ATTN_V, ATTN_V_BIAS, ATTN_OUT,
-    ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_ROUTER, FFN_GATE, FFN_UP, FFN_DOWN, FFN_POST_NORM,
-    OUTPUT_NORM, OUTPUT,
+    ATTN_Q_NORM, ATTN_K_NORM, ATTN_POST_NORM, FFN_NORM, FFN_ROUTER, FFN_GATE, FFN_UP, FFN_DOWN,
+    FFN_SHARED_GATE, FFN_SHARED_UP, FFN_SHARED_DOWN, FFN_SHARED_ROUTER, FFN_POST_NORM, OUTPUT_NORM, OUTPUT,
 )
 # The Hugging Face name of every entry, as transformers' Llama family spells it ("{i}" the layer);
 # an architecture renames some (convert/architectures.py) but never a projection, so that an adapter
@@ -93,6 +98,10 @@ HF_NAMES = {
     FFN_GATE: "model.layers.{i}.mlp.gate_proj.weight",
     FFN_UP: "model.layers.{i}.mlp.up_proj.weight",
     FFN_DOWN: "model.layers.{i}.mlp.down_proj.weight",
+    FFN_SHARED_GATE: "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    FFN_SHARED_UP: "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    FFN_SHARED_DOWN: "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    FFN_SHARED_ROUTER: "model.layers.{i}.mlp.shared_expert_gate.weight",
     FFN_POST_NORM: "",
     OUTPUT_NORM: "model.norm.weight",
     OUTPUT: "lm_head.weight",

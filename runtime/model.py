@@ -289,9 +289,23 @@ class MoeStep:
         bufs[s.dst] = bufs[s.dst] + total if s.residual else total
 
 
+class SigmoidGate:
+    """dst += sigmoid(gate) · src (a shared expert's gated output)."""
+
+    def __init__(self, step: B.SigmoidGate, model: Model, layer: int):
+        self.step = step
+        self.ops = model.ops
+
+    def __call__(self, bufs: dict, batch: Batch) -> None:
+        s = self.step
+        out = bufs[s.dst].copy()  # the stream may still be a view of the embeddings
+        self.ops.sigmoid_gate_add(out, bufs[s.src], bufs[s.gate])
+        bufs[s.dst] = out
+
+
 # Which class runs which kind of step.
 STEPS = {B.Norm: RMSNorm, B.HeadNorm: RMSNorm, B.Linear: Linear, B.Attention: Attention, B.Glu: Glu,
-         B.Softcap: Softcap, B.Moe: MoeStep}
+         B.Softcap: Softcap, B.Moe: MoeStep, B.SigmoidGate: SigmoidGate}
 
 
 class Block:

@@ -290,7 +290,8 @@ def test_longrope_short_and_long_contexts(folders, files, arch, backend, request
 
 # ---------------------------------------------------------------------------- mixtures of experts
 
-MOE = {"mixtral": dict(arch="mixtral", tied=False), "qwen3-moe": dict(arch="qwen3_moe", tied=True)}
+MOE = {"mixtral": dict(arch="mixtral", tied=False), "qwen3-moe": dict(arch="qwen3_moe", tied=True),
+       "qwen2-moe": dict(arch="qwen2_moe", tied=False)}
 
 
 @pytest.fixture(scope="module")
@@ -321,10 +322,11 @@ def moe_hf_model(folder):
     return model
 
 
-# The emulated device runs Qwen3-MoE's experts (7 s); Mixtral's larger ones took 41 s for the
-# same CUDA step (its routing differs only in reference.route, which the CPU cases check).
+# The emulated device runs Qwen2-MoE's experts, its shared expert and the sigmoid gate, in 1.2x
+# Qwen3-MoE's time; Mixtral's larger experts took 6x (its routing differs only in reference.route,
+# which the CPU cases check).
 @pytest.mark.parametrize("case, backend", [(c, b) for c in MOE for b in ("cpu", "cpu-per-op")]
-                         + [("qwen3-moe", "emulated-cuda")])
+                         + [("qwen2-moe", "emulated-cuda")])
 def test_moe_f16_logits_match_transformers(moe_files, case, backend, request, monkeypatch):
     """Prefill (rows of one prompt routed to each expert: one product per expert) and decode
     steps (the fused step's routing in numba; the CUDA step's on the host, eagerly)."""
@@ -347,9 +349,13 @@ def test_moe_stacks_experts_and_keeps_the_router(moe_files, case):
     assert a.moe and a.n_experts == 4 and a.experts_per_token == 2
     assert r["layers.0.ffn.w1"].shape == (4 * a.ffn_dim, a.dim) and r["layers.0.ffn.w2"].shape == (4 * a.dim, a.ffn_dim)
     assert r["layers.0.ffn.router"].kind == "f32"
+    if case == "qwen2-moe":  # the shared expert: a dense MLP of its own width, its gate in float32
+        assert a.shared_ffn_dim == 72 and r["layers.0.ffn.shared_gate"].kind == "f32"
+        assert r["layers.0.ffn.shared_w1"].shape == (72, a.dim) and r["layers.0.ffn.shared_w2"].kind == "q4"
     from qformat.qinfo import render, summarize
 
     assert "4 experts, 2 per token" in render(summarize(r))
+    assert ("a shared expert of 72" in render(summarize(r))) == (case == "qwen2-moe")
     from qformat.convert.checkpoint import Checkpoint
 
     expert = "model.layers.0.block_sparse_moe.experts.2.w2.weight" if case == "mixtral" else \
@@ -394,6 +400,8 @@ def test_moe_refuses_what_it_does_not_run(moe_files, tmp_path):
                   num_attention_heads=4, vocab_size=100, num_experts=8, num_experts_per_tok=2)
     with pytest.raises(ValueError, match="dense MLP"):
         model_args(dict(common, mlp_only_layers=[1]))
+    with pytest.raises(ValueError, match="only Qwen2-MoE's shared expert"):
+        model_args(dict(common, shared_expert_intermediate_size=64))
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "phi4-mini"])
@@ -415,7 +423,8 @@ def test_qformat_load_generates(files, arch):
     assert text == m.tokenizer.decode(want)
 
 
-@pytest.mark.parametrize("case,method,samples", [("mixtral", "gptq", 4), ("qwen3-moe", "awq", 4), ("mixtral", "gptq", 1)])
+@pytest.mark.parametrize("case,method,samples", [("mixtral", "gptq", 4), ("qwen3-moe", "awq", 4), ("mixtral", "gptq", 1),
+                                                 ("qwen2-moe", "gptq", 4), ("qwen2-moe", "awq", 4)])
 def test_moe_calibrates_each_expert(moe_files, case, method, samples, tmp_path):
     """GPTQ and AWQ quantize a mixture expert by expert on the calibration tokens routed to it
     (layerwise.moe_stage); on the calibration text the file is closer to f16 than int4 RTN. With

@@ -41,6 +41,7 @@ CASES = {
     "phi3-fused-longrope": dict(arch="phi3", tied=False),
     "mixtral-moe": dict(arch="mixtral", tied=False),
     "qwen3-moe-unnormalized-topk": dict(arch="qwen3_moe", tied=True),
+    "qwen2-moe-shared-expert": dict(arch="qwen2_moe", tied=False),
     "phi4-mini-partial-rotary": dict(arch="phi3", tied=True, config_overrides={
         "partial_rotary_factor": 0.6, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 6,
                                                        "long_factor": [1.5 + 0.2 * i for i in range(6)]}}),

@@ -158,6 +158,12 @@ def test_host_rmsnorm_rope_silu_match_reference(host):
     want = reference.softcap(y, 7.0)
     ops.softcap(y, 7.0)
     assert close(y, want, 1e-5)
+    # a shared expert's gated add: one gate value per row
+    src, gate = rng.standard_normal((3, 576)).astype(np.float32), rng.standard_normal((3, 1)).astype(np.float32) * 4
+    out = rng.standard_normal((3, 576)).astype(np.float32)
+    want = out + reference.sigmoid_gate(src, gate)
+    ops.sigmoid_gate_add(out, src, gate)
+    assert close(out, want, 1e-5)
     # rmsnorm's residual form: out += the norm (a post-norm's add)
     base = rng.standard_normal((3, 576)).astype(np.float32)
     out = base.copy()

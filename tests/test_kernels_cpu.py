@@ -291,6 +291,10 @@ def test_rmsnorm_rope_silu():
     expect = reference.softcap(y, 7.0)
     CPUOps().softcap(y, 7.0)
     assert close(y, expect)
+    gate = rng.standard_normal((5, 1)).astype(np.float32) * 4  # a shared expert's gated add
+    out = y.copy()
+    CPUOps().sigmoid_gate_add(out, x, gate)
+    assert close(out, y + reference.sigmoid_gate(x, gate))
 
 
 @pytest.mark.parametrize("window,cap", [(None, None), (4, None), (None, 1.5), (4, 1.5)])

@@ -12,7 +12,8 @@ import io
 import json
 from pathlib import Path
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "smollm3", "phi3", "mixtral", "qwen3_moe")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "smollm3", "phi3", "mixtral", "qwen3_moe",
+         "qwen2_moe")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -34,8 +35,9 @@ _TRAINING_LINES = [
 ]
 
 
-# A mixture's router weights, by their names in transformers' modules.
-ROUTERS = ("block_sparse_moe.gate.weight", "mlp.gate.weight")
+# A mixture's router weights and shared-expert gates (kept in float32), by their names in
+# transformers' modules.
+ROUTERS = ("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.shared_expert_gate.weight")
 
 
 def training_text(repeat: int = 20) -> list[str]:
@@ -124,6 +126,10 @@ def _config(arch: str, vocab: int, tied: bool, ids: dict[str, int], overrides: d
         "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
         "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "head_dim": 24,
                                                     "moe_intermediate_size": 48, "norm_topk_prob": False}),
+        # a shared expert of its own width beside the routed ones, its sigmoid gate
+        "qwen2_moe": (transformers.Qwen2MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2,
+                                                    "moe_intermediate_size": 48,
+                                                    "shared_expert_intermediate_size": 72}),
     }
     if arch not in per_arch:
         raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(per_arch)}")

@@ -63,6 +63,10 @@ class CPUOps:
         """x <- cap * tanh(x / cap), in place; x (n, d)."""
         ops.softcap(x, np.float32(cap))
 
+    def sigmoid_gate_add(self, dst: np.ndarray, src: np.ndarray, gate: np.ndarray) -> None:
+        """dst += sigmoid(gate) * src, in place; dst, src (n, d), gate (n, 1)."""
+        ops.sigmoid_gate_add(dst, src, gate)
+
     def attention_decode(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slots: np.ndarray,
                          starts: np.ndarray, stops: np.ndarray, scale: float, softcap: float | None = None
                          ) -> np.ndarray:

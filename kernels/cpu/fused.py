@@ -33,7 +33,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from qformat.block import (GATE, LOGITS, STEP_TYPES, UP, X, Attention, Block, Glu, HeadNorm, Linear, Moe, Norm,
-                           Softcap, expert_name)
+                           SigmoidGate, Softcap, expert_name)
 from qformat.config import ACTIVATIONS
 
 from . import dense, int8, ops, quant, sparse
@@ -44,8 +44,8 @@ from .base import (ACT, ACT_SCALE, CODE_BITS, CODE_BYTES, CODES, FP_COLS, FP_W, 
 from .lora import lora_add
 
 # Step codes: a step's index in qformat.block.STEP_TYPES.
-NORM, HEAD_NORM, LINEAR, ATTENTION, GLU, SOFTCAP, MOE = (
-    STEP_TYPES.index(t) for t in (Norm, HeadNorm, Linear, Attention, Glu, Softcap, Moe))
+NORM, HEAD_NORM, LINEAR, ATTENTION, GLU, SOFTCAP, MOE, SIGMOID_GATE = (
+    STEP_TYPES.index(t) for t in (Norm, HeadNorm, Linear, Attention, Glu, Softcap, Moe, SigmoidGate))
 # Columns of a program row: the step code, then up to six integer operands (per step kind:
 #   NORM       norm row, src, dst, residual (0/1)   HEAD_NORM  head-norm row, buffer, width
 #   LINEAR     table row, src, dst, bias row (-1: none), residual (0/1)
@@ -56,6 +56,7 @@ NORM, HEAD_NORM, LINEAR, ATTENTION, GLU, SOFTCAP, MOE = (
 #   MOE        router row, src, dst, residual, first expert row (the experts' gate rows, then
 #              their up rows, then their down rows, consecutive), n_experts, top_k, norm_topk,
 #              activation, logits buffer, gate buffer, up buffer)
+#   SIGMOID_GATE src, gate, dst
 # and buffers are numbered in their order of first use, the residual stream first.
 OP, A, B, C, D, E, F, G, H, I, J, K, L = range(13)
 PROGRAM_WIDTH = 13
@@ -413,6 +414,9 @@ def decode_step(x, pos, programs, n_steps, floats, widths, table, norms, head_no
                 ops.softcap(_view2(buf, 1, buf.size), floats[blk, s, 0])
             elif code == MOE:
                 _moe(op, bufs, table, h2f, routines)
+            elif code == SIGMOID_GATE:
+                src, dst = bufs[op[A]], bufs[op[C]]
+                ops.sigmoid_gate_add(_view2(dst, 1, dst.size), _view2(src, 1, src.size), _view2(bufs[op[B]], 1, 1))
 
 
 class Programs:
@@ -464,6 +468,8 @@ class Programs:
                     row[A:L + 1] = (linear_rows[step.router], buf[step.src], buf[step.dst], int(step.residual), first,
                                     step.n_experts, step.top_k, int(step.norm_topk),
                                     ACTIVATIONS.index(step.activation), buf[step.logits], buf[GATE], buf[UP])
+                elif isinstance(step, SigmoidGate):
+                    row[A:C + 1] = buf[step.src], buf[step.gate], buf[step.dst]
                 else:
                     raise NotImplementedError(f"the fused CPU step has no code for {type(step).__name__}")
         self.buffers = names

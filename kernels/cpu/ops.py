@@ -87,6 +87,16 @@ def softcap(x, cap):
             x[i, j] = cap * np.tanh(x[i, j] * inv)
 
 
+@njit(cache=True, nogil=True, fastmath=FAST)
+def sigmoid_gate_add(dst, src, gate):
+    """dst += sigmoid(gate) * src in place; dst, src (n, d), gate (n, 1)."""
+    n, d = dst.shape
+    for i in range(n):
+        g = np.float32(1.0) / (np.float32(1.0) + np.exp(-gate[i, 0]))
+        for j in range(d):
+            dst[i, j] += g * src[i, j]
+
+
 @njit(cache=True, parallel=PARALLEL, fastmath=FAST)
 def attention_decode(q, k_cache, v_cache, slots, starts, stops, scale, softcap, out):
     """One query token of each of B sequences against its own cached keys.

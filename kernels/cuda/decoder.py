@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qformat.block import GATE, LOGITS, UP, X, Attention, Block, Glu, HeadNorm, Linear, Moe, Norm, Softcap, expert_name
+from qformat.block import (GATE, LOGITS, UP, X, Attention, Block, Glu, HeadNorm, Linear, Moe, Norm, SigmoidGate,
+                           Softcap, expert_name)
 
 from .. import reference
 from ..lora import LoraOp
@@ -137,6 +138,8 @@ class CudaDecodeStep:
                     self._moe(s)
                 elif isinstance(s, Softcap):
                     self.ops.softcap(self.bufs[s.buf], s.cap)
+                elif isinstance(s, SigmoidGate):
+                    self.ops.sigmoid_gate_add(*(self.bufs[b].reshape(1, -1) for b in (s.dst, s.src, s.gate)))
                 else:
                     raise NotImplementedError(f"the CUDA decode step has no kernel for {type(s).__name__}")
 

@@ -87,6 +87,15 @@ class CUDAOps:
         module.kernel("ops", "softcap_f32")(((x.size + THREADS - 1) // THREADS,), (THREADS,),
                                             (x, np.int64(x.size), np.float32(cap)))
 
+    def sigmoid_gate_add(self, dst, src, gate) -> None:
+        """dst += sigmoid(gate) * src, in place; dst, src (n, d), gate (n, 1)."""
+        _in_place(dst)
+        cp = module.cupy()
+        src, gate = cp.ascontiguousarray(src), cp.ascontiguousarray(gate)
+        n, d = dst.shape[0], dst.size // dst.shape[0]
+        module.kernel("ops", "sigmoid_gate_add_f32")(((dst.size + THREADS - 1) // THREADS,), (THREADS,),
+                                                     (dst, src, gate, np.int64(n), np.int32(d)))
+
     def attention_decode(self, q, k_cache, v_cache, slots, starts, stops, scale: float, softcap: float | None = None):
         """One query per sequence, q (B, heads, hd), over its own positions [starts[b], stops[b])
         at slots[b] (B, L) int32 of one layer's pool (n_slots, kv, hd) -> (B, heads, hd). One

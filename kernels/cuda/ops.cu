@@ -66,6 +66,14 @@ extern "C" __global__ void gelu_tanh_mul_f32(float* __restrict__ gate, const flo
     gate[i] = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))) * up[i];
 }
 
+// dst += sigmoid(gate[row]) * src over n rows of d (a shared expert's output under its gate).
+extern "C" __global__ void sigmoid_gate_add_f32(float* __restrict__ dst, const float* __restrict__ src,
+                                                const float* __restrict__ gate, long long n, int d) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * d) return;
+    dst[i] += src[i] / (1.0f + __expf(-gate[i / d]));
+}
+
 // x <- cap * tanh(x / cap) over n elements (the final logits' soft cap).
 extern "C" __global__ void softcap_f32(float* __restrict__ x, long long n, float cap) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;

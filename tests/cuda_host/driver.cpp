@@ -68,6 +68,11 @@ extern "C" void host_softcap_f32(int grid, int bx, int by, float* x, long long n
     launch(grid, bx, by, [&] { softcap_f32(x, n, cap); });
 }
 
+extern "C" void host_sigmoid_gate_add_f32(int grid, int bx, int by, float* dst, const float* src, const float* gate,
+                                          long long n, int d) {
+    launch(grid, bx, by, [&] { sigmoid_gate_add_f32(dst, src, gate, n, d); });
+}
+
 extern "C" void host_attn_decode_split(int grid, int bx, int by, const float* q, const __half* k, const __half* v,
                                        const int* slots, float* part, int n_heads, int n_kv, int hd, int start,
                                        int stop, float scale, float softcap, int n_splits) {
