@@ -64,7 +64,7 @@ def test_budget_and_bound_errors_name_the_fix():
     assert sum(c.loss for c in pick.values()) <= 1.0
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "qat"])
 def test_target_bpw_meets_the_budget_exactly(tiny_checkpoint, tmp_path, calib_file, method):
     """The file written has the size planned (also by the dry run), within the budget, with the
     allocation recorded, and the runtime computes what the reference dequantization gives."""
