@@ -15,7 +15,8 @@ rotates 12 of each head's 20 dims. Tolerances:
   decode steps, which round the activations to int8 per group (kernels/cpu/quant.py; measured
   1.4e-2 to 5.6e-2 on these models, whose logits all lie within about ±1.4).
 - greedy decoding: the same 32 tokens as transformers' generate on the f16-rounded weights.
-- mixtures: as f16 above, the router kept in f32 on both sides (the file stores it so).
+- mixtures: as above (int8 and int4 with each expert's dequantized rows in transformers 5's 3-D
+  expert parameters), the router kept in f32 on both sides (the file stores it so).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
+from qformat import tensors as T  # noqa: E402
 from qformat.convert import convert  # noqa: E402
 from qformat.convert.architectures import lookup, tensor_rules  # noqa: E402
 from qformat.reader import QbinReader  # noqa: E402
@@ -75,7 +77,8 @@ def files(folders, tmp_path_factory):
 
 def hf_model(folder, qbin=None, round_f16: bool = False):
     """transformers' model of the checkpoint, in float32; with qbin, every 2-D weight replaced by
-    the file's dequantized tensor (norms stay: the file stores Gemma's 1 + w, the checkpoint w)."""
+    the file's dequantized tensor (norms stay: the file stores Gemma's 1 + w, the checkpoint w),
+    a mixture's experts each into its slice of transformers 5's 3-D expert parameters."""
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -94,9 +97,24 @@ def hf_model(folder, qbin=None, round_f16: bool = False):
                     parts.update({hf: (fused, int(a), int(b)) for (hf, _), a, b in zip(split, starts, starts[1:])})
             for hf, name, role in tensor_rules(arch, reader.model.n_layers):
                 if role in ("linear", "embed", "head") and name in reader:
+                    w = torch.from_numpy(reader[name].dequantize())
+                    if hf not in params and arch.moe:
+                        copy_experts(params, name, w)
+                        continue
                     fused, a, b = parts.get(hf, (hf, None, None))
-                    params[fused][a:b].copy_(torch.from_numpy(reader[name].dequantize()))
+                    params[fused][a:b].copy_(w)
     return model
+
+
+def copy_experts(params: dict, name: str, w: torch.Tensor) -> None:
+    """A stacked expert tensor into transformers 5's (experts, rows, cols) parameters of its layer:
+    gate_up_proj holds each expert's gate rows, then its up rows; down_proj its down rows."""
+    entry, layer = T.parse_name(name)
+    experts = params[f"model.layers.{layer}.mlp.experts.{'down_proj' if entry is T.FFN_DOWN else 'gate_up_proj'}"]
+    rows = w.reshape(experts.shape[0], -1, w.shape[1])
+    half = experts.shape[1] // 2
+    target = {T.FFN_GATE: experts[:, :half], T.FFN_UP: experts[:, half:], T.FFN_DOWN: experts}[entry]
+    target.copy_(rows)
 
 
 def hf_logits(model, ids) -> np.ndarray:
@@ -366,6 +384,23 @@ def test_moe_stacks_experts_and_keeps_the_router(moe_files, case):
     ref = Transformer(QbinReader(f16)).forward(ids, 0, all_logits=True)
     got = Transformer(r).forward(ids, 0, all_logits=True)
     assert np.abs(got - ref).max() <= 0.25 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("scheme,decode_tol", [("int8", 1e-4), ("int4-g32", 8e-2)])
+@pytest.mark.parametrize("case", list(MOE))
+def test_moe_quantized_logits_match_transformers_on_the_dequantized_weights(moe_files, case, scheme, decode_tol):
+    """As for the dense architectures: each expert's dequantized rows (and a shared expert's) in
+    transformers' own mixture, the router in float32 on both sides."""
+    folder, qbin = moe_files(case, scheme)
+    ids = prompt(qbin, seed=6)
+    model = Transformer(QbinReader(qbin))
+    ours = run_logits(model, ids)
+    theirs = hf_logits(hf_model(folder, qbin), ids)
+    scale = np.abs(theirs).max()
+    prefill, decode = (np.abs(ours - theirs)[rows].max() / scale for rows in (slice(PREFILL), slice(PREFILL, None)))
+    print(f"{case} {scheme}: max |ours - transformers| / max |logit|: prefill {prefill:.2e}, decode {decode:.2e}")
+    assert prefill <= (decode_tol if prefills_on_int8(model) else 1e-4)
+    assert decode <= decode_tol
 
 
 @pytest.mark.parametrize("case", list(MOE))
