@@ -158,14 +158,18 @@ def test_f16_logits_match_transformers(folders, files, arch, backend, request, m
 @pytest.mark.parametrize("scheme,decode_tol", [("int8", 1e-4), ("int4-g32", 8e-2)])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_quantized_logits_match_transformers_on_the_dequantized_weights(folders, files, arch, scheme, decode_tol):
-    qbin = files(arch, scheme)
+    assert_close_to_dequantized(folders(arch), files(arch, scheme), decode_tol, f"{arch} {scheme}")
+
+
+def assert_close_to_dequantized(folder, qbin, decode_tol: float, label: str) -> None:
+    """The file's prefill and decode logits against transformers on its dequantized weights."""
     ids = prompt(qbin, seed=6)
     model = Transformer(QbinReader(qbin))
     ours = run_logits(model, ids)
-    theirs = hf_logits(hf_model(folders(arch), qbin), ids)
+    theirs = hf_logits(hf_model(folder, qbin), ids)
     scale = np.abs(theirs).max()
     prefill, decode = (np.abs(ours - theirs)[rows].max() / scale for rows in (slice(PREFILL), slice(PREFILL, None)))
-    print(f"{arch} {scheme}: max |ours - transformers| / max |logit|: prefill {prefill:.2e}, decode {decode:.2e}")
+    print(f"{label}: max |ours - transformers| / max |logit|: prefill {prefill:.2e}, decode {decode:.2e}")
     assert prefill <= (decode_tol if prefills_on_int8(model) else 1e-4)
     assert decode <= decode_tol
 
@@ -391,16 +395,7 @@ def test_moe_stacks_experts_and_keeps_the_router(moe_files, case):
 def test_moe_quantized_logits_match_transformers_on_the_dequantized_weights(moe_files, case, scheme, decode_tol):
     """As for the dense architectures: each expert's dequantized rows (and a shared expert's) in
     transformers' own mixture, the router in float32 on both sides."""
-    folder, qbin = moe_files(case, scheme)
-    ids = prompt(qbin, seed=6)
-    model = Transformer(QbinReader(qbin))
-    ours = run_logits(model, ids)
-    theirs = hf_logits(hf_model(folder, qbin), ids)
-    scale = np.abs(theirs).max()
-    prefill, decode = (np.abs(ours - theirs)[rows].max() / scale for rows in (slice(PREFILL), slice(PREFILL, None)))
-    print(f"{case} {scheme}: max |ours - transformers| / max |logit|: prefill {prefill:.2e}, decode {decode:.2e}")
-    assert prefill <= (decode_tol if prefills_on_int8(model) else 1e-4)
-    assert decode <= decode_tol
+    assert_close_to_dequantized(*moe_files(case, scheme), decode_tol, f"{case} {scheme}")
 
 
 @pytest.mark.parametrize("case", list(MOE))
