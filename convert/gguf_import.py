@@ -64,6 +64,8 @@ def tensor_names() -> dict[T.TensorName, str]:
         T.FFN_GATE: (M.FFN_GATE, "weight"), T.FFN_UP: (M.FFN_UP, "weight"), T.FFN_DOWN: (M.FFN_DOWN, "weight"),
         T.ATTN_POST_NORM: (M.ATTN_POST_NORM, "weight"), T.FFN_POST_NORM: (M.FFN_POST_NORM, "weight"),
         T.FFN_ROUTER: (M.FFN_GATE_INP, "weight"),
+        T.FFN_SHARED_GATE: (M.FFN_GATE_SHEXP, "weight"), T.FFN_SHARED_UP: (M.FFN_UP_SHEXP, "weight"),
+        T.FFN_SHARED_DOWN: (M.FFN_DOWN_SHEXP, "weight"), T.FFN_SHARED_ROUTER: (M.FFN_GATE_INP_SHEXP, "weight"),
         T.OUTPUT_NORM: (M.OUTPUT_NORM, "weight"), T.OUTPUT: (M.OUTPUT, "weight"),
     }
     assert set(pairs) == set(T.TENSORS), "a qbin tensor has no GGUF name"
