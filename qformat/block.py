@@ -232,8 +232,7 @@ def decoder_block(args: ModelArgs, layer: int) -> Block:
     widths = {X: args.dim, XN: args.dim, Q: args.q_dim, K: args.kv_dim, V: args.kv_dim, ATT: args.q_dim,
               GATE: args.ffn_dim, UP: args.ffn_dim, O: args.dim, ROUTER: args.n_experts,
               SHARED_GATE: args.shared_ffn_dim, SHARED_UP: args.shared_ffn_dim, SHARED_P: 1}
-    fields = ("src", "dst", "buf", "q", "k", "v", "logits", "gate", "up")
-    used = {b for s in steps for b in (getattr(s, f, None) for f in fields)}
+    used = {b for s in steps for b in (getattr(s, f, None) for f in ("src", "dst", "buf", "q", "k", "v", "logits"))}
     used |= {GATE, UP}  # the MLP's hidden activations (a Moe step's, one expert at a time)
     return Block(steps, {b: w for b, w in widths.items() if b in used})
 
