@@ -22,7 +22,7 @@ from .methods import METHODS, QAT_INITS
 from .options import SPECIAL_CHOICES, ConvertOptions
 from .outliers import parse_fraction
 from .prune import PRUNE_METHODS, parse_pattern
-from .qat import QatOptions
+from .qat import E2E_LOSSES, QatOptions
 
 
 class OneLineCommand(click.Command):
@@ -195,6 +195,9 @@ SPECIAL_HELP = (
               help="--method qat: E2E-QP learning rate.")
 @click.option("--e2e-batch", type=click.IntRange(1), default=QatOptions.e2e_batch, show_default=True,
               help="--method qat: windows per E2E-QP step.")
+@click.option("--e2e-loss", type=click.Choice(E2E_LOSSES), default=QatOptions.e2e_loss, show_default=True,
+              help="--method qat: E2E-QP's loss: next-token cross-entropy (ce) or KL divergence from the float "
+                   "model's next-token distributions (kl).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the calibration sampling and of QAT's batch order: equal seeds give equal files.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the resulting size; write nothing.")

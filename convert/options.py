@@ -18,7 +18,7 @@ from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP
 from .methods import METHODS, QAT_INITS
 from .outliers import KeepOptions, parse_fraction
 from .prune import check_prune_options
-from .qat import QatOptions
+from .qat import E2E_LOSSES, QatOptions
 from .sensitivity import SCORES
 from .smoothquant import check_options as check_smoothquant, describe as describe_smoothquant
 
@@ -103,6 +103,7 @@ class ConvertOptions:
     e2e_steps: int = QatOptions.e2e_steps
     e2e_lr: float = QatOptions.e2e_lr
     e2e_batch: int = QatOptions.e2e_batch
+    e2e_loss: str = QatOptions.e2e_loss
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -152,8 +153,8 @@ class ConvertOptions:
         return options
 
     def _check_qat(self, options: "ConvertOptions", main: Scheme) -> None:
-        qat_fields = {f: getattr(self, f) for f in ("qat_init", "qat_epochs", "qat_lr", "qat_weight_lr",
-                                                     "qat_samples", "qat_batch", "e2e_steps", "e2e_lr", "e2e_batch")}
+        qat_fields = {f: getattr(self, f) for f in ("qat_init", "qat_epochs", "qat_lr", "qat_weight_lr", "qat_samples",
+                                                     "qat_batch", "e2e_steps", "e2e_lr", "e2e_batch", "e2e_loss")}
         if self.method != "qat":
             changed = [f for f, v in qat_fields.items() if v != getattr(ConvertOptions, f)]
             if changed:
@@ -161,6 +162,8 @@ class ConvertOptions:
             return
         if self.qat_init not in QAT_INITS:
             raise ValueError(f"--qat-init {self.qat_init!r}; expected one of {', '.join(QAT_INITS)}")
+        if self.e2e_loss not in E2E_LOSSES:
+            raise ValueError(f"--e2e-loss {self.e2e_loss!r}; expected one of {', '.join(E2E_LOSSES)}")
         if self.qat_epochs < 0 or self.e2e_steps < 0 or min(self.qat_batch, self.e2e_batch) < 1:
             raise ValueError("--qat-epochs and --e2e-steps must be >= 0, the batches >= 1")
         if min(self.qat_lr, self.qat_weight_lr, self.e2e_lr) < 0:
@@ -239,7 +242,7 @@ class ConvertOptions:
     def qat(self) -> QatOptions:
         """Method qat's training options."""
         return QatOptions(self.qat_epochs, self.qat_lr, self.qat_weight_lr, self.qat_samples, self.qat_batch,
-                          self.e2e_steps, self.e2e_lr, self.e2e_batch, self.seed)
+                          self.e2e_steps, self.e2e_lr, self.e2e_batch, self.seed, self.e2e_loss)
 
     @property
     def keep(self) -> KeepOptions:

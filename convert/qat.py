@@ -12,8 +12,10 @@ out and the parameters of the epoch (or the init) with the least held-out error 
 training never leaves a layer worse on unseen windows than the init made it.
 
 E2E-QP then freezes the integer codes and trains only the scales through the whole model on the
-next-token loss of the calibration windows, one layer recomputed at a time in the backward pass
-(gradient checkpointing), so memory holds the codes and one layer's activations.
+next-token loss of the calibration windows (or, `e2e_loss="kl"`, the KL divergence from the float
+model's distributions, whose last-layer stream Block-AP's targets already computed), one layer
+recomputed at a time in the backward pass (gradient checkpointing), so memory holds the codes and
+one layer's activations.
 
 What is trained is what is stored: the forward pass rounds the scales to the stored float16 (or
 log-coded, spec §4.3) values and the zero-points to integers, so the codes and parameters
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -49,8 +51,8 @@ HELD_OUT = 8  # one window of every HELD_OUT is held out to choose the kept para
 class QatOptions:
     """Block-AP: `epochs` over `samples` calibration windows (None: all) in batches of `batch`,
     scales and zero-points at `lr`, weights, norms and biases at `weight_lr`. E2E-QP:
-    `e2e_steps` steps of `e2e_batch` windows training the scales at `e2e_lr` (0 steps: no E2E).
-    `seed` orders the batches."""
+    `e2e_steps` steps of `e2e_batch` windows training the scales at `e2e_lr` (0 steps: no E2E)
+    on `e2e_loss` (E2E_LOSSES). `seed` orders the batches."""
 
     epochs: int = 2
     lr: float = 3e-5
@@ -61,12 +63,17 @@ class QatOptions:
     e2e_lr: float = 5e-5
     e2e_batch: int = 2
     seed: int = 0
+    e2e_loss: str = "ce"
 
     def describe(self) -> str:
         return (f"block_ap(epochs={self.epochs}, lr={self.lr:g}, weight_lr={self.weight_lr:g}, "
                 f"samples={self.samples or 'all'}, batch={self.batch}), e2e_qp(steps={self.e2e_steps}, "
-                f"lr={self.e2e_lr:g}, batch={self.e2e_batch}), seed={self.seed}")
+                f"lr={self.e2e_lr:g}, batch={self.e2e_batch}, loss={self.e2e_loss}), seed={self.seed}")
 
+
+# What E2E-QP may minimize over the calibration windows: the next-token cross-entropy (EfficientQAT's),
+# or the KL divergence from the float model's next-token distributions (distillation).
+E2E_LOSSES = ("ce", "kl")
 
 # The arrays QAT trains around: the dense grid, a stored column order, 16-bit outliers and columns.
 TRAINABLE_ARRAYS = frozenset({"codes", "scales", "scale_exp", "zeros", "perm", "fp_cols", "fp_weight",
@@ -322,6 +329,9 @@ class QatMethod:
     init: object  # the init's layerwise.LayerMethod
     options: QatOptions
     name: str = "qat"
+    # the float model's stream after the last layer refined so far: after the last layer, the
+    # teacher of E2E-QP's KL loss (calibration windows x seqlen x dim, float32)
+    float_out: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def folds(self) -> bool:
@@ -335,6 +345,7 @@ class QatMethod:
 
     def refine(self, x, target, w, refs, stored, schemes, args, rope, report: LayerReport) -> dict[str, Tensor]:
         """Block-AP of one quantized layer (see block_ap); the held-out errors go to the report."""
+        self.float_out = target
         if not stored:
             return stored
         out, before, after = block_ap(x, target, w, refs, stored, schemes, args, rope, report.index, self.options)
@@ -346,7 +357,10 @@ class QatMethod:
         if self.options.e2e_steps <= 0:
             yield from items
             return
-        yield from e2e_qp(list(items), args, tokens, self.options, device, progress)
+        items = list(items)  # the float stream is complete once every layer has been refined
+        teacher = self.float_out if self.options.e2e_loss == "kl" else None
+        self.float_out = None
+        yield from e2e_qp(items, args, tokens, self.options, device, progress, teacher)
 
 
 # ---------------------------------------------------------------------------- E2E-QP
@@ -375,11 +389,15 @@ class FrozenGrid:
             return self.kept.tensor(name, self.codes, s, self.zero, self.scheme)
 
 
-def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, device, progress: bool) -> list:
+def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, device, progress: bool,
+           teacher: torch.Tensor | None = None) -> list:
     """Train the scales of every quantized decoder projection in `items` ((planned, Tensor,
-    stats) in plan order) on the next-token loss of the calibration windows `tokens`; the
-    embeddings, head and norms are those stored. Returns the items with the trained tensors,
-    or as they were when the held-out loss did not improve."""
+    stats) in plan order) on the calibration windows `tokens`; the embeddings, head and norms
+    are those stored. The loss: the next-token cross-entropy, or with `teacher` (the float
+    model's final stream over `tokens`, (samples, seqlen, dim)) the KL divergence from the
+    teacher's next-token distributions under the stored final norm and head (which E2E-QP does
+    not train, so the student can match them exactly). Returns the items with the trained
+    tensors, or as they were when the held-out loss did not improve."""
     by_name = {p.name: t for p, t, _ in items}
     emb = torch.from_numpy(by_name[T.TOK_EMBEDDINGS.name()].dequantize()).to(device)
     head = torch.from_numpy(by_name[T.head_name(args)].dequantize()).to(device)
@@ -406,12 +424,20 @@ def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, d
         w = {k: (v.weight() if isinstance(v, FrozenGrid) else v) for k, v in layers[i].items()}
         return layer_forward(x, w, args, rope, i)
 
+    def log_probs(x: torch.Tensor) -> torch.Tensor:
+        logits = head_logits(rms_norm(x, norm, args.norm_eps), head, args)
+        return torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), -1)
+
     def loss_of(idx: list[int], grad: bool) -> torch.Tensor:
         x = embed(emb, toks[idx], args)
         for i in range(args.n_layers):
             x = checkpoint(run_layer, i, x, use_reentrant=False) if grad else run_layer(i, x)
-        logits = head_logits(rms_norm(x, norm, args.norm_eps), head, args)
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), toks[idx][:, 1:].reshape(-1))
+        if teacher is None:
+            logits = head_logits(rms_norm(x, norm, args.norm_eps), head, args)
+            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), toks[idx][:, 1:].reshape(-1))
+        with torch.no_grad():
+            target = log_probs(teacher[idx].to(device))
+        return F.kl_div(log_probs(x), target, log_target=True, reduction="batchmean")
 
     def held_out() -> float:
         with torch.no_grad():
@@ -443,7 +469,7 @@ def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, d
     if bar is not None:
         bar.close()
     after = held_out()
-    print(f"e2e-qp: held-out loss {before:.4f} -> {after:.4f} over {len(held)} windows"
+    print(f"e2e-qp: held-out {'KL' if teacher is not None else 'loss'} {before:.4f} -> {after:.4f} over {len(held)} windows"
           + ("" if after < before else " (kept the Block-AP scales)"), file=sys.stderr)
     if not after < before:  # the items still hold Block-AP's scales
         return items
@@ -454,5 +480,5 @@ def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, d
     return out
 
 
-__all__ = ["FrozenGrid", "GroupFakeQuant", "Kept", "QatMethod", "QatOptions", "block_ap", "check_trainable",
+__all__ = ["E2E_LOSSES", "FrozenGrid", "GroupFakeQuant", "Kept", "QatMethod", "QatOptions", "block_ap", "check_trainable",
            "e2e_qp", "round_ste", "tensor_params"]

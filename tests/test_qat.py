@@ -208,6 +208,31 @@ def test_e2e_qp_changes_only_the_scales(tiny_checkpoint, tmp_path):
     assert scales_moved > 0
 
 
+def test_e2e_kl_teacher_is_the_float_model(tiny_checkpoint, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from qformat.convert import qat
+    from qformat.convert.layerwise import rms_norm
+
+    seen = {}
+
+    def capture(items, args, tokens, opts, device, progress, teacher=None):
+        seen.update(tokens=tokens, teacher=teacher, args=args)
+        return items
+
+    monkeypatch.setattr(qat, "e2e_qp", capture)
+    src = tiny_checkpoint()
+    convert(src, tmp_path / "k.qbin", "int2-g64", **dict(QAT, e2e_steps=1, e2e_loss="kl"))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf = model(torch.as_tensor(np.asarray(seen["tokens"])), output_hidden_states=True).hidden_states[-1]
+    ours = rms_norm(seen["teacher"], model.model.norm.weight.detach(), seen["args"].norm_eps)
+    assert seen["teacher"].shape == hf.shape
+    assert torch.allclose(ours, hf, atol=1e-4, rtol=1e-4), float((ours - hf).abs().max())
+    convert(src, tmp_path / "c.qbin", "int2-g64", **dict(QAT, e2e_steps=1, e2e_loss="ce"))
+    assert seen["teacher"] is None
+
+
 def test_qat_with_outliers_keeps_the_init_sidecars(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint()
     kw = dict(QAT, calib_samples=32, outliers=0.01, qat_lr=1e-3, qat_weight_lr=1e-2)
@@ -264,13 +289,13 @@ def test_qconvert_trains_with_the_qat_flags(tiny_checkpoint, tmp_path):
     out = tmp_path / "m.qbin"
     args = [str(tiny_checkpoint()), str(out), "-s", "int3-g64", "--method", "qat", "--qat-init", "rtn",
             "--qat-epochs", "1", "--qat-lr", "2e-5", "--qat-weight-lr", "1e-4", "--qat-samples", "8",
-            "--qat-batch", "4", "--e2e-steps", "1", "--e2e-lr", "1e-5", "--e2e-batch", "1", "--seed", "5",
-            "--calib", "pydoc", "--calib-samples", "12", "--calib-seqlen", "32", "-q"]
+            "--qat-batch", "4", "--e2e-steps", "1", "--e2e-lr", "1e-5", "--e2e-batch", "1", "--e2e-loss", "kl",
+            "--seed", "5", "--calib", "pydoc", "--calib-samples", "12", "--calib-seqlen", "32", "-q"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     method = QbinReader(out).provenance.method
     for part in ("qat(init=rtn", "epochs=1", "lr=2e-05", "weight_lr=0.0001", "samples=8", "batch=4",
-                 "e2e_qp(steps=1, lr=1e-05, batch=1)", "seed=5"):
+                 "e2e_qp(steps=1, lr=1e-05, batch=1, loss=kl)", "seed=5"):
         assert part in method, (part, method)
     refused = CliRunner().invoke(main, [str(tiny_checkpoint()), str(tmp_path / "x.qbin"), "-s", "int3-g64",
                                         "--e2e-steps", "4"])
