@@ -4,7 +4,7 @@
     python bench/bench_e2e_loss.py FILE.qbin --loss kl --steps 96 --calib-samples 64
 
 FILE.qbin: a `--method qat` file of the model (bench_quality.py's work folder keeps them, and
-its reference log-probabilities, which --work must hold). The calibration windows are drawn as
+its reference log-probabilities, which are computed into --work when it lacks them). The calibration windows are drawn as
 the conversion drew them (--calib, --calib-samples, --seed), so the teacher and the windows are
 the ones a conversion with `--e2e-loss` would use; only the starting scales differ (the file's).
 """
@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import click
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 import bench_quality as bq
 from qformat import QbinReader
@@ -32,6 +31,7 @@ from qformat.schemes import Scheme
 
 
 def float_layers(sd: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """Decoder layer `layer`'s float weights (a transformers state dict) under the layer's keys."""
     return {T.parse_name(r.qbin_name(layer))[0].key: sd[r.hf_name(layer)].float()
             for r in TENSOR_MAP if r.per_layer and r.hf_name(layer) in sd}
 
@@ -58,53 +58,37 @@ def float_stream(sd: dict[str, torch.Tensor], args, tokens: np.ndarray) -> torch
 @click.option("--calib-samples", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-quality"),
-              show_default=True, help="bench_quality.py's work folder (its ref-*.f16 files).")
+              show_default=True, help="bench_quality.py's work folder (its ref-*.f16 files, cached).")
 @click.option("--ood-windows", type=int, default=20, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 def main(qbin: Path, model_dir: Path, loss: str, steps: int, lr: float, calib: str, calib_samples: int, seed: int,
          work: Path, ood_windows: int, threads: int) -> None:
     """Train QBIN's scales `--steps` more E2E-QP steps on `--loss`, then score it in and out of domain."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.set_num_threads(threads)
     reader = QbinReader(qbin)
     args = reader.model
     items = []
     for name in reader.names():
-        if T.parse_name(name) is None:  # the tokenizer's bytes
+        parsed = T.parse_name(name)
+        if parsed is None:  # the tokenizer's bytes
             continue
         t = reader[name]
-        key, layer = T.parse_name(name)
-        linear = layer is not None and key.role == "linear" and t.kind.startswith("q")
         scheme = Scheme(t.kind, t.kind, t.group_size, "zeros" not in t.arrays, log_scales="scale_exp" in t.arrays)
-        items.append((SimpleNamespace(name=name, role="linear" if linear else key.role, scheme=scheme), t, None))
+        items.append((SimpleNamespace(name=name, role=parsed[0].role, scheme=scheme), t, None))
     tokens = np.asarray(calibration_tokens(model_dir, calib, calib_samples, 512, seed).tokens)
-    sd = load_file(str(model_dir / "model.safetensors"))
-    teacher = float_stream(sd, args, tokens) if loss == "kl" else None
-    del sd
+    ref_model = bq.load_model(model_dir, None)
+    teacher = float_stream(ref_model.state_dict(), args, tokens) if loss == "kl" else None
     started = time.perf_counter()
     out = e2e_qp(items, args, tokens, QatOptions(e2e_steps=steps, e2e_lr=lr, e2e_loss=loss, seed=seed),
                  torch.device("cpu"), True, teacher)
     click.echo(f"{qbin.name}: e2e-qp {loss}, {steps} steps at lr {lr:g}: {time.perf_counter() - started:.0f} s")
-    config = AutoConfig.from_pretrained(str(model_dir))
-    config.tie_word_embeddings = False
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    by_name = {p.name: t for p, t, _ in out}
-    state = {}
-    for rule in TENSOR_MAP:
-        for i in (range(args.n_layers) if rule.per_layer else [None]):
-            if rule.qbin_name(i) in by_name:
-                state[rule.hf_name(i)] = torch.from_numpy(by_name[rule.qbin_name(i)].dequantize().copy())
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    model.load_state_dict(state, strict=False)
+    model = bq.model_of(model_dir, bq.hf_state_dict({p.name: t for p, t, _ in out}, args.n_layers), str(qbin))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     for d, text, n in (("pydoc", eval_text(), EVAL_WINDOWS), ("prose", bq.ood_text(), ood_windows)):
         windows = bq.windows_of(tok, text, n)
-        cache = work / f"ref-{d}-{len(windows)}.f16"
-        if not cache.exists():
-            raise click.ClickException(f"{cache}: missing; run bench_quality.py with --work {work} first")
-        ref = np.memmap(cache, np.float16, "r", shape=(len(windows), windows.shape[1], config.vocab_size))
-        s = bq.score(model, windows, ref)
+        s = bq.score(model, windows, bq.reference_logprobs(ref_model, windows, work / f"ref-{d}-{len(windows)}.f16"))
         click.echo(f"{d}: ppl {s['ppl']:.2f}  KL {s['kl']:.4f}  top-1 {100 * s['top1']:.1f}%")
     sys.stdout.flush()
 

@@ -51,35 +51,44 @@ def ood_text() -> str:
     return "\n\n".join((LICENSE_DIR / f).read_text(encoding="utf-8") for f in LICENSE_FILES)
 
 
-def hf_state_dict(reader: QbinReader) -> dict[str, torch.Tensor]:
-    """The file's tensors dequantized (NumPy reference) under their Hugging Face names."""
+def hf_state_dict(tensors, n_layers: int) -> dict[str, torch.Tensor]:
+    """Tensors (a QbinReader, or a dict of qbin name -> Tensor) dequantized (NumPy reference)
+    under their Hugging Face names."""
     from qformat.convert.architectures import TENSOR_MAP
 
     out = {}
     for rule in TENSOR_MAP:
-        layers = range(reader.model.n_layers) if rule.per_layer else [None]
+        layers = range(n_layers) if rule.per_layer else [None]
         for i in layers:
             name = rule.qbin_name(i)
-            if name in reader:
-                out[rule.hf_name(i)] = torch.from_numpy(reader[name].dequantize().copy())
+            if name in tensors:
+                out[rule.hf_name(i)] = torch.from_numpy(tensors[name].dequantize().copy())
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
 
-def load_model(model_dir: Path, qbin: Path | None):
-    """float32 transformers model: the checkpoint itself, or with the qbin's dequantized weights."""
+def model_of(model_dir: Path, state: dict[str, torch.Tensor], source: str):
+    """float32 transformers model of the checkpoint's config holding `state` (hf_state_dict)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if qbin is None:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     config = AutoConfig.from_pretrained(str(model_dir))
     config.tie_word_embeddings = False  # the head is loaded explicitly (it may be stored apart)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    reader = QbinReader(qbin)
-    missing, unexpected = model.load_state_dict(hf_state_dict(reader), strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise click.ClickException(f"{qbin}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+        raise click.ClickException(f"{source}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+    return model
+
+
+def load_model(model_dir: Path, qbin: Path | None):
+    """float32 transformers model: the checkpoint itself, or with the qbin's dequantized weights."""
+    from transformers import AutoModelForCausalLM
+
+    if qbin is None:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    reader = QbinReader(qbin)
+    model = model_of(model_dir, hf_state_dict(reader, reader.model.n_layers), str(qbin))
     # W8A8 files: each such layer's input rounded to int8 as the runtime does (spec §6.5)
     hook_activation_quantization(model, reader)
     return model

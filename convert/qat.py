@@ -424,20 +424,19 @@ def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, d
         w = {k: (v.weight() if isinstance(v, FrozenGrid) else v) for k, v in layers[i].items()}
         return layer_forward(x, w, args, rope, i)
 
-    def log_probs(x: torch.Tensor) -> torch.Tensor:
-        logits = head_logits(rms_norm(x, norm, args.norm_eps), head, args)
-        return torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), -1)
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        return head_logits(rms_norm(x, norm, args.norm_eps), head, args)
 
     def loss_of(idx: list[int], grad: bool) -> torch.Tensor:
         x = embed(emb, toks[idx], args)
         for i in range(args.n_layers):
             x = checkpoint(run_layer, i, x, use_reentrant=False) if grad else run_layer(i, x)
+        logits = logits_of(x)
         if teacher is None:
-            logits = head_logits(rms_norm(x, norm, args.norm_eps), head, args)
-            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), toks[idx][:, 1:].reshape(-1))
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), toks[idx][:, 1:].flatten())
         with torch.no_grad():
-            target = log_probs(teacher[idx].to(device))
-        return F.kl_div(log_probs(x), target, log_target=True, reduction="batchmean")
+            target = torch.log_softmax(logits_of(teacher[idx].to(device)).flatten(0, 1), -1)
+        return F.kl_div(torch.log_softmax(logits.flatten(0, 1), -1), target, log_target=True, reduction="batchmean")
 
     def held_out() -> float:
         with torch.no_grad():
@@ -469,7 +468,8 @@ def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, d
     if bar is not None:
         bar.close()
     after = held_out()
-    print(f"e2e-qp: held-out {'KL' if teacher is not None else 'loss'} {before:.4f} -> {after:.4f} over {len(held)} windows"
+    what = "loss" if teacher is None else "KL"
+    print(f"e2e-qp: held-out {what} {before:.4f} -> {after:.4f} over {len(held)} windows"
           + ("" if after < before else " (kept the Block-AP scales)"), file=sys.stderr)
     if not after < before:  # the items still hold Block-AP's scales
         return items
@@ -480,5 +480,5 @@ def e2e_qp(items: list, args: ModelArgs, tokens: np.ndarray, opts: QatOptions, d
     return out
 
 
-__all__ = ["E2E_LOSSES", "FrozenGrid", "GroupFakeQuant", "Kept", "QatMethod", "QatOptions", "block_ap", "check_trainable",
-           "e2e_qp", "round_ste", "tensor_params"]
+__all__ = ["E2E_LOSSES", "FrozenGrid", "GroupFakeQuant", "Kept", "QatMethod", "QatOptions", "block_ap",
+           "check_trainable", "e2e_qp", "round_ste", "tensor_params"]
