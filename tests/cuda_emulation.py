@@ -21,7 +21,7 @@ def build_host(folder: Path) -> ctypes.CDLL | None:
     if gxx is None:
         return None
     lib = folder / "libqhost.so"
-    out = subprocess.run([gxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", f"-I{HOST}", f"-I{SOURCES}",
+    out = subprocess.run([gxx, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{HOST}", f"-I{SOURCES}",
                           str(HOST / "driver.cpp"), "-o", str(lib)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return ctypes.CDLL(str(lib))

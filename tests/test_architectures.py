@@ -1,5 +1,5 @@
 """Every architecture beyond the Llama family's first rows (Gemma 2, Gemma 3, OLMo 2, SmolLM3,
-Phi-3, Phi-4-mini; Mixtral and Qwen3-MoE at the end), as a tiny random transformers model:
+Phi-3, Phi-4-mini; Mixtral, Qwen3-MoE and Qwen2-MoE at the end), as a tiny random transformers model:
 converted at f16, int8 and int4, run on the CPU (per-op path and fused decode step) and the
 emulated CUDA device, against transformers.
 
@@ -14,7 +14,8 @@ rotates 12 of each head's 20 dims. Tolerances:
   runtime computes with float activations (int8 everywhere, int4's prefill), 8e-2 for int4's
   decode steps, which round the activations to int8 per group (kernels/cpu/quant.py; measured
   1.4e-2 to 5.6e-2 on these models, whose logits all lie within about ±1.4).
-- greedy decoding: the same 32 tokens as transformers' generate on the f16-rounded weights.
+- greedy decoding: the same 32 tokens as transformers' generate on the f16-rounded weights, on
+  each backend.
 - mixtures: as above (int8 and int4 with each expert's dequantized rows in transformers 5's 3-D
   expert parameters), the router kept in f32 on both sides (the file stores it so).
 """
@@ -181,13 +182,7 @@ def prefills_on_int8(model: Transformer) -> bool:
                for layer in model.layers for step in layer.steps)
 
 
-# The emulated CUDA device runs a decode step of these models in about 1.4 s (a std::thread per
-# CUDA thread): 32 steps of each model would cost CI minutes. It decodes Gemma 3, whose step
-# differs most from Llama's (two RoPE tables, sliding and global layers, q/k and post-norms,
-# GeGLU, scaled embeddings); test_f16_logits_... runs all four through its decode step past
-# the sliding window.
-GREEDY = [(arch, backend) for arch in ARCHS for backend in ("cpu", "cpu-per-op")]
-GREEDY += [("gemma3", "emulated-cuda")]
+GREEDY = [(arch, backend) for arch in ARCHS for backend in ("cpu", "cpu-per-op", "emulated-cuda")]
 GREEDY += [pytest.param(arch, "gpu", marks=pytest.mark.gpu) for arch in ARCHS]
 
 
@@ -199,8 +194,7 @@ def test_greedy_text_equals_transformers(folders, files, arch, backend, request,
     table reproduces (the runtime, as llama.cpp, picks one set by its context: see
     test_longrope_...)."""
     qbin = files(arch, "f16")
-    # the emulated device: 12 tokens (0.8 s each), past Gemma 3's sliding window of 8 all the same
-    context, new = (16, 11) if arch.startswith("phi") else (None, 12 if backend == "emulated-cuda" else 32)
+    context, new = (16, 11) if arch.startswith("phi") else (None, 32)
     model = backend_model(qbin, backend, request, monkeypatch, context)
     start = prompt(qbin, seed=7)[:5]
     with torch.no_grad():
@@ -344,11 +338,7 @@ def moe_hf_model(folder):
     return model
 
 
-# The emulated device runs Qwen2-MoE's experts, its shared expert and the sigmoid gate, in 1.2x
-# Qwen3-MoE's time; Mixtral's larger experts took 6x (its routing differs only in reference.route,
-# which the CPU cases check).
-@pytest.mark.parametrize("case, backend", [(c, b) for c in MOE for b in ("cpu", "cpu-per-op")]
-                         + [("qwen2-moe", "emulated-cuda")])
+@pytest.mark.parametrize("case, backend", [(c, b) for c in MOE for b in ("cpu", "cpu-per-op", "emulated-cuda")])
 def test_moe_f16_logits_match_transformers(moe_files, case, backend, request, monkeypatch):
     """Prefill (rows of one prompt routed to each expert: one product per expert) and decode
     steps (the fused step's routing in numba; the CUDA step's on the host, eagerly)."""
@@ -398,14 +388,14 @@ def test_moe_quantized_logits_match_transformers_on_the_dequantized_weights(moe_
     assert_close_to_dequantized(*moe_files(case, scheme), decode_tol, f"{case} {scheme}")
 
 
-@pytest.mark.parametrize("case", list(MOE))
-def test_moe_greedy_text_equals_transformers(moe_files, case):
+@pytest.mark.parametrize("case, backend", [(c, b) for c in MOE for b in ("cpu", "emulated-cuda")])
+def test_moe_greedy_text_equals_transformers(moe_files, case, backend, request, monkeypatch):
     folder, qbin = moe_files(case, "f16")
     model = moe_hf_model(folder)
     start = prompt(qbin, seed=7)[:5]
     with torch.no_grad():
         hf = model.generate(torch.tensor([start]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
-    session = Session(Transformer(QbinReader(qbin)))
+    session = Session(backend_model(qbin, backend, request, monkeypatch))
     logits = session.feed(list(start))
     got = []
     for _ in range(32):
