@@ -119,8 +119,11 @@ def copy_experts(params: dict, name: str, w: torch.Tensor) -> None:
 
 
 def hf_logits(model, ids) -> np.ndarray:
+    """transformers' logits of one prompt (L,) or of a batch of prompts (B, L)."""
+    batch = np.atleast_2d(np.asarray(ids))
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
+        logits = model(torch.from_numpy(batch)).logits.numpy()
+    return logits if np.ndim(ids) == 2 else logits[0]
 
 
 def backend_model(qbin, backend: str, request, monkeypatch, context: int | None = None) -> Transformer:
@@ -134,7 +137,10 @@ def backend_model(qbin, backend: str, request, monkeypatch, context: int | None 
 
 
 def run_logits(model: Transformer, ids) -> np.ndarray:
-    """A prefill, then single-token decode steps (the fused or CUDA one-call step)."""
+    """A prefill, then single-token decode steps (the fused or CUDA one-call step); for a batch
+    (B, L), each prompt so in turn, from position 0 of the same cache."""
+    if np.ndim(ids) == 2:
+        return np.stack([run_logits(model, row) for row in ids])
     out = [model.forward(ids[:PREFILL], 0, all_logits=True)]
     out += [model.forward(ids[pos:pos + 1], pos)[None] for pos in range(PREFILL, len(ids))]
     return np.concatenate(out)
@@ -145,11 +151,16 @@ def prompt(qbin, seed: int = 5) -> list[int]:
     return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, PREFILL + DECODE)]
 
 
+def prompts(qbin, seed: int = 5, n: int = 3) -> np.ndarray:
+    """A batch (n, PREFILL + DECODE) of random prompts."""
+    return np.array([prompt(qbin, seed + 100 * b) for b in range(n)])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_f16_logits_match_transformers(folders, files, arch, backend, request, monkeypatch):
     qbin = files(arch, "f16")
-    ids = prompt(qbin)
+    ids = prompts(qbin)
     ours = run_logits(backend_model(qbin, backend, request, monkeypatch), ids)
     theirs = hf_logits(hf_model(folders(arch), round_f16=True), ids)
     tol = 1e-2 if backend in ("emulated-cuda", "gpu") else 1e-4
@@ -164,12 +175,12 @@ def test_quantized_logits_match_transformers_on_the_dequantized_weights(folders,
 
 def assert_close_to_dequantized(folder, qbin, decode_tol: float, label: str) -> None:
     """The file's prefill and decode logits against transformers on its dequantized weights."""
-    ids = prompt(qbin, seed=6)
+    ids = prompts(qbin, seed=6)
     model = Transformer(QbinReader(qbin))
     ours = run_logits(model, ids)
     theirs = hf_logits(hf_model(folder, qbin), ids)
     scale = np.abs(theirs).max()
-    prefill, decode = (np.abs(ours - theirs)[rows].max() / scale for rows in (slice(PREFILL), slice(PREFILL, None)))
+    prefill, decode = (np.abs(ours - theirs)[:, rows].max() / scale for rows in (slice(PREFILL), slice(PREFILL, None)))
     print(f"{label}: max |ours - transformers| / max |logit|: prefill {prefill:.2e}, decode {decode:.2e}")
     assert prefill <= (decode_tol if prefills_on_int8(model) else 1e-4)
     assert decode <= decode_tol
@@ -343,7 +354,7 @@ def test_moe_f16_logits_match_transformers(moe_files, case, backend, request, mo
     """Prefill (rows of one prompt routed to each expert: one product per expert) and decode
     steps (the fused step's routing in numba; the CUDA step's on the host, eagerly)."""
     folder, qbin = moe_files(case, "f16")
-    ids = prompt(qbin)
+    ids = prompts(qbin)
     ours = run_logits(backend_model(qbin, backend, request, monkeypatch), ids)
     theirs = hf_logits(moe_hf_model(folder), ids)
     tol = 1e-2 if backend == "emulated-cuda" else 1e-4
