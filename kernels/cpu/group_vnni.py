@@ -7,10 +7,18 @@ the kernel loads 8·w bytes, splits them field by field (one shift and one mask 
 a 64-byte vector of fields shifted to their place in the code (at most 63 < 256: still unsigned
 bytes), and meets the 64 activations of those fields' columns (8/w contiguous loads) in one
 vpdpbusd (unsigned codes times signed activations). Every plane of a group accumulates into the
-same 16 int32 lanes, which the group's s_g·d_g scales in float; one horizontal sum per row.
-For q4 that is one 32-byte load of nibbles [low | high] meeting [xq[32c:32c+32] |
-xq[G/2+32c:G/2+32c+32]]; a q6 group costs 1.5 times a q4 group, a q3 group 1.5 times a q2 one.
-The zero points' part, z_g·d_g·s_g·Σ xq_g, is a scalar per group, as in the portable kernels.
+same 16 int32 lanes, which start from the zero point's part -z_g·Σ xq_g in lane 0 (exact in
+integers), and the group's s_g·d_g scales them in float (the float16 scale widened in the
+vector unit); one horizontal sum per row. For q4 that is one 32-byte load of nibbles [low |
+high] meeting [xq[32c:32c+32] | xq[G/2+32c:G/2+32c+32]]; a q6 group costs 1.5 times a q4 group,
+a q3 group 1.5 times a q2 one.
+
+The work is done in tiles (_tile_dot): four rows of one token (rows: the decode GEMV), or one
+row of four tokens (rows_tokens: a batched decode step), so that a token's activations are
+loaded once for four rows, or a row's fields split once for four tokens, and the core has
+four independent chains of vpdpbusd and float adds instead of one. Each (row, token) value is
+computed by the same operations in the same order whatever the tile, so a batched step's
+numbers are bit for bit the one-token GEMV's.
 
 A row's last, partial group takes the same path when its length is a multiple of 64 (576 =
 4·128 + 64 columns in groups of 128); otherwise the portable kernel adds it. The integer sums
@@ -21,7 +29,6 @@ hardware prefetchers follow.) Compiled only on CPUs with AVX512-VNNI and AVX512-
 """
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -29,7 +36,6 @@ from numba.extending import intrinsic
 
 from qformat.packing import planes
 
-from .base import FAST
 
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 _V16 = ir.VectorType(_I32, 16)
@@ -45,115 +51,209 @@ def _concat(builder, parts):
     return parts[0]
 
 
-def _emit_row_dot(context, builder, signature, args, bits):
-    """Code of _row_dot for `bits`-bit codes (a compile-time constant)."""
-    c_ptr, x_ptr, s_ptr, h_ptr, d_ptr = (context.make_array(signature.args[i])(context, builder, args[i]).data
-                                         for i in range(5))
-    n_groups_v, group_v = args[5], args[6]
+def _emit_tile_dot(context, builder, signature, args, bits, nr, nt, has_zeros):
+    """Code of _tile_dot for `bits`-bit codes, nr rows, nt tokens and stored zero points or not
+    (compile-time constants). Per (row, token) the same operations in the same order as for one
+    row and one token, so every result is bit for bit the one-row, one-token kernel's: tiling
+    only shares the loads (a row's codes are split once for all tokens, a token's activations
+    loaded once for all rows) and gives the core nr·nt independent chains."""
+    arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 4, 5, 6, 7)}
+    codes, scales, zeros, xq, d, sums = (arrays[i] for i in (0, 3, 4, 5, 6, 7))
+    codes_t, scales_t, zeros_t, xq_t, d_t, sums_t = (signature.args[i] for i in (0, 3, 4, 5, 6, 7))
+    r0_v, t0_v, g0_v, n_groups_v, group_v, glen_v = args[1], args[2], args[8], args[9], args[10], args[11]
     i64 = n_groups_v.type
     vnni = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]),
                                           "llvm.x86.avx512.vpdpbusd.512")
-    facc = cgutils.alloca_once(builder, _F16)
-    builder.store(ir.Constant(_F16, [0.0] * 16), facc)
-    dot = cgutils.alloca_once(builder, _V16)
-    chunks = builder.sdiv(group_v, ir.Constant(i64, 64))
 
     def const(n):
         return ir.Constant(i64, n)
 
-    def load(ptr, offset, n):
-        vec = ir.VectorType(_I8, n)
-        return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vec.as_pointer()), align=1)
+    def item(ary, ty, *inds):
+        return cgutils.get_item_pointer(context, builder, ty, ary, list(inds), wraparound=False)
 
+    def load(ptr, n):
+        return builder.load(builder.bitcast(ptr, ir.VectorType(_I8, n).as_pointer()), align=1)
+
+    def splat(value, vec):
+        one = builder.insert_element(ir.Constant(vec, None), value, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
+
+    rows = [builder.add(r0_v, const(i)) for i in range(nr)]
+    tokens = [builder.add(t0_v, const(t)) for t in range(nt)]
+    facc = [[cgutils.alloca_once(builder, _F16) for _ in range(nt)] for _ in range(nr)]
+    dot = [[cgutils.alloca_once(builder, _V16) for _ in range(nt)] for _ in range(nr)]
+    for row in facc:
+        for acc in row:
+            builder.store(ir.Constant(_F16, [0.0] * 16), acc)
+    chunks = builder.sdiv(glen_v, const(64))
+    lane0 = ir.Constant(_V16, [1] + [0] * 15)
     with cgutils.for_range(builder, n_groups_v) as groups:
-        g = groups.index
-        builder.store(ir.Constant(_V16, [0] * 16), dot)
+        g = builder.add(g0_v, groups.index)
+        # the zero point's part, -z·Σ xq, in lane 0 of the integer sums: exact, and one
+        # float scaling for the whole group
+        for i, r in enumerate(rows):
+            z = (builder.zext(builder.load(item(zeros, zeros_t, r, g)), _I32) if has_zeros
+                 else ir.Constant(_I32, 1 << (bits - 1)))
+            for j, t in enumerate(tokens):
+                corr = builder.mul(z, builder.load(item(sums, sums_t, t, g)))
+                builder.store(builder.mul(splat(builder.neg(corr), _V16), lane0), dot[i][j])
         plane0 = builder.sdiv(builder.mul(builder.mul(g, group_v), const(bits)), const(8))  # the group's bytes
-        act0 = builder.mul(g, group_v)
         shift = 0
         for width in planes(bits):
             slices, per = 8 // width, 8 * width  # per: plane bytes per 64 columns
             vec = ir.VectorType(_I8, per)
-            stride = builder.sdiv(builder.mul(group_v, const(width)), const(8))  # columns per slice
+            stride = builder.sdiv(builder.mul(glen_v, const(width)), const(8))  # columns per slice
             with cgutils.for_range(builder, chunks) as loop:
                 b0 = builder.mul(loop.index, const(per))
-                plane = load(c_ptr, builder.add(plane0, b0), per)
-                fields = []
-                for i in range(slices):
-                    f = builder.and_(builder.lshr(plane, ir.Constant(vec, [width * i] * per)),
-                                     ir.Constant(vec, [(1 << width) - 1] * per))
-                    fields.append(builder.shl(f, ir.Constant(vec, [shift] * per)) if shift else f)
-                acts = [load(x_ptr, builder.add(builder.add(act0, builder.mul(stride, const(i))), b0), per)
-                        for i in range(slices)]
-                w, a = _concat(builder, fields), _concat(builder, acts)
-                builder.store(builder.call(vnni, [builder.load(dot), builder.bitcast(w, _V16),
-                                                  builder.bitcast(a, _V16)]), dot)
+                ws = []
+                for r in rows:
+                    plane = load(item(codes, codes_t, r, builder.add(plane0, b0)), per)
+                    fields = []
+                    for i in range(slices):
+                        f = builder.and_(builder.lshr(plane, ir.Constant(vec, [width * i] * per)),
+                                         ir.Constant(vec, [(1 << width) - 1] * per))
+                        fields.append(builder.shl(f, ir.Constant(vec, [shift] * per)) if shift else f)
+                    ws.append(builder.bitcast(_concat(builder, fields), _V16))
+                acts = []
+                for t in tokens:
+                    parts = [load(item(xq, xq_t, t, g, builder.add(builder.mul(stride, const(i)), b0)), per)
+                             for i in range(slices)]
+                    acts.append(builder.bitcast(_concat(builder, parts), _V16))
+                for i, w in enumerate(ws):
+                    for j, x in enumerate(acts):
+                        builder.store(builder.call(vnni, [builder.load(dot[i][j]), w, x]), dot[i][j])
             plane0 = builder.add(plane0, stride)
             shift += width
-        sbits = builder.zext(builder.load(builder.gep(s_ptr, [g])), i64)
-        f = builder.fmul(builder.load(builder.gep(h_ptr, [sbits])), builder.load(builder.gep(d_ptr, [g])))
-        fs = builder.shuffle_vector(builder.insert_element(ir.Constant(_F16, None), f, ir.Constant(_I32, 0)),
-                                    ir.Constant(_F16, None), ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
-        scaled = builder.fmul(builder.sitofp(builder.load(dot), _F16), fs)
-        builder.store(builder.fadd(builder.load(facc), scaled), facc)
-    v = builder.load(facc)
-    width = 16
-    while width > 1:  # pairwise halves: 4 shuffles and adds instead of 15 ordered adds
-        width //= 2
-        idx = ir.VectorType(_I32, width)
-        lo_half = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width))))
-        hi_half = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width, 2 * width))))
-        v = builder.fadd(lo_half, hi_half)
-    return builder.extract_element(v, ir.Constant(_I32, 0))
+        ds = [builder.load(item(d, d_t, t, g)) for t in tokens]
+        for i, r in enumerate(rows):
+            half = builder.bitcast(builder.load(item(scales, scales_t, r, g)), ir.HalfType())
+            sv = builder.fpext(half, _F32)  # exactly the float16 scale's value
+            for j, dv in enumerate(ds):
+                scaled = builder.fmul(builder.sitofp(builder.load(dot[i][j]), _F16), splat(builder.fmul(sv, dv), _F16))
+                builder.store(builder.fadd(builder.load(facc[i][j]), scaled), facc[i][j])
+    results = []
+    for i in range(nr):
+        for j in range(nt):
+            v = builder.load(facc[i][j])
+            width = 16
+            while width > 1:  # pairwise halves: 4 shuffles and adds instead of 15 ordered adds
+                width //= 2
+                idx = ir.VectorType(_I32, width)
+                lo_half = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width))))
+                hi_half = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width, 2 * width))))
+                v = builder.fadd(lo_half, hi_half)
+            results.append(builder.extract_element(v, ir.Constant(_I32, 0)))
+    return context.make_tuple(builder, signature.return_type, results)
 
 
 @intrinsic
-def _row_dot(typingctx, crow, xq, srow, h2f, d, n_groups, group, bits):
-    """Σ_g h2f[srow[g]]·d[g]·Σ_j code_j·xq[g, j] over the first n_groups groups of `group`
-    columns (a multiple of 64): crow the groups' code bytes, xq (n_groups, group) int8
-    activations, srow their float16 scale bits, h2f those bits' float32 values, d (n_groups,);
-    bits a literal 2 to 6."""
-    if not isinstance(bits, types.IntegerLiteral):
+def _tile_dot(typingctx, codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt,
+              has_zeros):
+    """(value (0, 0), (0, 1), .., (nr-1, nt-1)): value (i, j) = Σ_g s[r0+i, g]·d[t0+j, g]·
+    (Σ_c code(r0+i, g, c)·xq[t0+j, g, c] - z[r0+i, g]·sums[t0+j, g]) over groups g0 ..
+    g0+n_groups-1 of `glen` columns (a multiple of 64; `group` columns apart in the codes), for
+    nr rows and nt tokens: codes (rows, row bytes), scales (rows, groups) float16 bits, zeros
+    (rows, groups) uint8 (has_zeros) or the grid's middle 2**(bits-1), xq (tokens, groups, P)
+    int8 activations, d (tokens, groups) and sums (tokens, groups) as quantize_x gives them;
+    bits, nr, nt and has_zeros literals."""
+    literals = (bits, nr, nt)
+    if not all(isinstance(v, types.IntegerLiteral) for v in literals) or not isinstance(has_zeros, types.BooleanLiteral):
         return None
-    width = bits.literal_value
-    sig = types.float32(crow, xq, srow, h2f, d, n_groups, group, bits)
-    return sig, lambda context, builder, signature, args: _emit_row_dot(context, builder, signature, args, width)
+    width, n_rows, n_tokens = (v.literal_value for v in literals)
+    stored = has_zeros.literal_value
+    sig = types.UniTuple(types.float32, n_rows * n_tokens)(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups,
+                                                            group, glen, bits, nr, nt, has_zeros)
+    return sig, lambda context, builder, signature, args: _emit_tile_dot(context, builder, signature, args, width,
+                                                                         n_rows, n_tokens, stored)
 
 
 @njit(cache=True, inline="always")
-def _dot(crow, xq, srow, h2f, d, n_groups, group, bits):
-    """_row_dot with `bits` as a literal (the intrinsic compiles one body per width)."""
+def _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt, has_zeros):
+    """_tile_dot with has_zeros as a literal."""
+    if has_zeros:
+        return _tile_dot(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt, True)
+    return _tile_dot(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt, False)
+
+
+@njit(cache=True, inline="always")
+def _tile(codes, r0, t0, scales, zeros, has_zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt):
+    """_tile_dot with `bits` and has_zeros as literals (the intrinsic compiles one body per
+    width and zero-point form); nr, nt literals already."""
     if bits == 4:
-        return _row_dot(crow, xq, srow, h2f, d, n_groups, group, 4)
+        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 4, nr, nt, has_zeros)
     if bits == 2:
-        return _row_dot(crow, xq, srow, h2f, d, n_groups, group, 2)
+        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 2, nr, nt, has_zeros)
     if bits == 3:
-        return _row_dot(crow, xq, srow, h2f, d, n_groups, group, 3)
+        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 3, nr, nt, has_zeros)
     if bits == 5:
-        return _row_dot(crow, xq, srow, h2f, d, n_groups, group, 5)
-    return _row_dot(crow, xq, srow, h2f, d, n_groups, group, 6)
+        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 5, nr, nt, has_zeros)
+    return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 6, nr, nt, has_zeros)
 
 
-@njit(cache=True, fastmath=FAST)
+# Rows per tile of the one-token GEMV, tokens per tile of the batched one (4 keeps 8
+# accumulators and 5 operands in the 32 vector registers).
+ROW_TILE = 4
+TOKEN_TILE = 4
+
+
+@njit(cache=True)
 def rows(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, r0, r1, out):
     """out[r0:r1] = the part of W @ x of the full groups (group % 64 == 0) and of a partial last
-    group of a multiple of 64 columns; xq (n_groups, group) as quant.quantize_x returns it.
-    Returns the number of groups done. Allocates nothing: an allocation per parallel task made
-    two threads slower than one."""
+    group of a multiple of 64 columns; xq (n_groups, group) as quant.quantize_x returns it; four
+    rows at a time (_tile_dot). Returns the number of groups done. Allocates nothing: an
+    allocation per parallel task made two threads slower than one. (h2f: the portable kernels'
+    scale table, unused: the scales widen in the vector unit.)"""
     n_full = k // group
     tail = k - n_full * group
     done = n_full + (1 if tail and tail % 64 == 0 else 0)
-    gbytes = group * bits // 8
-    mid = np.int32(1 << (bits - 1))
-    for r in range(r0, r1):
-        srow = scales[r]
-        corr = np.float32(0.0)
-        for g in range(done):
-            z = np.int32(zeros[r, g]) if has_zeros else mid
-            corr += h2f[srow[g]] * d[g] * np.float32(z * sums[g])
-        crow = codes[r]
-        acc = _dot(crow, xq, srow, h2f, d, n_full, group, bits)
+    x3 = xq.reshape((1, xq.shape[0], xq.shape[1]))
+    d2 = d.reshape((1, d.size))
+    s2 = sums.reshape((1, sums.size))
+    r = r0
+    while r + ROW_TILE <= r1:
+        a0, a1, a2, a3 = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, 0, n_full, group, group, bits,
+                               ROW_TILE, 1)
         if done > n_full:
-            acc += _dot(crow[n_full * gbytes:], xq[n_full:], srow[n_full:], h2f, d[n_full:], 1, tail, bits)
-        out[r] = acc - corr
+            b0, b1, b2, b3 = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, n_full, 1, group, tail, bits,
+                                   ROW_TILE, 1)
+            a0, a1, a2, a3 = a0 + b0, a1 + b1, a2 + b2, a3 + b3
+        out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+        r += ROW_TILE
+    for r in range(r, r1):
+        (acc,) = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, 0, n_full, group, group, bits, 1, 1)
+        if done > n_full:
+            (extra,) = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, n_full, 1, group, tail, bits, 1, 1)
+            acc += extra
+        out[r] = acc
+    return done
+
+
+@njit(cache=True)
+def rows_tokens(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, r0, r1, out):
+    """rows() for n tokens at once (batched decode): out[t, r0:r1] for xq (n, n_groups, P), d and
+    sums (n, n_groups) as quant.quantize_rows returns them, each row's codes split once for
+    TOKEN_TILE tokens; every value bit for bit rows()'s for that token alone. Returns the number
+    of groups done."""
+    n = xq.shape[0]
+    n_full = k // group
+    tail = k - n_full * group
+    done = n_full + (1 if tail and tail % 64 == 0 else 0)
+    for r in range(r0, r1):
+        t = 0
+        while t + TOKEN_TILE <= n:
+            a0, a1, a2, a3 = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, 0, n_full, group, group, bits,
+                                   1, TOKEN_TILE)
+            if done > n_full:
+                b0, b1, b2, b3 = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, n_full, 1, group, tail,
+                                       bits, 1, TOKEN_TILE)
+                a0, a1, a2, a3 = a0 + b0, a1 + b1, a2 + b2, a3 + b3
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+            t += TOKEN_TILE
+        for t in range(t, n):
+            (acc,) = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, 0, n_full, group, group, bits, 1, 1)
+            if done > n_full:
+                (extra,) = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, n_full, 1, group, tail, bits,
+                                 1, 1)
+                acc += extra
+            out[t, r] = acc
     return done

@@ -583,15 +583,24 @@ def _scale_dots(dots, scales, zeros, has_zeros, h2f, d, sums, r, split, mid, acc
 def gemm_rows_q8act(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, out):
     """out (n, rows) = W @ x_t for n tokens quantized by `quantize_x` (xq (n, n_groups, P), d and
     sums (n, n_groups)): a few tokens at once (batched decode), the weights read from memory once
-    for all of them, each token's result bit for bit its gemv_q8act's. On VNNI CPUs each task
-    runs gemv_q8act's rows for every token while their codes stay in cache; elsewhere it unpacks
+    for all of them, each token's result bit for bit its gemv_q8act's. On VNNI CPUs
+    group_vnni.rows_tokens splits each row's codes once for four tokens; elsewhere it unpacks
     each row's codes once and takes every token's integer group sums from them (group_dots),
     then scales them in the GEMV's float order."""
     n, rows = out.shape
     n_groups = scales.shape[1]
     vnni = VNNI_ROWS and group % 64 == 0
     n_blocks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
-    if vnni or group > EXACT_FLOAT_GROUP:
+    if vnni:
+        for b in prange(n_blocks):
+            r0, r1 = b * ROW_BLOCK, min(rows, (b + 1) * ROW_BLOCK)
+            g0 = ROWS_64_TOKENS(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, r0, r1, out)
+            if g0 < n_groups:
+                for t in range(n):
+                    _groups_q8act(codes, scales, zeros, has_zeros, h2f, xq[t], d[t], sums[t], k, group, bits, g0, r0,
+                                  r1, out[t])
+        return
+    if group > EXACT_FLOAT_GROUP:
         for b in prange(n_blocks):
             r0 = b * ROW_BLOCK
             for t in range(n):
@@ -857,6 +866,7 @@ from . import group_vnni  # noqa: E402
 from .features import VNNI_BW  # noqa: E402
 
 ROWS_64 = group_vnni.rows if VNNI_BW else _rows_none
+ROWS_64_TOKENS = group_vnni.rows_tokens if VNNI_BW else _rows_none
 VNNI_ROWS = VNNI_BW
 
 # The float-activation GEMV and the row dequantizer of each grouped kind (the GEMV on int8
