@@ -28,10 +28,10 @@ from .lora import LoraPair
 # Prompts shorter than this run through the fused decode step (when there is one).
 FUSED_PROMPT_TOKENS = 8
 # Steps of at most this many one-token sequences run them through the fused decode step one
-# after another: on 2 cores (SmolLM2 int4-g64) that beat the batched per-op step up to 3
-# sequences (its Python overhead per layer is paid once per step, the weights' reuse only pays
-# from 4 on).
-FUSED_BATCH_MAX = 3
+# after another: on 2 cores (SmolLM2 int4-g64, the engine's decode tokens/s) the batched per-op
+# step ties with it at 2 sequences and wins from 3 on (its Python overhead per layer is paid
+# once per step; the VNNI kernel's tiles of two rows and four tokens share the weights' work).
+FUSED_BATCH_MAX = 2
 
 
 class Model:
