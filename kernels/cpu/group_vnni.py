@@ -3,10 +3,12 @@ AVX512-VNNI, for groups of a multiple of 64 columns.
 
 Codes are stored in planes of 4, 2 or 1 bits (spec §5): a plane of width w holds, in each of
 its G·w/8 bytes, one field of each of its 8/w slices of G·w/8 columns. Per 64 columns of a plane
-the kernel loads 8·w bytes, splits them field by field (one shift and one mask per slice) into
-a 64-byte vector of fields shifted to their place in the code (at most 63 < 256: still unsigned
-bytes), and meets the 64 activations of those fields' columns (8/w contiguous loads) in one
-vpdpbusd (unsigned codes times signed activations). Every plane of a group accumulates into the
+the kernel loads 8·w bytes, repeats them 8/w times across a 64-byte vector and shifts each
+64-bit lane by its field's offset (one broadcast, one variable shift and one mask for all
+fields), shifts the fields to their place in the code (at most 63 < 256: still unsigned bytes),
+and meets the 64 activations of those fields' columns (one 64-byte load in groups of 64
+columns, whose slices are contiguous; else 8/w loads) in one vpdpbusd (unsigned codes times
+signed activations). Every plane of a group accumulates into the
 same 16 int32 lanes, which start from the zero point's part -z_g·Σ xq_g in lane 0 (exact in
 integers), and the group's s_g·d_g scales them in float (the float16 scale widened in the
 vector unit); one horizontal sum per row. For q4 that is one 32-byte load of nibbles [low |
@@ -39,6 +41,8 @@ from qformat.packing import planes
 
 _I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 _V16 = ir.VectorType(_I32, 16)
+_Q8 = ir.VectorType(ir.IntType(64), 8)
+_B64 = ir.VectorType(_I8, 64)
 _F16 = ir.VectorType(_F32, 16)
 
 
@@ -86,6 +90,7 @@ def _emit_tile_dot(context, builder, signature, args, bits, nr, nt, has_zeros):
         for acc in row:
             builder.store(ir.Constant(_F16, [0.0] * 16), acc)
     chunks = builder.sdiv(glen_v, const(64))
+    whole = builder.icmp_signed("==", glen_v, const(64))
     lane0 = ir.Constant(_V16, [1] + [0] * 15)
     with cgutils.for_range(builder, n_groups_v) as groups:
         g = builder.add(g0_v, groups.index)
@@ -101,24 +106,39 @@ def _emit_tile_dot(context, builder, signature, args, bits, nr, nt, has_zeros):
         shift = 0
         for width in planes(bits):
             slices, per = 8 // width, 8 * width  # per: plane bytes per 64 columns
-            vec = ir.VectorType(_I8, per)
             stride = builder.sdiv(builder.mul(glen_v, const(width)), const(8))  # columns per slice
             with cgutils.for_range(builder, chunks) as loop:
                 b0 = builder.mul(loop.index, const(per))
                 ws = []
                 for r in rows:
                     plane = load(item(codes, codes_t, r, builder.add(plane0, b0)), per)
-                    fields = []
-                    for i in range(slices):
-                        f = builder.and_(builder.lshr(plane, ir.Constant(vec, [width * i] * per)),
-                                         ir.Constant(vec, [(1 << width) - 1] * per))
-                        fields.append(builder.shl(f, ir.Constant(vec, [shift] * per)) if shift else f)
-                    ws.append(builder.bitcast(_concat(builder, fields), _V16))
+                    # field i of every byte into bytes i·per.. of one 64-byte vector: the plane
+                    # repeated 8/w times, each 64-bit lane shifted by its field's offset (w·i + w
+                    # <= 8, so what the shift brings in from the next byte is masked off)
+                    wide = builder.shuffle_vector(plane, plane, ir.Constant(ir.VectorType(_I32, 64),
+                                                                            [j % per for j in range(64)]))
+                    lanes = builder.lshr(builder.bitcast(wide, _Q8),
+                                         ir.Constant(_Q8, [width * (8 * q // per) for q in range(8)]))
+                    f = builder.and_(builder.bitcast(lanes, _B64), ir.Constant(_B64, [(1 << width) - 1] * 64))
+                    if shift:
+                        f = builder.shl(f, ir.Constant(_B64, [shift] * 64))
+                    ws.append(builder.bitcast(f, _V16))
                 acts = []
                 for t in tokens:
-                    parts = [load(item(xq, xq_t, t, g, builder.add(builder.mul(stride, const(i)), b0)), per)
-                             for i in range(slices)]
-                    acts.append(builder.bitcast(_concat(builder, parts), _V16))
+                    # a group of 64 columns: its slices are contiguous, one 64-byte load
+                    with builder.if_else(whole) as (one_load, slice_loads):
+                        with one_load:
+                            whole_x = load(item(xq, xq_t, t, g, b0), 64)
+                            one_block = builder.basic_block
+                        with slice_loads:
+                            parts = [load(item(xq, xq_t, t, g, builder.add(builder.mul(stride, const(i)), b0)), per)
+                                     for i in range(slices)]
+                            sliced_x = _concat(builder, parts)
+                            slices_block = builder.basic_block
+                    x = builder.phi(_B64)
+                    x.add_incoming(whole_x, one_block)
+                    x.add_incoming(sliced_x, slices_block)
+                    acts.append(builder.bitcast(x, _V16))
                 for i, w in enumerate(ws):
                     for j, x in enumerate(acts):
                         builder.store(builder.call(vnni, [builder.load(dot[i][j]), w, x]), dot[i][j])
