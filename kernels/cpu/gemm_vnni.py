@@ -112,31 +112,35 @@ def quantize_rows(x, k, group, xq, d, sums):
 
 
 @njit(cache=True, inline="always")
-def _unpack_planes(cb, base, col0, plen, bits, lane, wb8):
-    """Or the codes of one group (plen padded codes from byte `base` of a row's bytes cb, first
-    column col0) into lane `lane` of the block's byte layout wb8 (zeroed by the caller)."""
+def _unpack_planes(cb, base, plen, bits, out8):
+    """out8[:plen] = the codes of one group in column order, from its planes of 4, 2 and 1 bits
+    (spec §5) starting at byte `base` of a row's bytes cb: each slice's fields are contiguous in
+    both, so every loop here runs over contiguous bytes (and vectorizes)."""
+    out8[:plen] = 0
     shift = 0
     for width in (4, 2, 1):
         if (bits & width) == 0:
             continue
         s = plen * width // 8
         mask = np.uint8((1 << width) - 1)
+        plane = cb[base:base + s]
         for i in range(8 // width):
+            o = out8[i * s:(i + 1) * s]  # indexed from 0: see quant.unpack_codes
             for j in range(s):
-                c = col0 + i * s + j
-                v = (cb[base + j] >> np.uint8(width * i)) & mask
-                wb8[((c // 4) * LANES + lane) * 4 + c % 4] |= v << np.uint8(shift)
+                o[j] |= ((plane[j] >> np.uint8(width * i)) & mask) << np.uint8(shift)
         base += s
         shift += width
 
 
 @njit(cache=True, inline="always")
-def _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb32, sb, zb):
+def _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb32, sb, zb, gb):
     """Rows r0..r0+15 -> wb32 (steps·16,) uint32: step s, lane l = columns 4s..4s+3 of row r0+l as
     bytes; sb / zb (n_agroups·16,) scales and zero points per activation group and lane (rows
     past the weight's end: all zero). codes32: the code bytes read 4 at a time. Every offset is a
     multiple of 4 columns (act_group), so 4 planar q4 code bytes give the low nibbles of 4
-    consecutive columns by one mask and the high nibbles of 4 others by a shift and a mask."""
+    consecutive columns by one mask and the high nibbles of 4 others by a shift and a mask; the
+    other widths unpack a group into gb (uint8, a padded group's codes) in column order first,
+    then go as q8's words do."""
     rows, n_groups = scales.shape
     n_agroups = sb.size // LANES
     n_full = k // group
@@ -167,9 +171,11 @@ def _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup
                     w = crow[g * gwords + j]
                     wb32[(step0 + j) * LANES + lane] = w & low
                     wb32[(step0 + half + j) * LANES + lane] = (w >> np.uint32(4)) & low
-            else:  # planes of 4, 2 and 1 bits (spec §5), field by field into the code bytes
-                _unpack_planes(crow.view(np.uint8), g * (group * bits // 8), g * group, plen, bits, lane,
-                               wb32.view(np.uint8))
+            else:  # planes of 4, 2 and 1 bits (spec §5)
+                _unpack_planes(crow.view(np.uint8), g * (group * bits // 8), plen, bits, gb)
+                words = gb.view(np.uint32)
+                for j in range(plen // 4):
+                    wb32[(step0 + j) * LANES + lane] = words[j]
 
 
 @intrinsic
@@ -230,8 +236,8 @@ def _tile(typingctx, wb, sb, zb, xq, d, sums, t0, n_groups, steps_per_group, acc
 
 @njit(cache=True, nogil=True)
 def _gemm_part(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n,
-               worker, n_workers, wb, sb, zb, tile, out):
-    """Row blocks worker, worker + n_workers, ... of gemm_q8act (one thread; wb, sb, zb, tile
+               worker, n_workers, wb, sb, zb, gb, tile, out):
+    """Row blocks worker, worker + n_workers, ... of gemm_q8act (one thread; wb, sb, zb, gb, tile
     its scratch)."""
     rows = scales.shape[0]
     n_groups = d.shape[1]  # activation groups from here on
@@ -239,7 +245,8 @@ def _gemm_part(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, x
     n_blocks = (rows + LANES - 1) // LANES
     for b in range(worker, n_blocks, n_workers):
         r0 = b * LANES
-        _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb.view(np.uint32), sb, zb)
+        _unpack_block(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, r0, wb.view(np.uint32), sb, zb,
+                      gb)
         n_rows = min(LANES, rows - r0)
         for t0 in range(0, xq.shape[0], TOKENS):
             _tile(wb, sb, zb, xq, d, sums, t0, n_groups, steps_per_group, tile)
@@ -292,9 +299,10 @@ def gemm_codes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zer
         wb = np.empty(xq.shape[1] * LANES, np.uint8)
         sb = np.empty(n_groups * LANES, np.float32)
         zb = np.empty(n_groups * LANES, np.int32)
+        gb = np.empty(-(-group // 8) * 8, np.uint8)  # one group's codes, padded as the planes are
         tile = np.empty(TOKENS * LANES, np.float32)
         _gemm_part(codes32, scales, zeros, has_zeros, h2f, bits, k, group, agroup, xq, d, sums, n,
-                   worker, n_workers, wb, sb, zb, tile, out)
+                   worker, n_workers, wb, sb, zb, gb, tile, out)
 
     run_tasks(part, range(n_workers))
     return out
