@@ -10,7 +10,8 @@ steps see the same numbers; W8A8 passes its own per-token codes (per_token_input
   row). A tile of TOKENS tokens then runs through the block: per step, one vpdpbusd per token
   multiplies the 64 code bytes by that token's 4 activation bytes broadcast to every lane, so a
   lane accumulates its row's dot product and no horizontal sum is ever needed (q4 and q8 are
-  unpacked by whole words; the other widths field by field from their planes, spec §5). Each group's
+  unpacked by whole words; the other widths group by group from their planes, spec §5, into
+  column order, then by words). Each group's
   int32 accumulators start at -z·Σa (the zero-point term, exact in integers) and end in one
   float multiply-add by s·d per token: lanes are rows, so the scales are a vector load.
 
