@@ -33,8 +33,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from qformat.packing import row_nbytes
+from qformat.packing import planes, row_nbytes
 
+from .group_vnni import split_fields
 from .threads import run_row_chunks, run_tasks
 
 # Rows per block: one 32-bit lane each in a 512-bit vector.
@@ -112,11 +113,53 @@ def quantize_rows(x, k, group, xq, d, sums):
             sums[i, g] = _round_group(x[i, start:stop], dg, xq[i, start:stop])
 
 
+@intrinsic
+def _codes64(typingctx, cb, base, bits, out8):
+    """out8[:64] = the codes of a group of 64 columns in column order, from its planes starting
+    at byte `base` of cb (group_vnni.split_fields per plane, or-ed); bits a literal."""
+    if not isinstance(bits, types.IntegerLiteral):
+        return None
+    width_of = bits.literal_value
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dst = context.make_array(signature.args[3])(context, builder, args[3]).data
+        offset = args[1]
+        codes = ir.Constant(_B64, [0] * 64)
+        shift = 0
+        for width in planes(width_of):
+            ptr = builder.bitcast(builder.gep(src, [offset]), ir.VectorType(_I8, 8 * width).as_pointer())
+            codes = builder.or_(codes, split_fields(builder, builder.load(ptr, align=1), width, shift))
+            offset = builder.add(offset, ir.Constant(offset.type, 8 * width))
+            shift += width
+        builder.store(codes, builder.bitcast(dst, _B64.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(cb, base, bits, out8), codegen
+
+
+@njit(cache=True, inline="always")
+def _codes_of_64(cb, base, bits, out8):
+    """_codes64 with `bits` as a literal."""
+    if bits == 2:
+        _codes64(cb, base, 2, out8)
+    elif bits == 3:
+        _codes64(cb, base, 3, out8)
+    elif bits == 5:
+        _codes64(cb, base, 5, out8)
+    else:
+        _codes64(cb, base, 6, out8)
+
+
 @njit(cache=True, inline="always")
 def _unpack_planes(cb, base, plen, bits, out8):
     """out8[:plen] = the codes of one group in column order, from its planes of 4, 2 and 1 bits
     (spec §5) starting at byte `base` of a row's bytes cb: each slice's fields are contiguous in
-    both, so every loop here runs over contiguous bytes (and vectorizes)."""
+    both, so every loop here runs over contiguous bytes (and vectorizes); a group of 64 columns
+    in one vector pass (_codes64)."""
+    if plen == 64:
+        _codes_of_64(cb, base, bits, out8)
+        return
     out8[:plen] = 0
     shift = 0
     for width in (4, 2, 1):

@@ -55,6 +55,19 @@ def _concat(builder, parts):
     return parts[0]
 
 
+def split_fields(builder, plane, width: int, shift: int):
+    """The 64 fields of a plane's 8·width bytes `plane` (<8·width x i8>) as one <64 x i8>: field i
+    of every byte into bytes i·8·width.., shifted left by `shift` (its place in the code). The
+    plane repeated 8/width times, each 64-bit lane shifted right by its field's offset (w·i + w
+    <= 8, so what the shift brings in from the next byte is masked off): one broadcast, one
+    variable shift and one mask for all fields."""
+    per = 8 * width
+    wide = builder.shuffle_vector(plane, plane, ir.Constant(ir.VectorType(_I32, 64), [j % per for j in range(64)]))
+    lanes = builder.lshr(builder.bitcast(wide, _Q8), ir.Constant(_Q8, [width * (8 * q // per) for q in range(8)]))
+    f = builder.and_(builder.bitcast(lanes, _B64), ir.Constant(_B64, [(1 << width) - 1] * 64))
+    return builder.shl(f, ir.Constant(_B64, [shift] * 64)) if shift else f
+
+
 def _emit_tile_dot(context, builder, signature, args, bits, nr, nt, has_zeros):
     """Code of _tile_dot for `bits`-bit codes, nr rows, nt tokens and stored zero points or not
     (compile-time constants). Per (row, token) the same operations in the same order as for one
@@ -112,17 +125,7 @@ def _emit_tile_dot(context, builder, signature, args, bits, nr, nt, has_zeros):
                 ws = []
                 for r in rows:
                     plane = load(item(codes, codes_t, r, builder.add(plane0, b0)), per)
-                    # field i of every byte into bytes i·per.. of one 64-byte vector: the plane
-                    # repeated 8/w times, each 64-bit lane shifted by its field's offset (w·i + w
-                    # <= 8, so what the shift brings in from the next byte is masked off)
-                    wide = builder.shuffle_vector(plane, plane, ir.Constant(ir.VectorType(_I32, 64),
-                                                                            [j % per for j in range(64)]))
-                    lanes = builder.lshr(builder.bitcast(wide, _Q8),
-                                         ir.Constant(_Q8, [width * (8 * q // per) for q in range(8)]))
-                    f = builder.and_(builder.bitcast(lanes, _B64), ir.Constant(_B64, [(1 << width) - 1] * 64))
-                    if shift:
-                        f = builder.shl(f, ir.Constant(_B64, [shift] * 64))
-                    ws.append(builder.bitcast(f, _V16))
+                    ws.append(builder.bitcast(split_fields(builder, plane, width, shift), _V16))
                 acts = []
                 for t in tokens:
                     # a group of 64 columns: its slices are contiguous, one 64-byte load
