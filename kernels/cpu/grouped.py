@@ -3,7 +3,7 @@
 Decode: q2 to q6 run quant.gemv_q8act on int8 activations (kernels.layouts.q8act; on
 AVX512-VNNI CPUs their groups of 64k columns take group_vnni.rows), q8 and nf4 quant.GEMV[kind]
 on float activations; a batched decode step of a few sequences runs the same GEMVs for all of
-them in one pass over the weights (gemv_many). Prefill: q4 (and q8 where its groups allow) through gemm_vnni's int8 GEMM on VNNI
+them in one pass over the weights (gemv_many; q8 by quant.gemm_rows_q8). Prefill: q4 (and q8 where its groups allow) through gemm_vnni's int8 GEMM on VNNI
 CPUs, else rows dequantized by quant.DEQUANT[kind] and multiplied by BLAS.
 """
 from __future__ import annotations
@@ -87,10 +87,10 @@ class GroupQuantOp(LinearBase):
         """The GEMV of every token of x (n, in_features), each token's row bit for bit its
         gemv()'s. On int8 activations in one pass over the weights (quant.gemm_rows_q8act:
         each block of rows meets all n tokens while it is in cache, their integer sums exact);
-        float-activation kinds (q8, nf4) one GEMV per token, since a float sum vectorized in
-        another context may round otherwise."""
+        q8 on float activations (an int8 head) with its rows read once too (quant.gemm_rows_q8,
+        equal within rounding: its float sums run in another order); nf4 one GEMV per token."""
         if not self.q8act:
-            return self.gemv_rows(x)
+            return self.gemv_rows(x) if self.kind != "q8" else self._gemm_rows_q8(x)
         x = np.ascontiguousarray(x, np.float32)
         xs_in = self.side.stored_x(x) if self.side.any else x
         out = np.empty((x.shape[0], self.out_features), np.float32)
@@ -100,6 +100,19 @@ class GroupQuantOp(LinearBase):
         if self.side.any:
             for i in range(x.shape[0]):
                 self.side.add_gemv(x[i], out[i], (d[i], sums[i]))
+        return out
+
+    def _gemm_rows_q8(self, x: np.ndarray) -> np.ndarray:
+        """gemv_many of q8 on float activations (an int8 head): quant.gemm_rows_q8."""
+        xs_in = self.side.stored_x(x) if self.side.any else x
+        padded = [quant.pad_x(row, self.in_features, self.group, self.padded) for row in xs_in]
+        xp, xs = np.stack([p for p, _ in padded]), np.stack([s for _, s in padded])
+        out = np.empty((x.shape[0], self.out_features), np.float32)
+        quant.gemm_rows_q8(self.codes, self.scales, self.zeros, self.has_zeros, H2F, xp, xs, self.in_features,
+                           self.group, out)
+        if self.side.any:
+            for i in range(x.shape[0]):
+                self.side.add_gemv(x[i], out[i], None)
         return out
 
     def prepare_x(self, x: np.ndarray) -> np.ndarray:
