@@ -3,8 +3,10 @@
 Decode: q2 to q6 run quant.gemv_q8act on int8 activations (kernels.layouts.q8act; on
 AVX512-VNNI CPUs their groups of 64k columns take group_vnni.rows), q8 and nf4 quant.GEMV[kind]
 on float activations; a batched decode step of a few sequences runs the same GEMVs for all of
-them in one pass over the weights (gemv_many; q8 by quant.gemm_rows_q8). Prefill: q4 (and q8 where its groups allow) through gemm_vnni's int8 GEMM on VNNI
-CPUs, else rows dequantized by quant.DEQUANT[kind] and multiplied by BLAS.
+them in one pass over the weights (gemv_many: q2-q6 on int8 activations, q8 by
+quant.gemm_rows_q8; nf4 a GEMV per token). Prefill: q4 (and q8 where its groups allow) through
+gemm_vnni's int8 GEMM on VNNI CPUs, else rows dequantized by quant.DEQUANT[kind] and multiplied
+by BLAS.
 """
 from __future__ import annotations
 
