@@ -77,8 +77,8 @@ def _emit_tile_dot(context, builder, signature, args, bits, nr, nt, has_zeros):
     arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 4, 5, 6, 7)}
     codes, scales, zeros, xq, d, sums = (arrays[i] for i in (0, 3, 4, 5, 6, 7))
     codes_t, scales_t, zeros_t, xq_t, d_t, sums_t = (signature.args[i] for i in (0, 3, 4, 5, 6, 7))
-    r0_v, t0_v, g0_v, n_groups_v, group_v, glen_v = args[1], args[2], args[8], args[9], args[10], args[11]
-    i64 = n_groups_v.type
+    r0_v, t0_v, n_full_v, group_v, tail_v = args[1], args[2], args[8], args[9], args[10]
+    i64 = n_full_v.type
     vnni = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]),
                                           "llvm.x86.avx512.vpdpbusd.512")
 
@@ -97,120 +97,142 @@ def _emit_tile_dot(context, builder, signature, args, bits, nr, nt, has_zeros):
 
     rows = [builder.add(r0_v, const(i)) for i in range(nr)]
     tokens = [builder.add(t0_v, const(t)) for t in range(nt)]
-    facc = [[cgutils.alloca_once(builder, _F16) for _ in range(nt)] for _ in range(nr)]
-    dot = [[cgutils.alloca_once(builder, _V16) for _ in range(nt)] for _ in range(nr)]
-    for row in facc:
-        for acc in row:
-            builder.store(ir.Constant(_F16, [0.0] * 16), acc)
-    chunks = builder.sdiv(glen_v, const(64))
-    whole = builder.icmp_signed("==", glen_v, const(64))
-    lane0 = ir.Constant(_V16, [1] + [0] * 15)
-    with cgutils.for_range(builder, n_groups_v) as groups:
-        g = builder.add(g0_v, groups.index)
-        # the zero point's part, -z·Σ xq, in lane 0 of the integer sums: exact, and one
-        # float scaling for the whole group
-        for i, r in enumerate(rows):
-            z = (builder.zext(builder.load(item(zeros, zeros_t, r, g)), _I32) if has_zeros
-                 else ir.Constant(_I32, 1 << (bits - 1)))
-            for j, t in enumerate(tokens):
-                corr = builder.mul(z, builder.load(item(sums, sums_t, t, g)))
-                builder.store(builder.mul(splat(builder.neg(corr), _V16), lane0), dot[i][j])
-        plane0 = builder.sdiv(builder.mul(builder.mul(g, group_v), const(bits)), const(8))  # the group's bytes
-        shift = 0
-        for width in planes(bits):
-            slices, per = 8 // width, 8 * width  # per: plane bytes per 64 columns
-            stride = builder.sdiv(builder.mul(glen_v, const(width)), const(8))  # columns per slice
-            with cgutils.for_range(builder, chunks) as loop:
-                b0 = builder.mul(loop.index, const(per))
-                ws = []
-                for r in rows:
-                    plane = load(item(codes, codes_t, r, builder.add(plane0, b0)), per)
-                    ws.append(builder.bitcast(split_fields(builder, plane, width, shift), _V16))
-                acts = []
-                for t in tokens:
-                    # a group of 64 columns: its slices are contiguous, one 64-byte load
-                    with builder.if_else(whole) as (one_load, slice_loads):
-                        with one_load:
-                            whole_x = load(item(xq, xq_t, t, g, b0), 64)
-                            one_block = builder.basic_block
-                        with slice_loads:
-                            parts = [load(item(xq, xq_t, t, g, builder.add(builder.mul(stride, const(i)), b0)), per)
-                                     for i in range(slices)]
-                            sliced_x = _concat(builder, parts)
-                            slices_block = builder.basic_block
-                    x = builder.phi(_B64)
-                    x.add_incoming(whole_x, one_block)
-                    x.add_incoming(sliced_x, slices_block)
-                    acts.append(builder.bitcast(x, _V16))
-                for i, w in enumerate(ws):
-                    for j, x in enumerate(acts):
-                        builder.store(builder.call(vnni, [builder.load(dot[i][j]), w, x]), dot[i][j])
-            plane0 = builder.add(plane0, stride)
-            shift += width
-        ds = [builder.load(item(d, d_t, t, g)) for t in tokens]
-        for i, r in enumerate(rows):
-            half = builder.bitcast(builder.load(item(scales, scales_t, r, g)), ir.HalfType())
-            sv = builder.fpext(half, _F32)  # exactly the float16 scale's value
-            for j, dv in enumerate(ds):
-                scaled = builder.fmul(builder.sitofp(builder.load(dot[i][j]), _F16), splat(builder.fmul(sv, dv), _F16))
-                builder.store(builder.fadd(builder.load(facc[i][j]), scaled), facc[i][j])
-    results = []
-    for i in range(nr):
-        for j in range(nt):
-            v = builder.load(facc[i][j])
-            width = 16
-            while width > 1:  # pairwise halves: 4 shuffles and adds instead of 15 ordered adds
-                width //= 2
-                idx = ir.VectorType(_I32, width)
-                lo_half = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width))))
-                hi_half = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width, 2 * width))))
-                v = builder.fadd(lo_half, hi_half)
-            results.append(builder.extract_element(v, ir.Constant(_I32, 0)))
+
+    def groups_pass(g0, n_groups, glen):
+        """Each (row, token)'s float sum over groups g0 .. g0+n_groups-1 of glen columns."""
+        facc = [[cgutils.alloca_once(builder, _F16) for _ in range(nt)] for _ in range(nr)]
+        dot = [[cgutils.alloca_once(builder, _V16) for _ in range(nt)] for _ in range(nr)]
+        for row in facc:
+            for acc in row:
+                builder.store(ir.Constant(_F16, [0.0] * 16), acc)
+        chunks = builder.sdiv(glen, const(64))
+        whole = builder.icmp_signed("==", glen, const(64))
+        with cgutils.for_range(builder, n_groups) as groups:
+            g = builder.add(g0, groups.index)
+            # the zero point's part, -z·Σ xq, in lane 0 of the integer sums: exact, and one
+            # float scaling for the whole group
+            for i, r in enumerate(rows):
+                z = (builder.zext(builder.load(item(zeros, zeros_t, r, g)), _I32) if has_zeros
+                     else ir.Constant(_I32, 1 << (bits - 1)))
+                for j, t in enumerate(tokens):
+                    corr = builder.neg(builder.mul(z, builder.load(item(sums, sums_t, t, g))))
+                    builder.store(builder.insert_element(ir.Constant(_V16, [0] * 16), corr, ir.Constant(_I32, 0)),
+                                  dot[i][j])
+            plane0 = builder.sdiv(builder.mul(builder.mul(g, group_v), const(bits)), const(8))  # the group's bytes
+            shift = 0
+            for width in planes(bits):
+                slices, per = 8 // width, 8 * width  # per: plane bytes per 64 columns
+                stride = builder.sdiv(builder.mul(glen, const(width)), const(8))  # columns per slice
+                with cgutils.for_range(builder, chunks) as loop:
+                    b0 = builder.mul(loop.index, const(per))
+                    ws = []
+                    for r in rows:
+                        plane = load(item(codes, codes_t, r, builder.add(plane0, b0)), per)
+                        ws.append(builder.bitcast(split_fields(builder, plane, width, shift), _V16))
+                    acts = []
+                    for t in tokens:
+                        # a group of 64 columns: its slices are contiguous, one 64-byte load
+                        with builder.if_else(whole) as (one_load, slice_loads):
+                            with one_load:
+                                whole_x = load(item(xq, xq_t, t, g, b0), 64)
+                                one_block = builder.basic_block
+                            with slice_loads:
+                                parts = [load(item(xq, xq_t, t, g, builder.add(builder.mul(stride, const(i)), b0)),
+                                              per) for i in range(slices)]
+                                sliced_x = _concat(builder, parts)
+                                slices_block = builder.basic_block
+                        x = builder.phi(_B64)
+                        x.add_incoming(whole_x, one_block)
+                        x.add_incoming(sliced_x, slices_block)
+                        acts.append(builder.bitcast(x, _V16))
+                    for i, w in enumerate(ws):
+                        for j, x in enumerate(acts):
+                            builder.store(builder.call(vnni, [builder.load(dot[i][j]), w, x]), dot[i][j])
+                plane0 = builder.add(plane0, stride)
+                shift += width
+            ds = [builder.load(item(d, d_t, t, g)) for t in tokens]
+            for i, r in enumerate(rows):
+                half = builder.bitcast(builder.load(item(scales, scales_t, r, g)), ir.HalfType())
+                sv = builder.fpext(half, _F32)  # exactly the float16 scale's value
+                for j, dv in enumerate(ds):
+                    scaled = builder.fmul(builder.sitofp(builder.load(dot[i][j]), _F16),
+                                          splat(builder.fmul(sv, dv), _F16))
+                    builder.store(builder.fadd(builder.load(facc[i][j]), scaled), facc[i][j])
+        out = []
+        for row in facc:
+            for acc in row:
+                v = builder.load(acc)
+                width = 16
+                while width > 1:  # pairwise halves: 4 shuffles and adds instead of 15 ordered adds
+                    width //= 2
+                    idx = ir.VectorType(_I32, width)
+                    lo_half = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width))))
+                    hi_half = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(width, 2 * width))))
+                    v = builder.fadd(lo_half, hi_half)
+                out.append(builder.extract_element(v, ir.Constant(_I32, 0)))
+        return out
+
+    full = groups_pass(const(0), n_full_v, group_v)
+    # a partial last group of `tail` columns: its own sum, added to the full groups' (no group
+    # runs when tail is 0, and the full sum is then kept as it is)
+    has_tail = builder.icmp_signed("!=", tail_v, const(0))
+    last = groups_pass(n_full_v, builder.zext(has_tail, i64), tail_v)
+    results = [builder.select(has_tail, builder.fadd(f, t), f) for f, t in zip(full, last)]
     return context.make_tuple(builder, signature.return_type, results)
 
 
 @intrinsic
-def _tile_dot(typingctx, codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt,
-              has_zeros):
+def _tile_dot(typingctx, codes, r0, t0, scales, zeros, xq, d, sums, n_full, group, tail, bits, nr, nt, has_zeros):
     """(value (0, 0), (0, 1), .., (nr-1, nt-1)): value (i, j) = Σ_g s[r0+i, g]·d[t0+j, g]·
-    (Σ_c code(r0+i, g, c)·xq[t0+j, g, c] - z[r0+i, g]·sums[t0+j, g]) over groups g0 ..
-    g0+n_groups-1 of `glen` columns (a multiple of 64; `group` columns apart in the codes), for
-    nr rows and nt tokens: codes (rows, row bytes), scales (rows, groups) float16 bits, zeros
-    (rows, groups) uint8 (has_zeros) or the grid's middle 2**(bits-1), xq (tokens, groups, P)
-    int8 activations, d (tokens, groups) and sums (tokens, groups) as quantize_x gives them;
-    bits, nr, nt and has_zeros literals."""
+    (Σ_c code(r0+i, g, c)·xq[t0+j, g, c] - z[r0+i, g]·sums[t0+j, g]) over the n_full groups of
+    `group` columns (a multiple of 64), plus, when tail != 0, the partial last group of `tail`
+    columns (a multiple of 64) summed apart, for nr rows and nt tokens: codes (rows, row bytes),
+    scales (rows, groups) float16 bits, zeros (rows, groups) uint8 (has_zeros) or the grid's
+    middle 2**(bits-1), xq (tokens, groups, P) int8 activations, d (tokens, groups) and sums
+    (tokens, groups) as quantize_x gives them; bits, nr, nt and has_zeros literals."""
     literals = (bits, nr, nt)
     if not all(isinstance(v, types.IntegerLiteral) for v in literals) or not isinstance(has_zeros, types.BooleanLiteral):
         return None
     width, n_rows, n_tokens = (v.literal_value for v in literals)
     stored = has_zeros.literal_value
-    sig = types.UniTuple(types.float32, n_rows * n_tokens)(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups,
-                                                            group, glen, bits, nr, nt, has_zeros)
+    sig = types.UniTuple(types.float32, n_rows * n_tokens)(codes, r0, t0, scales, zeros, xq, d, sums, n_full, group,
+                                                            tail, bits, nr, nt, has_zeros)
     return sig, lambda context, builder, signature, args: _emit_tile_dot(context, builder, signature, args, width,
                                                                          n_rows, n_tokens, stored)
 
 
 @njit(cache=True, inline="always")
-def _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt, has_zeros):
+def _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, n_full, group, tail, bits, nr, nt, has_zeros):
     """_tile_dot with has_zeros as a literal."""
     if has_zeros:
-        return _tile_dot(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt, True)
-    return _tile_dot(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt, False)
+        return _tile_dot(codes, r0, t0, scales, zeros, xq, d, sums, n_full, group, tail, bits, nr, nt, True)
+    return _tile_dot(codes, r0, t0, scales, zeros, xq, d, sums, n_full, group, tail, bits, nr, nt, False)
 
 
 @njit(cache=True, inline="always")
-def _tile(codes, r0, t0, scales, zeros, has_zeros, xq, d, sums, g0, n_groups, group, glen, bits, nr, nt):
+def _tile(codes, r0, t0, scales, zeros, has_zeros, xq, d, sums, n_full, group, tail, bits, nr, nt):
     """_tile_dot with `bits` and has_zeros as literals (the intrinsic compiles one body per
     width and zero-point form); nr, nt literals already."""
     if bits == 4:
-        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 4, nr, nt, has_zeros)
+        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, n_full, group, tail, 4, nr, nt, has_zeros)
     if bits == 2:
-        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 2, nr, nt, has_zeros)
+        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, n_full, group, tail, 2, nr, nt, has_zeros)
     if bits == 3:
-        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 3, nr, nt, has_zeros)
+        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, n_full, group, tail, 3, nr, nt, has_zeros)
     if bits == 5:
-        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 5, nr, nt, has_zeros)
-    return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, g0, n_groups, group, glen, 6, nr, nt, has_zeros)
+        return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, n_full, group, tail, 5, nr, nt, has_zeros)
+    return _tile_z(codes, r0, t0, scales, zeros, xq, d, sums, n_full, group, tail, 6, nr, nt, has_zeros)
+
+
+@njit(cache=True, inline="always")
+def _vnni_groups(k, group):
+    """(full groups, the partial last group's columns when this kernel takes it (a multiple of
+    64) else 0, the number of groups done)."""
+    n_full = k // group
+    tail = k - n_full * group
+    if tail % 64 != 0:
+        tail = 0
+    return n_full, tail, n_full + (1 if tail else 0)
 
 
 # Rows per tile of the one-token GEMV, tokens per tile of the batched one (of two rows: 16
@@ -226,28 +248,18 @@ def rows(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bits, r0, 
     rows at a time (_tile_dot). Returns the number of groups done. Allocates nothing: an
     allocation per parallel task made two threads slower than one. (h2f: the portable kernels'
     scale table, unused: the scales widen in the vector unit.)"""
-    n_full = k // group
-    tail = k - n_full * group
-    done = n_full + (1 if tail and tail % 64 == 0 else 0)
+    n_full, tail, done = _vnni_groups(k, group)
     x3 = xq.reshape((1, xq.shape[0], xq.shape[1]))
     d2 = d.reshape((1, d.size))
     s2 = sums.reshape((1, sums.size))
     r = r0
     while r + ROW_TILE <= r1:
-        a0, a1, a2, a3 = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, 0, n_full, group, group, bits,
-                               ROW_TILE, 1)
-        if done > n_full:
-            b0, b1, b2, b3 = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, n_full, 1, group, tail, bits,
-                                   ROW_TILE, 1)
-            a0, a1, a2, a3 = a0 + b0, a1 + b1, a2 + b2, a3 + b3
-        out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+        out[r], out[r + 1], out[r + 2], out[r + 3] = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, n_full,
+                                                           group, tail, bits, ROW_TILE, 1)
         r += ROW_TILE
     for r in range(r, r1):
-        (acc,) = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, 0, n_full, group, group, bits, 1, 1)
-        if done > n_full:
-            (extra,) = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, n_full, 1, group, tail, bits, 1, 1)
-            acc += extra
-        out[r] = acc
+        (v,) = _tile(codes, r, 0, scales, zeros, has_zeros, x3, d2, s2, n_full, group, tail, bits, 1, 1)
+        out[r] = v
     return done
 
 
@@ -259,45 +271,27 @@ def rows_tokens(codes, scales, zeros, has_zeros, h2f, xq, d, sums, k, group, bit
     for two rows); every value bit for bit rows()'s for that token alone. Returns the number of
     groups done."""
     n = xq.shape[0]
-    n_full = k // group
-    tail = k - n_full * group
-    done = n_full + (1 if tail and tail % 64 == 0 else 0)
+    n_full, tail, done = _vnni_groups(k, group)
     r = r0
     while r + 2 <= r1:  # two rows of four tokens: 8 accumulators, 6 operands
         t = 0
         while t + TOKEN_TILE <= n:
-            v = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, 0, n_full, group, group, bits, 2, TOKEN_TILE)
-            if done > n_full:
-                e = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, n_full, 1, group, tail, bits, 2,
-                          TOKEN_TILE)
-                v = (v[0] + e[0], v[1] + e[1], v[2] + e[2], v[3] + e[3], v[4] + e[4], v[5] + e[5], v[6] + e[6],
-                     v[7] + e[7])
+            v = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, n_full, group, tail, bits, 2, TOKEN_TILE)
             out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = v[0], v[1], v[2], v[3]
             out[t, r + 1], out[t + 1, r + 1], out[t + 2, r + 1], out[t + 3, r + 1] = v[4], v[5], v[6], v[7]
             t += TOKEN_TILE
         for t in range(t, n):
-            a, b = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, 0, n_full, group, group, bits, 2, 1)
-            if done > n_full:
-                ea, eb = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, n_full, 1, group, tail, bits, 2, 1)
-                a, b = a + ea, b + eb
-            out[t, r], out[t, r + 1] = a, b
+            out[t, r], out[t, r + 1] = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, n_full, group, tail,
+                                             bits, 2, 1)
         r += 2
     for r in range(r, r1):
         t = 0
         while t + TOKEN_TILE <= n:
-            a0, a1, a2, a3 = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, 0, n_full, group, group, bits,
-                                   1, TOKEN_TILE)
-            if done > n_full:
-                b0, b1, b2, b3 = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, n_full, 1, group, tail,
-                                       bits, 1, TOKEN_TILE)
-                a0, a1, a2, a3 = a0 + b0, a1 + b1, a2 + b2, a3 + b3
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _tile(codes, r, t, scales, zeros, has_zeros, xq,
+                                                                           d, sums, n_full, group, tail, bits, 1,
+                                                                           TOKEN_TILE)
             t += TOKEN_TILE
         for t in range(t, n):
-            (acc,) = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, 0, n_full, group, group, bits, 1, 1)
-            if done > n_full:
-                (extra,) = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, n_full, 1, group, tail, bits,
-                                 1, 1)
-                acc += extra
-            out[t, r] = acc
+            (v,) = _tile(codes, r, t, scales, zeros, has_zeros, xq, d, sums, n_full, group, tail, bits, 1, 1)
+            out[t, r] = v
     return done
